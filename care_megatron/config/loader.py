@@ -1,0 +1,116 @@
+"""YAML + dotted command-line overrides -> :class:`RunConfig`, with errors that name the field."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from care_megatron.config.schema import RunConfig
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML / CLI value to a field's declared type, or raise naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], name) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config field '{name}': expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config field '{name}': expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"config field '{name}': expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config field '{name}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            value = str(value)
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"config field '{prefix}{sorted(unknown)[0]}': unknown field; valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        ann = hints[f.name]
+        if dataclasses.is_dataclass(ann):
+            sub = data[f.name] or {}
+            if not isinstance(sub, dict):
+                raise ValueError(f"config field '{prefix}{f.name}': expected a mapping")
+            kwargs[f.name] = _build(ann, sub, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], ann, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"config field '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.steps=5", "algorithm.name=grpo"]`` -> nested dict (values parsed as YAML scalars)."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "care" else v
+        if k == "care" and isinstance(v, dict) and isinstance(base.get(k), dict):
+            out[k] = {**base[k], **v}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML; None = all defaults), apply dotted ``overrides``, validate, return."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,263 @@
+"""Typed run configuration: one dataclass per concern, every field documented and validated.
+
+A run is described by :class:`RunConfig` (model, parallel, rollout, algorithm, data, train). YAML
+files fill it; ``section.field=value`` command-line overrides patch it (see ``loader.py``). Every
+cross-field check raises ``ValueError`` naming the field, so a bad config fails before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ALGORITHMS = ("care", "grpo", "dapo", "gspo", "dr_grpo", "rloo")
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"config field '{name}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_qwen2_5_vl"
+    """Model to train: a registry name (``tiny_qwen2_5_vl``, ``tiny_qwen3_vl``, ...) or a local
+    Hugging Face directory. Registry tiny models are built from a config with random (seeded) weights."""
+    arch: str = "qwen2_5_vl"
+    """Architecture family: ``qwen2_5_vl`` or ``qwen3_vl``; picks the processor, M-RoPE variant and weight mapping."""
+    tokenizer: str = "tiny"
+    """``tiny`` (the committed ~1.5k-token BPE tokenizer) or a directory holding a Hugging Face tokenizer."""
+    dtype: str = "float32"
+    """Parameter / compute dtype: float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU."""
+    attn_implementation: str = "sdpa"
+    """transformers attention for the plain-PyTorch backend and HF rollout engine: ``sdpa`` or ``eager``."""
+    init_seed: int = 0
+    """Seed of the random initialisation of registry tiny models."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("qwen2_5_vl", "qwen3_vl"), "model.arch", f"must be qwen2_5_vl or qwen3_vl, got {self.arch!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", "must be sdpa or eager")
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "torch"
+    """Training backend: ``torch`` (plain PyTorch, one process) or ``megatron`` (Megatron-Core)."""
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel degree (Megatron). Must divide the attention heads and KV heads."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel degree (Megatron). Must divide the number of decoder layers (or use uneven placement)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline stages per rank (None = no interleaving)."""
+    context_parallel_size: int = 1
+    """Context-parallel degree: sequences split across ranks for long rollouts."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (Megatron distributed optimizer)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: ``transformer_engine``, ``local`` (SDPA / flex attention), or ``auto``
+    (Transformer Engine when it imports, else local)."""
+    fp8: Optional[str] = None
+    """FP8 recipe through Transformer Engine: None, ``hybrid`` or ``e4m3``."""
+    fp8_first_last_bf16: bool = True
+    """Keep the first and last decoder layers in bf16 under FP8 (the usual stability choice)."""
+    recompute: Optional[str] = None
+    """Activation recomputation: None, ``selective`` or ``full``."""
+    offload_reference_to_cpu: bool = False
+    """Keep the frozen reference model on CPU between uses (frees accelerator memory)."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("torch", "megatron"), "parallel.backend", f"must be torch or megatron, got {self.backend!r}")
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            _check(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        _check(self.transformer_impl in ("auto", "transformer_engine", "local"), "parallel.transformer_impl",
+               "must be auto, transformer_engine or local")
+        _check(self.fp8 in (None, "hybrid", "e4m3"), "parallel.fp8", "must be null, hybrid or e4m3")
+        _check(not (self.fp8 and self.transformer_impl == "local"), "parallel.fp8", "FP8 needs transformer_impl auto or transformer_engine")
+        _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1), "parallel.sequence_parallel",
+               "needs tensor_model_parallel_size > 1")
+        _check(self.recompute in (None, "selective", "full"), "parallel.recompute", "must be null, selective or full")
+        if self.backend == "torch":
+            _check(self.tensor_model_parallel_size == self.pipeline_model_parallel_size == self.context_parallel_size == 1,
+                   "parallel.backend", "the torch backend runs without model parallelism; use backend=megatron")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Rollout engine: ``hf`` (transformers generate) or ``sglang`` (needs the [sglang] extra and a GPU)."""
+    group_size: int = 8
+    """G: rollouts sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy; RL wants exploration, so 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Top-k (-1 = off)."""
+    max_new_tokens: int = 64
+    """Response length cap in tokens."""
+    batch_size: int = 64
+    """Requests per generate call of the HF engine (bounds memory)."""
+    tensor_parallel_size: int = 1
+    """SGLang rollout TP size (engines per node = GPUs / this)."""
+    mem_fraction_static: float = 0.5
+    """SGLang static memory fraction (weights + KV cache) when colocated with training."""
+    weight_bucket_mb: int = 512
+    """Size of weight-sync buckets from trainer to engine, in MiB (peak extra memory is two buckets)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling: cap on exp(logp_train - logp_rollout) per token (None = off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("hf", "sglang"), "rollout.engine", f"must be hf or sglang, got {self.engine!r}")
+        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        _check(self.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
+        _check(self.tis_cap is None or self.tis_cap >= 1, "rollout.tis_cap", "must be null or >= 1")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "care"
+    """Advantage estimator and loss recipe: care, grpo, dapo, gspo, dr_grpo or rloo (spec section 7)."""
+    clip_low: Optional[float] = None
+    """Lower clip epsilon of the ratio; None = the method's default (care/dapo 0.2, gspo 3e-4, ...)."""
+    clip_high: Optional[float] = None
+    """Upper clip epsilon; None = the method's default (care/dapo 0.28, grpo 0.2, gspo 4e-4)."""
+    kl_coef: Optional[float] = None
+    """KL coefficient beta; None = the method's default (0.02, or 0 for dapo/gspo)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 = off)."""
+    format_weight: float = 0.1
+    """w_fmt: weight of the format reward in the overall reward."""
+    rgr: bool = True
+    """Reflection-Guided Resampling (CARE only; spec section 5)."""
+    care: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``care_megatron.algorithm.care.CareConfig`` fields (k, preselect_m, neg_scale, ...)."""
+    dapo_overlong_buffer: int = 16
+    """DAPO soft overlong penalty: tokens before max_new_tokens where the penalty ramps in."""
+    dapo_overlong_penalty: float = 1.0
+    """DAPO soft overlong penalty at the length cap."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ALGORITHMS, "algorithm.name", f"unknown algorithm {self.name!r}; valid: {', '.join(ALGORITHMS)}")
+        _check(self.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", "must be k1, k2 or k3")
+        _check(0 <= self.format_weight <= 1, "algorithm.format_weight", "must be in [0, 1]")
+        for name in ("clip_low", "clip_high", "kl_coef"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"algorithm.{name}", "must be null or >= 0")
+        if self.care:
+            from care_megatron.algorithm.care import CareConfig  # validates names and values
+
+            try:
+                CareConfig(**self.care)
+            except TypeError as exc:
+                raise ValueError(f"config field 'algorithm.care': {exc}") from exc
+
+    def defaults(self) -> dict[str, float]:
+        """Clip / KL values in force, the method's defaults filled in (spec section 7)."""
+        table = {
+            "care": (0.2, 0.28, 0.02),
+            "grpo": (0.2, 0.2, 0.02),
+            "dapo": (0.2, 0.28, 0.0),
+            "gspo": (3e-4, 4e-4, 0.0),
+            "dr_grpo": (0.2, 0.2, 0.02),
+            "rloo": (0.2, 0.2, 0.02),
+        }[self.name]
+        return {
+            "clip_low": table[0] if self.clip_low is None else self.clip_low,
+            "clip_high": table[1] if self.clip_high is None else self.clip_high,
+            "kl_coef": table[2] if self.kl_coef is None else self.kl_coef,
+        }
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] = field(default_factory=lambda: ["count_shapes", "tallest_bar", "triangle_angle", "compare_lengths", "easy_vqa"])
+    """Task sources: synthetic task names, ``easy_vqa``, or ``jsonl:<path>`` for a unified-schema file."""
+    train_size: int = 2000
+    """Records drawn for training (synthetic tasks are generated with the seed)."""
+    eval_size: int = 64
+    """Held-out records for evaluation (disjoint seeds from training)."""
+    difficulty: list[int] = field(default_factory=lambda: [1, 2])
+    """Difficulty levels of the synthetic tasks to mix."""
+    image_size: int = 56
+    """Side of rendered synthetic images, in pixels."""
+    min_pixels: int = 56 * 56
+    """Processor minimum pixels per image (resize rule)."""
+    max_pixels: int = 56 * 56
+    """Processor maximum pixels per image (resize rule)."""
+    image_backend: str = "pil"
+    """Image decoding: ``pil`` (CPU) or ``dali`` (GPU decode, needs the [dali] extra)."""
+    prompts_per_step: int = 8
+    """Prompts per RL step (each sampled G times)."""
+    seed: int = 0
+    """Data order / generation seed."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) > 0, "data.tasks", "must name at least one task")
+        _check(self.train_size >= 1 and self.eval_size >= 0, "data.train_size", "must be >= 1 (eval_size >= 0)")
+        _check(self.image_backend in ("pil", "dali"), "data.image_backend", "must be pil or dali")
+        _check(0 < self.min_pixels <= self.max_pixels, "data.min_pixels", "must be > 0 and <= max_pixels")
+        _check(self.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    """RL optimizer steps."""
+    lr: float = 1e-4
+    """Peak learning rate of the RL phase."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then constant."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed (THD) micro-batch."""
+    sft_steps: int = 150
+    """Cold-start SFT optimizer steps (``care-sft``)."""
+    sft_lr: float = 3e-3
+    """SFT learning rate."""
+    sft_batch_size: int = 16
+    """SFT examples per step."""
+    output_dir: str = "runs/tiny_cpu"
+    """Where metrics, TensorBoard events, plots, samples and checkpoints go."""
+    init_from: Optional[str] = None
+    """Checkpoint directory to initialise the policy from (e.g. the SFT output); None = model.name's weights."""
+    save_every: int = 10
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    eval_every: int = 10
+    """Held-out evaluation every N steps (0 = only at the end)."""
+    max_consecutive_bad_steps: int = 5
+    """Stop after this many NaN/inf steps in a row (each is skipped with a warning)."""
+    seed: int = 0
+    """Global seed (torch, python, numpy, sampling)."""
+    threads: int = 0
+    """torch intra-op threads (0 = leave the default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "train.steps", "must be >= 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.micro_batch_tokens >= 16, "train.micro_batch_tokens", "must be >= 16")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.save_every >= 1, "train.save_every", "must be >= 1")
+        _check(self.max_consecutive_bad_steps >= 1, "train.max_consecutive_bad_steps", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

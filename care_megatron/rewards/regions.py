@@ -1,0 +1,20 @@
+"""Token regions of a response: the vocabulary shared by parsing, packing, losses and backends.
+
+Every per-token tensor in the system that says "which part of the response is this token" uses
+these integer codes, so a region id survives packing, micro-batching and distributed gathers as a
+plain integer tensor.
+"""
+from enum import IntEnum
+
+
+class Region(IntEnum):
+    """Region of one token.
+
+    OTHER covers prompt tokens, chat-template tokens and end-of-sequence tokens; THINK the
+    ``<think>...</think>`` span (tags included); ANSWER the ``<answer>...</answer>`` span (tags
+    included).
+    """
+
+    OTHER = 0
+    THINK = 1
+    ANSWER = 2

