@@ -1,0 +1,154 @@
+"""Image loading for the Qwen-VL processors: decode, RGB, orientation, resize to the pixel budget.
+
+Two backends produce the same thing, a list of ``uint8`` arrays ``[H, W, 3]`` whose sides are
+multiples of ``factor = patch_size * spatial_merge_size`` (28 for Qwen2.5-VL, 32 for Qwen3-VL)
+and whose area lies in ``[min_pixels, max_pixels]``:
+
+* ``pil`` (:class:`PilImagePipeline`): CPU, PIL decode + bicubic resize, the reference;
+* ``dali`` (``care_megatron.data.dali_images.DaliImagePipeline``): NVIDIA DALI, decode on the GPU
+  (``device="mixed"``) and resize there; needs the ``[dali]`` extra.
+
+:func:`build_image_pipeline` picks one from ``data.image_backend``. Resizing to the rule here means
+the processor's own resize is then the identity, so both backends feed it identical shapes.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Optional, Protocol, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from care_megatron.data.schema import ImageRef, open_image_ref
+
+IMAGE_BACKENDS = ("pil", "dali")
+MAX_ASPECT_RATIO = 200
+"""The Qwen processors reject images more elongated than this."""
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Target ``(height, width)`` of the Qwen-VL resize rule.
+
+    Each side is rounded to the nearest multiple of ``factor``; if the area then exceeds
+    ``max_pixels`` both sides shrink by ``sqrt(area / max_pixels)`` and round down to multiples of
+    ``factor``; if it falls below ``min_pixels`` both grow by ``sqrt(min_pixels / area)`` and round
+    up. Aspect ratio is kept as closely as that allows. Python's ``round`` (half to even) matches the
+    Hugging Face processors exactly.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds {MAX_ASPECT_RATIO}")
+    target_h = round(height / factor) * factor
+    target_w = round(width / factor) * factor
+    if target_h * target_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        target_h = max(factor, math.floor(height / beta / factor) * factor)
+        target_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif target_h * target_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        target_h = math.ceil(height * beta / factor) * factor
+        target_w = math.ceil(width * beta / factor) * factor
+    return target_h, target_w
+
+
+def decode_image(ref: ImageRef, base_dir: Optional[Union[str, os.PathLike]] = None) -> Image.Image:
+    """Decode ``ref`` to an RGB PIL image with its EXIF orientation applied (camera photos come rotated)."""
+    image = open_image_ref(ref, base_dir)
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        # Plain conversion (alpha dropped, palette expanded), as the HF processors and DALI's RGB decode do.
+        image = image.convert("RGB")
+    return image
+
+
+def resize_to_rule(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Bicubic resize of an RGB image to :func:`smart_resize`'s target (no-op when already there)."""
+    target_h, target_w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    if (target_h, target_w) == (image.height, image.width):
+        return image
+    return image.resize((target_w, target_h), Image.BICUBIC)
+
+
+def encoded_bytes(ref: ImageRef, base_dir: Optional[Union[str, os.PathLike]] = None) -> bytes:
+    """The encoded file bytes of ``ref`` (a decoded PIL image is re-encoded losslessly as PNG)."""
+    if isinstance(ref, bytes):
+        return ref
+    if isinstance(ref, Image.Image):
+        buffer = io.BytesIO()
+        ref.save(buffer, format="PNG")
+        return buffer.getvalue()
+    path = os.fspath(ref)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """``(height, width)`` of an encoded image after its EXIF orientation, reading only the header."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: the decoders ignore it too
+        orientation = 1
+    if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
+        width, height = height, width
+    return height, width
+
+
+class ImagePipeline(Protocol):
+    """Decode and resize a batch of images: ``refs`` -> list of ``uint8`` arrays ``[H, W, 3]``."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def __call__(self, refs: Sequence[ImageRef]) -> list[np.ndarray]:
+        ...
+
+
+class PilImagePipeline:
+    """CPU reference pipeline: PIL decode, RGB, EXIF transpose, bicubic resize to the rule."""
+
+    def __init__(self, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                 base_dir: Optional[Union[str, os.PathLike]] = None):
+        if factor < 1 or min_pixels < 1 or max_pixels < min_pixels:
+            raise ValueError(f"bad resize rule: factor={factor}, min_pixels={min_pixels}, max_pixels={max_pixels}")
+        self.factor, self.min_pixels, self.max_pixels, self.base_dir = factor, min_pixels, max_pixels, base_dir
+
+    def load(self, ref: ImageRef) -> Image.Image:
+        """One image as a resized RGB PIL image."""
+        return resize_to_rule(decode_image(ref, self.base_dir), self.factor, self.min_pixels, self.max_pixels)
+
+    def __call__(self, refs: Sequence[ImageRef]) -> list[np.ndarray]:
+        return [np.asarray(self.load(ref), dtype=np.uint8) for ref in refs]
+
+
+def build_image_pipeline(backend: str = "pil", factor: int = 28, min_pixels: int = 56 * 56,
+                         max_pixels: int = 28 * 28 * 1280, **backend_kwargs) -> ImagePipeline:
+    """The image pipeline named by ``data.image_backend``.
+
+    ``dali`` imports NVIDIA DALI lazily (only ``care_megatron.data.dali_images`` imports it) and
+    raises ``ImportError`` naming the ``[dali]`` extra when it is missing. ``backend_kwargs`` go to the
+    backend (``device``, ``device_id``, ``max_batch_size``, ``num_threads`` for DALI; ``base_dir`` for both).
+    """
+    if backend == "pil":
+        return PilImagePipeline(factor, min_pixels, max_pixels, base_dir=backend_kwargs.get("base_dir"))
+    if backend == "dali":
+        from care_megatron.data.dali_images import DaliImagePipeline  # lazy: the optional dependency
+
+        return DaliImagePipeline(factor, min_pixels, max_pixels, **backend_kwargs)
+    raise ValueError(f"unknown image backend {backend!r}; valid: {', '.join(IMAGE_BACKENDS)}")
+
+
+def image_pipeline_from_config(data_config, patch_size: int = 14, spatial_merge_size: int = 2,
+                               **backend_kwargs) -> ImagePipeline:
+    """:func:`build_image_pipeline` from a ``DataConfig`` (backend, min / max pixels) and the vision
+    tower's patch and merge sizes (factor = patch_size * spatial_merge_size)."""
+    return build_image_pipeline(data_config.image_backend, patch_size * spatial_merge_size,
+                                data_config.min_pixels, data_config.max_pixels, **backend_kwargs)
