@@ -1,1 +1,43 @@
-"""care_megatron.rewards."""
+"""care_megatron.rewards: response parsing, token regions, the verifier and the reward registry.
+
+Spec: CARE_SPEC.md sections 1 (rewards) and 6 (token regions).
+"""
+from care_megatron.rewards.parsing import (
+    DEFAULT_TAGS,
+    REASONING_TAGS,
+    ParsedResponse,
+    TagConfig,
+    parse_response,
+    token_char_offsets,
+    token_regions,
+)
+from care_megatron.rewards.regions import Region
+from care_megatron.rewards.registry import REWARD_REGISTRY, get_reward_fn, register_reward
+from care_megatron.rewards.verifier import (
+    ANSWER_TYPES,
+    RewardScore,
+    VerifierConfig,
+    infer_answer_type,
+    score,
+    score_batch,
+)
+
+__all__ = [
+    "ANSWER_TYPES",
+    "DEFAULT_TAGS",
+    "REASONING_TAGS",
+    "REWARD_REGISTRY",
+    "ParsedResponse",
+    "Region",
+    "RewardScore",
+    "TagConfig",
+    "VerifierConfig",
+    "get_reward_fn",
+    "infer_answer_type",
+    "parse_response",
+    "register_reward",
+    "score",
+    "score_batch",
+    "token_char_offsets",
+    "token_regions",
+]
