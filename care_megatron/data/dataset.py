@@ -1,0 +1,181 @@
+"""Training / held-out records from a ``DataConfig``, and the resumable prompt iterator the trainer draws from.
+
+:func:`build_records` turns ``data.tasks`` into two record lists:
+
+* a synthetic task name (``count_shapes``, ``tallest_bar``, ``triangle_angle``, ``compare_lengths``):
+  generated with ``data.seed`` on stream 0 for training and stream 1 for held-out records, so the
+  two never share a generator; held-out records that still coincide with a training record
+  (same question and pixels, possible at difficulty 1) are replaced;
+* ``easy_vqa``: training records sampled from the package's train split, held-out from its test split;
+* ``jsonl:<path>``: a unified-schema JSONL file, shuffled with the seed and split into disjoint
+  held-out and training parts.
+
+``data.train_size`` and ``data.eval_size`` are shared out over the tasks as evenly as possible.
+
+:class:`PromptIterator` yields ``data.prompts_per_step`` records per step, reshuffling each epoch;
+its state (epoch, position, seed) is all the RNG state there is, because each epoch's order is a
+pure function of ``(seed, epoch)``. Restoring it makes a resumed run see exactly the prompts an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from care_megatron.data import synthetic
+from care_megatron.data.schema import LoadReport, Record, read_jsonl
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+JSONL_PREFIX = "jsonl:"
+
+
+@dataclass
+class DataSplits:
+    """The records a run trains and evaluates on."""
+
+    train: list[Record]
+    """Training records, grouped by task in ``data.tasks`` order (the iterator shuffles)."""
+    eval: list[Record]
+    """Held-out records, disjoint from ``train``."""
+    reports: list[LoadReport] = field(default_factory=list)
+    """One load report per file-backed task (skipped records by reason)."""
+
+
+def share_out(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal integers, larger ones first: ``share_out(10, 3) == [4, 3, 3]``."""
+    return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
+
+
+def _fingerprint(record: Record) -> str:
+    digest = hashlib.sha1(record.question.encode())
+    for image in record.images:
+        if hasattr(image, "tobytes"):
+            digest.update(image.tobytes())
+        elif isinstance(image, bytes):
+            digest.update(image)
+        else:
+            digest.update(str(image).encode())
+    return digest.hexdigest()
+
+
+def _synthetic_splits(task: str, train_n: int, eval_n: int, config) -> tuple[list[Record], list[Record]]:
+    train = synthetic.generate(task, train_n, config.seed, config.difficulty, config.image_size, TRAIN_STREAM)
+    seen = {_fingerprint(r) for r in train}
+    held_out: list[Record] = []
+    index = 0
+    # Bounded: at difficulty 1 a few images can repeat, but never most of them.
+    while len(held_out) < eval_n and index < 20 * eval_n + 100:
+        record = synthetic.generate_one(task, index, config.seed, config.difficulty[index % len(config.difficulty)],
+                                        config.image_size, EVAL_STREAM)
+        index += 1
+        if _fingerprint(record) not in seen:
+            held_out.append(record)
+    return train, held_out
+
+
+def _easy_vqa_splits(train_n: int, eval_n: int, seed: int) -> tuple[list[Record], list[Record], list[LoadReport]]:
+    from care_megatron.data.sources import load_easy_vqa
+
+    train_all, train_report = load_easy_vqa("train")
+    test_all, test_report = load_easy_vqa("test")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xEA5]))
+    train = [train_all[i] for i in rng.choice(len(train_all), size=min(train_n, len(train_all)), replace=False)]
+    held_out = [test_all[i] for i in rng.choice(len(test_all), size=min(eval_n, len(test_all)), replace=False)]
+    return train, held_out, [train_report, test_report]
+
+
+def _jsonl_splits(path: str, train_n: int, eval_n: int, seed: int) -> tuple[list[Record], list[Record], LoadReport]:
+    records, report = read_jsonl(path)
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x150])).permutation(len(records))
+    shuffled = [records[i] for i in order]
+    held_out = shuffled[:eval_n]
+    train = shuffled[eval_n:eval_n + train_n]
+    return train, held_out, report
+
+
+def build_records(config) -> DataSplits:
+    """Training and held-out records for ``config`` (a ``care_megatron.config.schema.DataConfig``)."""
+    tasks = list(config.tasks)
+    train_sizes = share_out(config.train_size, len(tasks))
+    eval_sizes = share_out(config.eval_size, len(tasks))
+    splits = DataSplits([], [], [])
+    for task, train_n, eval_n in zip(tasks, train_sizes, eval_sizes):
+        if task in synthetic.TASKS:
+            train, held_out = _synthetic_splits(task, train_n, eval_n, config)
+        elif task == "easy_vqa":
+            train, held_out, reports = _easy_vqa_splits(train_n, eval_n, config.seed)
+            splits.reports.extend(reports)
+        elif task.startswith(JSONL_PREFIX):
+            train, held_out, report = _jsonl_splits(task[len(JSONL_PREFIX):], train_n, eval_n, config.seed)
+            splits.reports.append(report)
+        else:
+            valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>"])
+            raise ValueError(f"config field 'data.tasks': unknown task {task!r}; valid: {valid}")
+        splits.train.extend(train)
+        splits.eval.extend(held_out)
+    if not splits.train:
+        raise ValueError("config field 'data.tasks': no training records could be loaded")
+    return splits
+
+
+class PromptIterator:
+    """Endless, epoch-shuffled batches of ``prompts_per_step`` records; resumable exactly.
+
+    A batch that runs past the end of an epoch is completed from the next epoch's order, so every
+    step has the same number of prompts and every record is seen once per epoch.
+    """
+
+    def __init__(self, records: Sequence[Record], prompts_per_step: int, seed: int = 0, shuffle: bool = True):
+        if len(records) == 0:
+            raise ValueError("PromptIterator needs at least one record")
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.records = list(records)
+        self.prompts_per_step = prompts_per_step
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.records))
+        return np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(len(self.records))
+
+    def __iter__(self) -> Iterator[list[Record]]:
+        return self
+
+    def __next__(self) -> list[Record]:
+        batch: list[Record] = []
+        while len(batch) < self.prompts_per_step:
+            if self.position == len(self.records):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(self.prompts_per_step - len(batch), len(self.records) - self.position)
+            batch.extend(self.records[int(i)] for i in self._order[self.position:self.position + take])
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: the epoch's order is re-derived from ``(seed, epoch)``."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "num_records": len(self.records), "prompts_per_step": self.prompts_per_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the record list must be the one the state was saved with (same length)."""
+        if int(state["num_records"]) != len(self.records):
+            raise ValueError(f"PromptIterator state is for {state['num_records']} records, this iterator has "
+                             f"{len(self.records)}: the dataset changed since the checkpoint")
+        if not 0 <= int(state["position"]) <= len(self.records):
+            raise ValueError(f"PromptIterator state position {state['position']} out of range")
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state.get("shuffle", True))
+        self.prompts_per_step = int(state.get("prompts_per_step", self.prompts_per_step))
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._epoch_order(self.epoch)
