@@ -1,0 +1,204 @@
+"""Fused LM-head log-probs: ``log p(label | hidden)`` without fp32 ``[T, V]`` logits.
+
+The naive path (full logits -> fp32 -> log-softmax -> gather) holds several fp32 copies of a
+``[T, 152k]`` tensor, which dominates memory and a large share of the step time (issue #6). This
+op walks the tokens in chunks of ``chunk_size``: each chunk's logits are produced by one matmul in
+the input dtype, reduced to four fp32 numbers per token by a fused kernel (online logsumexp,
+entropy term, target logit) and dropped. The backward recomputes each chunk's logits, turns them
+in place into ``d loss / d logits = (onehot - softmax) * g / temperature`` (plus the entropy term)
+and feeds two matmuls for the gradients of ``hidden`` and ``weight``. Peak extra memory is one
+``[chunk_size, V]`` buffer in the input dtype (plus an fp32 ``[V, H]`` gradient accumulator when
+``weight`` needs a gradient and is low precision).
+
+Dispatch (see :mod:`care_megatron.kernels._dispatch`): the per-chunk arithmetic is Triton on CUDA
+when triton imports, the torch reference otherwise; ``force_kernel_backend`` pins either.
+
+Vocabulary-parallel building block: :func:`linear_logprob_partials` returns the per-shard partials
+(max, sumexp, weighted shift sum, target logit) of a vocabulary slice, and
+:func:`combine_vocab_parallel_partials` documents and implements the exact combine a tensor-
+parallel group performs with all-reduces.
+"""
+from __future__ import annotations
+
+import torch
+
+from care_megatron.kernels._dispatch import resolve_backend
+from care_megatron.kernels.logprobs import reference
+from care_megatron.kernels.logprobs.reference import (
+    IGNORE_INDEX,
+    combine_vocab_parallel_partials,
+    naive_linear_logprobs,
+)
+
+DEFAULT_CHUNK_SIZE = 4096
+"""Tokens per chunk: 4096 x 151936 bf16 logits is 1.2 GB, large enough for full-speed matmuls."""
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "IGNORE_INDEX",
+    "combine_vocab_parallel_partials",
+    "linear_logprob_partials",
+    "linear_logprobs",
+    "naive_linear_logprobs",
+]
+
+
+def _chunk_ops(backend: str):
+    if backend == "triton":
+        from care_megatron.kernels.logprobs import triton as triton_ops
+
+        return triton_ops
+    return reference
+
+
+def _local_labels(labels: torch.Tensor, vocab_start: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Labels as indices into the slice [vocab_start, vocab_start + vocab_size), -1 outside it."""
+    local = labels.long() - vocab_start
+    outside = (local < 0) | (local >= vocab_size) | (labels == ignore_index)
+    return local.masked_fill(outside, -1)
+
+
+def _validate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_size: int):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [T, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [T]={hidden.shape[0]}; got {tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index):
+        ops = _chunk_ops(backend)
+        num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        local_labels = _local_labels(labels, 0, vocab_size, ignore_index)
+        logsumexp = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        logprobs = torch.empty_like(logsumexp)
+        entropy = torch.empty_like(logsumexp) if with_entropy else None
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            logits = hidden[start:end] @ weight.t()
+            row_max, sumexp, weighted, target = ops.chunk_partials(logits, local_labels[start:end], temperature)
+            del logits
+            log_sumexp_shifted = sumexp.log()
+            logsumexp[start:end] = row_max + log_sumexp_shifted
+            logprobs[start:end] = target - logsumexp[start:end]
+            if with_entropy:
+                entropy[start:end] = log_sumexp_shifted - weighted / sumexp
+        # labels outside [0, V) count as ignored: checking them here would cost a host sync
+        ignored = local_labels < 0
+        logprobs.masked_fill_(ignored, 0.0)
+        # E[z] = logsumexp - H is what the entropy gradient needs; keep it instead of H
+        mean_logit = (logsumexp - entropy) if with_entropy else None
+        if with_entropy:
+            entropy.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(hidden, weight, local_labels, logsumexp, mean_logit if with_entropy else logsumexp)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.backend = temperature, chunk_size, with_entropy, backend
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, local_labels, logsumexp, mean_logit = ctx.saved_tensors
+        ops = _chunk_ops(ctx.backend)
+        num_tokens = hidden.shape[0]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(logsumexp)
+        # ignored tokens carry no gradient (their outputs are constant 0); this op never shards the
+        # vocabulary, so a negative local label means exactly "ignored"
+        ignored = local_labels < 0
+        grad_logprobs = grad_logprobs.float().masked_fill(ignored, 0.0)
+        if not ctx.with_entropy or grad_entropy is None:
+            grad_entropy, mean_logit = None, None
+        else:
+            grad_entropy = grad_entropy.float().masked_fill(ignored, 0.0)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        accumulate_fp32 = need_weight and weight.dtype != torch.float32
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if accumulate_fp32 else weight.dtype, device=weight.device)
+        for start in range(0, num_tokens, ctx.chunk_size):
+            end = min(start + ctx.chunk_size, num_tokens)
+            hidden_chunk = hidden[start:end]
+            logits = hidden_chunk @ weight.t()
+            grad_logits = ops.chunk_grad_logits(
+                logits,
+                local_labels[start:end],
+                logsumexp[start:end],
+                None if mean_logit is None else mean_logit[start:end],
+                grad_logprobs[start:end].contiguous(),
+                None if grad_entropy is None else grad_entropy[start:end].contiguous(),
+                ctx.temperature,
+            )
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if need_weight:
+                if accumulate_fp32:
+                    grad_weight += grad_logits.t() @ hidden_chunk
+                else:
+                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+            del logits, grad_logits
+        if accumulate_fp32:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``log softmax(hidden @ weight.T / temperature)[label]`` and entropy, chunked.
+
+    hidden [T, H] and weight [V, H] (same dtype, bf16 or fp32), labels [T] int (``ignore_index``,
+    or any id outside [0, V), -> log-prob 0, entropy 0, no gradient). Returns (logprobs [T] fp32, entropy [T] fp32 or None).
+    Differentiable wrt hidden and weight (and through entropy). The caller shifts: to score
+    ``input_ids[t]`` pass the hidden state of position t - 1 (data/batch.py alignment).
+    """
+    _validate(hidden, weight, labels, temperature, chunk_size)
+    backend = resolve_backend(hidden.device)
+    return _ChunkedLinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk_size), bool(with_entropy), backend, int(ignore_index))
+
+
+@torch.no_grad()
+def linear_logprob_partials(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax partials of one vocabulary shard, for a vocab-parallel (tensor-parallel) LM head.
+
+    weight_shard [V_s, H] holds vocabulary rows [vocab_start, vocab_start + V_s); labels are global
+    ids. Returns fp32 [T] tensors (row_max, sumexp, weighted_shift_sum, target_logit), target_logit
+    being 0 where the label is not in this shard. A TP group combines them with
+    all_reduce(MAX) on row_max, then all_reduce(SUM) of ``sumexp * exp(row_max - M)``,
+    ``exp(row_max - M) * (weighted + (row_max - M) * sumexp)`` and target_logit; the formula is
+    :func:`combine_vocab_parallel_partials`. No gradient (inference: old / reference log-probs);
+    training through a vocab-parallel head reuses ``chunk_grad_logits`` with the combined
+    logsumexp, followed by an all-reduce of the hidden gradient over the group.
+    """
+    _validate(hidden, weight_shard, labels, temperature, chunk_size)
+    ops = _chunk_ops(resolve_backend(hidden.device))
+    local_labels = _local_labels(labels, vocab_start, weight_shard.shape[0], ignore_index)
+    outputs = [torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) for _ in range(4)]
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        logits = hidden[start:end] @ weight_shard.t()
+        for output, value in zip(outputs, ops.chunk_partials(logits, local_labels[start:end], temperature)):
+            output[start:end] = value
+    return tuple(outputs)
