@@ -1,0 +1,148 @@
+"""One THD-packed micro-batch through the Megatron Qwen-VL model: hidden states, log-probs, entropy.
+
+Layout: the packed batch is one sequence of T tokens ([T, 1, H] in Megatron's ``sbhd`` order) with
+``PackedSeqParams(qkv_format="thd")`` carrying the document boundaries. The boundaries always end at
+T (the padding tail, if any, is its own segment), which makes Megatron's THD RoPE take the per-token
+M-RoPE frequencies computed from ``position_ids`` [3, T] instead of restarting positions per
+sequence (the "exact mapping" branch of ``_apply_rotary_pos_emb_thd``).
+
+Steps (spec: data flow "training backend, no-grad pass" and "update"):
+
+1. token embeddings (vocab-parallel), image features from the vision tower scattered into the
+   ``<|image_pad|>`` rows, sequence-parallel split when enabled -> ``decoder_input``;
+2. ``GPTModel.rotary_pos_emb`` (M-RoPE) and ``GPTModel.decoder`` (final norm included);
+3. log-probs / entropy of the next token with :func:`logprobs.vocab_parallel_logprobs`, only at
+   positions that predict a token of the same sequence, then shifted to ``input_ids`` alignment
+   (``care_megatron/data/batch.py``: value at t is log p(ids[t] | ids[:t]); 0 at sequence starts and padding);
+4. think embeddings: final hidden states mean-pooled over each sequence's THINK response tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.rewards.regions import Region
+from care_megatron.training.base import ForwardOutputs
+from care_megatron.training.megatron.logprobs import vocab_parallel_logprobs
+
+
+@dataclass
+class ForwardOptions:
+    """Knobs of one packed forward."""
+
+    with_entropy: bool = False
+    """Also return per-token entropy."""
+    with_think_embeddings: bool = False
+    """Also return mean-pooled THINK hidden states [n, H]."""
+    logprob_chunk_tokens: int = 2048
+    """Tokens per chunk of the fused output-layer + log-softmax (bounds fp32 logits memory)."""
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_tokens < 1:
+            raise ValueError("ForwardOptions.logprob_chunk_tokens must be >= 1")
+
+
+def segment_boundaries(batch: PackedMicroBatch) -> torch.Tensor:
+    """cu_seqlens covering all T tokens: the sequences, then the padding tail as one more segment."""
+    cu = batch.cu_seqlens.to(torch.int32)
+    total = batch.num_tokens
+    if int(cu[-1]) < total:
+        cu = torch.cat([cu, cu.new_tensor([total])])
+    return cu
+
+
+def build_packed_seq_params(batch: PackedMicroBatch, device):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = segment_boundaries(batch).to(device)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def prediction_positions(batch: PackedMicroBatch) -> torch.Tensor:
+    """Indices t whose hidden state predicts token t+1 of the same sequence (LongTensor)."""
+    bounds = batch.cu_seqlens.tolist()
+    pieces = [torch.arange(s, e - 1) for s, e in zip(bounds[:-1], bounds[1:]) if e - s > 1]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def decoder_input(model, batch: PackedMicroBatch) -> torch.Tensor:
+    """Token embeddings with image features in the pad rows: [T (/tp under SP), 1, H]."""
+    from megatron.core import tensor_parallel
+
+    lm = model.language_model
+    ids = batch.input_ids
+    embeddings = lm.embedding(input_ids=ids[None], position_ids=None)          # [T(/tp), 1, H]
+    if batch.pixel_values is None or model.vision is None:
+        return embeddings
+    features = model.vision(batch.pixel_values, batch.image_grid_thw)          # [N_pad, H]
+    mask = ids == model.facts.image_token_id
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(f"{int(mask.sum())} <|image_pad|> tokens but {features.shape[0]} image features in the "
+                         "micro-batch; an image was truncated or image_grid_thw does not match the prompt")
+    full = torch.zeros(ids.numel(), 1, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
+    full = full.index_put((mask.nonzero(as_tuple=True)[0],), features.to(embeddings.dtype)[:, None, :])
+    mask = mask[:, None, None]
+    if model.config.sequence_parallel:
+        # scatter's backward all-gathers, so every TP rank's tower receives the full feature gradient
+        full = tensor_parallel.scatter_to_sequence_parallel_region(full)
+        mask = tensor_parallel.scatter_to_sequence_parallel_region(mask.to(embeddings.dtype)).bool()
+    return torch.where(mask, full, embeddings)
+
+
+def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
+    """Final-norm hidden states of every packed token, [T, H], identical on every TP rank."""
+    from megatron.core import tensor_parallel
+
+    lm = model.language_model
+    if model.config.sequence_parallel and batch.num_tokens % model.config.tensor_model_parallel_size:
+        raise ValueError(f"sequence parallelism needs the packed length ({batch.num_tokens}) divisible by "
+                         f"tensor_model_parallel_size; pad the micro-batch")
+    hidden = decoder_input(model, batch)
+    rotary = lm.rotary_pos_emb(batch.position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
+    packed = build_packed_seq_params(batch, hidden.device)
+    hidden = lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
+    if model.config.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    return hidden[:, 0, :]
+
+
+def think_embeddings(hidden: torch.Tensor, batch: PackedMicroBatch) -> torch.Tensor:
+    """Mean of final hidden states over each sequence's THINK response tokens (all response tokens
+    when it has none; zeros when it has no response). hidden [T, H] -> [n, H] fp32, no grad."""
+    hidden = hidden.detach().float()
+    out = torch.zeros(batch.num_sequences, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    bounds = batch.cu_seqlens.tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        response = batch.loss_mask[s:e].bool()
+        think = response & (batch.region_ids[s:e] == int(Region.THINK))
+        chosen = think if bool(think.any()) else response
+        if bool(chosen.any()):
+            out[i] = hidden[s:e][chosen].mean(0)
+    return out
+
+
+def packed_forward(model, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
+    """Forward one packed micro-batch; differentiable log-probs / entropy aligned with ``input_ids``."""
+    from megatron.core import parallel_state as mps
+
+    hidden = forward_hidden(model, batch)
+    positions = prediction_positions(batch).to(hidden.device)
+    targets = batch.input_ids[positions + 1]
+    weight = model.output_weight()
+    tp_rank = mps.get_tensor_model_parallel_rank()
+    lp, ent = vocab_parallel_logprobs(
+        hidden.index_select(0, positions), weight, targets,
+        vocab_start=tp_rank * weight.shape[0], vocab_size=model.facts.vocab_size,
+        group=mps.get_tensor_model_parallel_group(), chunk_size=options.logprob_chunk_tokens,
+        with_entropy=options.with_entropy, reduce_grad_input=not model.config.sequence_parallel)
+    total = batch.num_tokens
+    logprobs = torch.zeros(total, dtype=torch.float32, device=hidden.device).index_put((positions + 1,), lp)
+    entropy = None
+    if options.with_entropy:
+        entropy = torch.zeros(total, dtype=torch.float32, device=hidden.device).index_put((positions + 1,), ent)
+    think = think_embeddings(hidden, batch) if options.with_think_embeddings else None
+    return ForwardOutputs(logprobs=logprobs, entropy=entropy, think_embeddings=think)

@@ -1,0 +1,70 @@
+"""Vision tower of Qwen2.5-VL on the first pipeline stage, replicated across tensor parallelism.
+
+The tower is transformers' own module (``Qwen2_5_VisionTransformerPretrainedModel``), so its
+numerics are the Hugging Face reference by construction. Every TP rank holds a full copy and
+computes the same features; :func:`allreduce_vision_grads_over_tp` averages its gradients over the
+TP group so the copies stay identical (each rank's gradient is already the full gradient; the
+mean removes rounding drift instead of multiplying by TP).
+
+Features are scattered into the ``<|image_pad|>`` positions of the token embeddings
+(:func:`scatter_image_features`), and the result is passed to ``GPTModel`` as ``decoder_input``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class VisionTower(nn.Module):
+    """Wraps the HF vision tower. Parameter names: ``vision_model.<HF name under model.visual>``."""
+
+    def __init__(self, hf_vision_config, arch: str = "qwen2_5_vl"):
+        super().__init__()
+        if arch == "qwen2_5_vl":
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+            self.vision_model = Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_vision_config)
+        else:
+            raise ValueError(f"config field 'model.arch': the Megatron backend's vision tower supports qwen2_5_vl; "
+                             f"got {arch!r} (Qwen3-VL DeepStack is not wired yet)")
+        self.spatial_merge_size = hf_vision_config.spatial_merge_size
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [P, C], image_grid_thw [n_images, 3] -> merged features [P / merge^2, D_lm]."""
+        dtype = next(self.vision_model.parameters()).dtype
+        out = self.vision_model(pixel_values.to(dtype), grid_thw=image_grid_thw)
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor,
+                           image_token_id: int) -> torch.Tensor:
+    """Replace the embedding rows of image-pad tokens by the vision features, in order.
+
+    embeddings [T, D], input_ids [T], image_features [N_pad, D] -> [T, D] (out of place, differentiable
+    in both inputs). Raises ValueError when the counts differ (a truncated image would misalign).
+    """
+    mask = input_ids == image_token_id
+    count = int(mask.sum())
+    if count != image_features.shape[0]:
+        raise ValueError(f"{count} <|image_pad|> tokens but {image_features.shape[0]} image features; "
+                         "an image was truncated or image_grid_thw does not match the prompt")
+    index = mask.nonzero(as_tuple=True)[0]
+    return embeddings.index_put((index,), image_features.to(embeddings.dtype))
+
+
+def allreduce_vision_grads_over_tp(vision: nn.Module, group) -> None:
+    """Average the replicated tower's gradients over the TP group (no-op for a 1-rank group)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in vision.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
