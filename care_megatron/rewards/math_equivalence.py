@@ -92,10 +92,28 @@ def _parse_and_verify(gold: str, pred: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def _equal_with_signal_deadline(gold: str, pred: str, timeout_s: float):
+def _numeric_value(text: str) -> Optional[complex]:
+    """Numeric value of a closed-form expression (``\\sqrt{2}``, ``2^{10}``), None if symbolic."""
+    from math_verify import parse
+
+    parsed = parse(_wrap_math(text), parsing_timeout=None)
+    for item in parsed:
+        if isinstance(item, str) or not hasattr(item, "free_symbols") or item.free_symbols:
+            continue
+        try:
+            return complex(item.evalf(30))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return None
+
+
+_OPERATIONS = {"equal": _parse_and_verify, "value": _numeric_value}
+
+
+def _run_with_signal_deadline(op: str, args: tuple, timeout_s: float):
     try:
         with _deadline(timeout_s):
-            return _parse_and_verify(gold, pred)
+            return _OPERATIONS[op](*args)
     except _Deadline:
         return MATH_TIMEOUT
 
@@ -112,11 +130,11 @@ def _helper_main(conn) -> None:
             return
         if request is None:
             return
-        gold, pred, timeout_s = request
+        op, args, timeout_s = request
         try:
-            result = _equal_with_signal_deadline(gold, pred, timeout_s)
+            result = _run_with_signal_deadline(op, args, timeout_s)
         except Exception:  # a math-verify bug must not kill the helper
-            result = False
+            result = None
         conn.send(result)
 
 
@@ -149,12 +167,12 @@ class _HelperProcess:
             self._conn.close()
         self._proc = self._conn = None
 
-    def equal(self, gold: str, pred: str, timeout_s: float):
+    def run(self, op: str, args: tuple, timeout_s: float):
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
                 self._stop()
                 self._start()
-            self._conn.send((gold, pred, timeout_s))
+            self._conn.send((op, args, timeout_s))
             # The helper enforces the limit itself; the grace covers C-level work it cannot interrupt.
             if self._conn.poll(timeout_s + 1.0):
                 return self._conn.recv()
@@ -168,9 +186,36 @@ class _HelperProcess:
 
 _HELPER = _HelperProcess()
 
-_CACHE: "OrderedDict[tuple[str, str], bool]" = OrderedDict()
+_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
 _CACHE_SIZE = 4096
 _CACHE_LOCK = threading.Lock()
+
+
+def _run(op: str, args: tuple, timeout_s: float, force_helper: Optional[bool]):
+    use_helper = (not _signals_usable()) if force_helper is None else force_helper
+    try:
+        if use_helper:
+            return _HELPER.run(op, args, timeout_s)
+        if _signals_usable():
+            return _run_with_signal_deadline(op, args, timeout_s)
+        return _OPERATIONS[op](*args)
+    except Exception:
+        return None
+
+
+def _cached(op: str, args: tuple, timeout_s: float, force_helper: Optional[bool]):
+    key = (op,) + args
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    result = _run(op, args, timeout_s, force_helper)
+    if result != MATH_TIMEOUT:
+        with _CACHE_LOCK:
+            _CACHE[key] = result
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return result
 
 
 def math_equal(gold: str, pred: str, timeout_s: float = 5.0, force_helper: Optional[bool] = None):
@@ -187,27 +232,14 @@ def math_equal(gold: str, pred: str, timeout_s: float = 5.0, force_helper: Optio
     Returns:
         True / False, or :data:`MATH_TIMEOUT` when the limit was hit. Never raises on bad input.
     """
-    key = (gold, pred)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    use_helper = (not _signals_usable()) if force_helper is None else force_helper
-    try:
-        if use_helper:
-            result = _HELPER.equal(gold, pred, timeout_s)
-        elif _signals_usable():
-            result = _equal_with_signal_deadline(gold, pred, timeout_s)
-        else:
-            result = _parse_and_verify(gold, pred)
-    except Exception:
-        return False
-    if result != MATH_TIMEOUT:
-        with _CACHE_LOCK:
-            _CACHE[key] = bool(result)
-            if len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-    return result
+    result = _cached("equal", (gold, pred), timeout_s, force_helper)
+    return result if result == MATH_TIMEOUT else bool(result)
+
+
+def math_value(text: str, timeout_s: float = 5.0, force_helper: Optional[bool] = None):
+    """Numeric value (complex) of a closed-form expression such as ``\\sqrt{2}`` or ``2^{10}``; None
+    when it is not a constant expression or cannot be parsed; :data:`MATH_TIMEOUT` on timeout."""
+    return _cached("value", (text,), timeout_s, force_helper)
 
 
 def clear_cache() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from care_megatron.rewards.math_equivalence import MATH_TIMEOUT, math_equal
+from care_megatron.rewards.math_equivalence import MATH_TIMEOUT, math_equal, math_value
 from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig, parse_response
 
 ANSWER_TYPES = ("multiple_choice", "integer", "float", "text", "latex")
@@ -191,7 +191,8 @@ _NUMBER_RE = re.compile(
     re.VERBOSE,
 )
 # What may follow a number and still be "that number": a unit (cm, m^2, km/h, degrees, dollars).
-_UNIT_RE = re.compile(r"\s*(?:[^\W\d_][^\W\d_ ]*(?:\s+[^\W\d_]+){0,2})?\s*(?:\^\s*\{?\s*[23]\s*\}?|[²³])?(?:\s*/\s*[^\W\d_]+)?\s*")
+_UNIT_WORD = r"[^\W\d_]+(?:\s*\^\s*\{?\s*[23]\s*\}?|[²³])?"
+_UNIT_RE = re.compile(r"\s*(?:%s(?:\s+%s){0,2}(?:\s*/\s*%s)?)?\s*" % (_UNIT_WORD, _UNIT_WORD, _UNIT_WORD))
 _UNICODE_MINUS = str.maketrans({"−": "-", "–": "-", "—": "-", "‐": "-", "×": "x"})
 _DROP = ("\\%", "%", "\\$", "$", "€", "£", "¥", "°", "^\\circ", "^{\\circ}", "\\circ", "\\degree", "\\!", "\\,", "\\;", "\\ ", "~")
 _MAX_EXPONENT = 400
@@ -389,7 +390,16 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
         return _grade_latex(answer, gold, cfg)
     pred_value, how = _number_from_answer(answer)
     if pred_value is None:
-        # "\sqrt{4}", "2^{3}": not a literal number, maybe still equal.
+        # "\sqrt{4}", "2^{3}": not a literal number, maybe still equal. Evaluate it and apply the
+        # same tolerance; only if that is not possible ask for symbolic equivalence.
+        value = math_value(clean_answer(answer), cfg.math_timeout_s)
+        if value is not None and value != MATH_TIMEOUT and abs(value.imag) <= cfg.abs_tol and math.isfinite(value.real):
+            g = float(gold_value)
+            if answer_type == "integer":
+                ok = abs(value.real - g) <= 1e-9 * max(1.0, abs(g))
+            else:
+                ok = math.isclose(value.real, g, rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol)
+            return (1.0 if ok else 0.0), clean_answer(answer), f"evaluates to {value.real:.10g}, {'equals' if ok else 'differs from'} {_format_number(gold_value)}"
         verdict = math_equal(gold, clean_answer(answer), cfg.math_timeout_s)
         if verdict == MATH_TIMEOUT:
             return 0.0, clean_answer(answer), "symbolic comparison timed out"
