@@ -18,6 +18,13 @@ from care_megatron.kernels.logprobs import (
     linear_logprobs,
     naive_linear_logprobs,
 )
+from care_megatron.kernels.region_loss import (
+    RegionLossConfig,
+    RegionLossStats,
+    region_policy_loss,
+    region_token_weights,
+    sequence_weight_sums,
+)
 
 __all__ = [
     "combine_vocab_parallel_partials",
@@ -27,5 +34,10 @@ __all__ = [
     "linear_logprob_partials",
     "linear_logprobs",
     "naive_linear_logprobs",
+    "region_policy_loss",
+    "region_token_weights",
+    "RegionLossConfig",
+    "RegionLossStats",
+    "sequence_weight_sums",
     "set_kernel_backend",
 ]
