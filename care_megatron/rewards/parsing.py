@@ -197,8 +197,6 @@ def parse_response(text: str, tags: TagConfig = DEFAULT_TAGS) -> ParsedResponse:
             outside = (text[:start_of_think], text[found[-3][2] : found[-2][1]], text[found[-1][2] :])
             if any(part.strip() for part in outside):
                 problems.append("non-whitespace text outside the think and answer spans")
-    if tags.think_open_in_prompt and think_span is None and not problems:
-        problems.append("empty rationale")
 
     think = text[think_inner[0] : think_inner[1]] if think_inner else None
     return ParsedResponse(
@@ -258,8 +256,9 @@ def token_char_offsets(token_ids: Sequence[int], tokenizer) -> list[tuple[int, i
     A rollout engine returns token ids; re-encoding the decoded string may produce different
     tokens, so this maps each given token to its characters instead. Works for byte-level BPE
     tokenizers (Qwen, GPT-2 style; an HF fast tokenizer or a ``tokenizers.Tokenizer``): each token's
-    bytes are recovered from its byte-level string, and a character is owned by the token holding
-    its first byte. Special tokens (e.g. ``<|im_end|>``) own their literal text. Linear time.
+    bytes are recovered from its byte-level string, and a token spans every character it holds
+    any byte of (so two tokens splitting one character both span it, as a fast tokenizer's
+    offset mapping does). Special tokens (e.g. ``<|im_end|>``) own their literal text. Linear time.
 
     Returns:
         ``[(start, end)]`` per token into ``decode(token_ids)`` with special tokens kept verbatim.
@@ -292,10 +291,8 @@ def token_char_offsets(token_ids: Sequence[int], tokenizer) -> list[tuple[int, i
         if lo == hi:
             offsets.append((char_of_byte[lo] if lo < len(blob) else total_chars,) * 2)
             continue
-        # the token owns the chars whose first byte it holds
-        first = char_of_byte[lo] if blob[lo] & 0xC0 != 0x80 else char_of_byte[lo] + 1
-        last = char_of_byte[hi - 1] + 1
-        offsets.append((min(first, last), last))
+        # like a fast tokenizer: a token spans every character any of whose bytes it holds
+        offsets.append((char_of_byte[lo], char_of_byte[hi - 1] + 1))
     return offsets
 
 
