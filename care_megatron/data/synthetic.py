@@ -119,7 +119,7 @@ def _count_shapes(rng: np.random.Generator, difficulty: int, size: int) -> Sampl
         _draw_shape(draw, shape, (x0, y0, x0 + shape_side - 1, y0 + shape_side - 1), COLORS[color])
     label = f"{target_color} {_plural(target_shape)}"
     return Sample(image, f"How many {label} are there?", str(count), "integer", f"{label}: {count}",
-                  details={"target": label, "distractors": num_distractors})
+                  details={"target": [target_shape, target_color], "objects": [list(o) for o in objects]})
 
 
 def _tallest_bar(rng: np.random.Generator, difficulty: int, size: int) -> Sample:
