@@ -1,0 +1,12 @@
+"""Qwen2 / Qwen2.5 causal LMs (``Qwen2ForCausalLM``): Q/K/V biases, no QK-norm, no vision tower."""
+from checkpoints_convert.common import ArchitectureSpec
+
+SPEC = ArchitectureSpec(
+    name="qwen2",
+    hf_architectures=("Qwen2ForCausalLM",),
+    model_types=("qwen2",),
+    lm_prefix="model.",
+    vision_prefix=None,
+    qk_layernorm=False,
+    always_qkv_bias=True,
+)
