@@ -4,8 +4,10 @@ Every fused op in :mod:`care_megatron.kernels` has two implementations: ``refere
 torch, runs anywhere) and ``triton``. The default is chosen per call from the input tensors:
 Triton when they live on a CUDA device and ``triton`` imports, the reference otherwise (the
 nanochat pattern: fast path chosen at import, reference as fallback). Tests force either with
-:func:`force_kernel_backend`; forcing ``triton`` on CPU tensors runs the kernels in Triton's
-interpreter (numpy), which is how the CPU test-suite checks the kernels' arithmetic.
+:func:`force_kernel_backend` (or the ``CARE_KERNEL_BACKEND`` environment variable); forcing
+``triton`` on CPU tensors runs the kernels in Triton's interpreter (numpy, needs
+``TRITON_INTERPRET=1`` before triton is imported), which is how the CPU test-suite checks the
+kernels' arithmetic.
 
 Kernels are written as plain Python functions and turned into Triton kernels lazily by
 :func:`jit_for_device`, so importing this package never compiles anything and a missing GPU only
@@ -61,21 +63,15 @@ def force_kernel_backend(name: str) -> Iterator[None]:
         set_kernel_backend(previous)
 
 
-def interpreter_requested() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is set in the environment."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def resolve_backend(device: torch.device) -> str:
     """The implementation a fused op should use for tensors on ``device``."""
     if _forced_backend != "auto":
         return _forced_backend
     if not TRITON_AVAILABLE:
         return "reference"
-    if device.type == "cuda":
-        return "triton"
-    # CPU tensors: the interpreter is orders of magnitude slower than torch, so only when asked.
-    return "triton" if interpreter_requested() and interpreter_active() else "reference"
+    # CPU tensors take the reference even under TRITON_INTERPRET=1: the interpreter is orders of
+    # magnitude slower than torch, so it only runs when a test forces the "triton" backend.
+    return "triton" if device.type == "cuda" else "reference"
 
 
 def interpreter_active() -> bool:
