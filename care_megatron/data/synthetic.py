@@ -196,12 +196,6 @@ def _compare_lengths(rng: np.random.Generator, difficulty: int, size: int) -> Sa
     min_ratio = {1: 1.8, 2: 1.4, 3: 1.15}[difficulty]
     margin = max(3, size // 10)
     order = ("red", "blue") if rng.random() < 0.5 else ("blue", "red")  # top/left slot first
-    if difficulty == 1:
-        angles = [0.0, 0.0]
-    elif difficulty == 2:
-        angles = [0.0, math.pi / 2] if rng.random() < 0.5 else [math.pi / 2, 0.0]
-    else:
-        angles = [float(rng.uniform(0, math.pi)) for _ in range(2)]
     # Level 1 stacks the segments (top / bottom halves), higher levels put them side by side
     # (left / right halves); each must fit inside its half so the two never touch.
     if difficulty == 1:
@@ -215,22 +209,38 @@ def _compare_lengths(rng: np.random.Generator, difficulty: int, size: int) -> Sa
         cos, sin = abs(math.cos(angle)), abs(math.sin(angle))
         return min(box_w / cos if cos > 1e-6 else float("inf"), box_h / sin if sin > 1e-6 else float("inf"))
 
-    ratio = float(rng.uniform(min_ratio, min_ratio + 0.6))
-    longer_slot = int(rng.integers(2))
-    relative = [1.0, 1.0]
-    relative[1 - longer_slot] = 1.0 / ratio
-    # Largest common scale that fits both segments, then a random shrink: keeps the ratio exact.
-    scale = min(max_length(angles[i]) / relative[i] for i in range(2)) * float(rng.uniform(0.75, 1.0))
+    # At least 3 px (size / 18 on larger images) between the two lengths: below that,
+    # rasterisation can make the longer segment look no longer.
+    min_difference = max(3.0, size / 18)
+    for _ in range(100):
+        if difficulty == 1:
+            angles = [0.0, 0.0]
+        elif difficulty == 2:
+            angles = [0.0, math.pi / 2] if rng.random() < 0.5 else [math.pi / 2, 0.0]
+        else:
+            angles = [float(rng.uniform(0, math.pi)) for _ in range(2)]
+        ratio = float(rng.uniform(min_ratio, min_ratio + 0.6))
+        longer_slot = int(rng.integers(2))
+        relative = [1.0, 1.0]
+        relative[1 - longer_slot] = 1.0 / ratio
+        # Largest common scale that fits both segments, then a random shrink: keeps the ratio exact.
+        scale = min(max_length(angles[i]) / relative[i] for i in range(2)) * float(rng.uniform(0.75, 1.0))
+        if scale * (1 - 1 / ratio) >= min_difference:
+            break
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    width = max(2, size // 20)
+    width = max(3, size // 18)
     lengths = {}
     for slot, name in enumerate(order):
         length = scale * relative[slot]
         lengths[name] = length
         dx, dy = math.cos(angles[slot]) * length / 2, math.sin(angles[slot]) * length / 2
         cx, cy = centers[slot]
-        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=COLORS[name], width=width)
+        # A filled rotated rectangle: PIL's wide lines thin out at some angles, which would make
+        # the longer segment look shorter.
+        nx, ny = -math.sin(angles[slot]) * width / 2, math.cos(angles[slot]) * width / 2
+        draw.polygon([(cx - dx + nx, cy - dy + ny), (cx + dx + nx, cy + dy + ny),
+                      (cx + dx - nx, cy + dy - ny), (cx - dx - nx, cy - dy - ny)], fill=COLORS[name])
     winner = order[longer_slot]
     choices = ["red", "blue"] if rng.random() < 0.5 else ["blue", "red"]
     question = f"Which line is longer? {format_options(choices)}"
