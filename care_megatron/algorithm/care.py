@@ -136,6 +136,8 @@ def _first_true_column(mask: torch.Tensor) -> torch.Tensor:
 
 def _lexicographic_pick(candidates: torch.Tensor, keys: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
     """Column of the best candidate per row: keys compared in order (True = larger wins), then lowest column."""
+    if candidates.shape[1] == 0:
+        return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
     for key, larger in keys:
         fill = -math.inf if larger else math.inf
         masked = torch.where(candidates, key.double(), fill)
