@@ -1,0 +1,504 @@
+"""Rollouts on SGLang's offline engine, colocated on the training GPUs. The only module importing ``sglang``.
+
+Targets the SGLang Python API ``SUPPORTED_SGLANG`` (checked at start-up, with a clear error on a
+mismatch). The calls used, all on ``sglang.Engine``:
+
+* ``Engine(model_path=..., tp_size=..., base_gpu_id=..., mem_fraction_static=...,
+  enable_memory_saver=True, random_seed=..., dtype=...)``: started from the run's Hugging-Face-format
+  model directory (the weights there are only the starting point; every step overwrites them);
+* ``generate(prompt=... | input_ids=..., image_data=..., sampling_params=..., return_logprob=True,
+  logprob_start_len=-1)``: one dict per request with ``output_ids`` / ``text`` and ``meta_info``
+  holding ``output_token_logprobs`` = ``[(logprob, token_id, text|None), ...]`` and ``finish_reason``
+  = ``{"type": "stop" | "length" | "abort", ...}``;
+* ``update_weights_from_tensor(named_tensors, load_format="flattened_bucket", flush_cache=False)``:
+  colocated weight sync. Each bucket is one flat tensor plus ``FlattenedTensorMetadata`` entries,
+  serialised with ``MultiprocessingSerializer`` (CUDA tensors travel as CUDA-IPC handles: no copy
+  through host memory), one payload per rollout-TP rank;
+* ``init_weights_update_group`` + ``update_weights_from_distributed(names, dtypes, shapes,
+  group_name, flush_cache)``: disaggregated weight sync by NCCL broadcast from trainer rank 0;
+* ``flush_cache()`` once after the last bucket (the radix cache holds KV of the old weights);
+* ``release_memory_occupation()`` / ``resume_memory_occupation(tags)`` for sleep / wake;
+* ``shutdown()``.
+
+Behaviour log-probs: SGLang reports ``log_softmax(logits / T)`` of the sampled token (after
+temperature, before top-k / top-p) unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, and treats
+``T == 0`` as greedy at ``T = 1``: the same convention as ``HFRolloutEngine`` and
+``mismatch.logprob_temperature``. :func:`check_logprob_convention` refuses to start when that
+environment variable would change the meaning.
+
+GPU placement rule (``rollout_placement``): the launcher's local ranks on a node are cut into
+consecutive groups of ``rollout_tp`` ranks; group ``g`` runs one engine on GPUs
+``g * rollout_tp ... g * rollout_tp + rollout_tp - 1``, so ``base_gpu_id = g * rollout_tp`` (an
+index into the GPUs the launcher process sees). Only the first rank of a group starts and drives
+the engine; an engine never spans nodes, so ``rollout_tp`` must divide the GPUs per node.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SGLANG = ">=0.5.3,<0.6"
+"""SGLang versions whose ``Engine`` API this adapter is written against."""
+
+_MIN_VERSION, _MAX_VERSION_EXCLUSIVE = "0.5.3", "0.6"
+
+INSTALL_HINT = "pip install 'care_megatron[sglang]'"
+
+
+# --------------------------------------------------------------------------- the import point
+@dataclass
+class SGLangAPI:
+    """The parts of SGLang this adapter touches; built by :func:`load_sglang_api` (tests pass a fake)."""
+
+    version: str
+    """``sglang.__version__``."""
+    Engine: Callable[..., Any]
+    """``sglang.Engine``: the offline engine class."""
+    MultiprocessingSerializer: Any
+    """``sglang.srt.utils.MultiprocessingSerializer`` (``serialize(obj) -> bytes``)."""
+    FlattenedTensorMetadata: Callable[..., Any]
+    """``sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`` (name, shape, dtype,
+    start_idx, end_idx, numel)."""
+
+
+def load_sglang_api() -> SGLangAPI:
+    """Import SGLang (the one place this package does), check its version, return its API surface."""
+    try:
+        import sglang
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    except ImportError as exc:
+        raise ImportError(
+            f"rollout.engine=sglang needs SGLang {SUPPORTED_SGLANG} and a CUDA GPU: {INSTALL_HINT} "
+            f"(import failed: {exc})"
+        ) from exc
+    api = SGLangAPI(
+        version=getattr(sglang, "__version__", "unknown"),
+        Engine=sglang.Engine,
+        MultiprocessingSerializer=MultiprocessingSerializer,
+        FlattenedTensorMetadata=FlattenedTensorMetadata,
+    )
+    check_sglang_version(api.version)
+    return api
+
+
+def check_sglang_version(version: str) -> None:
+    """Raise ``RuntimeError`` unless ``version`` is in ``SUPPORTED_SGLANG``."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        found = Version(version)
+    except InvalidVersion as exc:
+        raise RuntimeError(f"cannot parse the SGLang version {version!r}; this adapter targets sglang{SUPPORTED_SGLANG}") from exc
+    if not (Version(_MIN_VERSION) <= found < Version(_MAX_VERSION_EXCLUSIVE)):
+        raise RuntimeError(
+            f"SGLang {version} is installed, but care_megatron's SGLang adapter targets sglang{SUPPORTED_SGLANG} "
+            f"(Engine.update_weights_from_tensor / flattened_bucket / release_memory_occupation API); "
+            f"install a supported version: {INSTALL_HINT}"
+        )
+
+
+def check_logprob_convention(environ: dict | None = None) -> None:
+    """Refuse ``SGLANG_RETURN_ORIGINAL_LOGPROB``: it makes SGLang report pre-temperature log-probs,
+    which would no longer match what the trainer recomputes (``mismatch.logprob_temperature``)."""
+    environ = os.environ if environ is None else environ
+    if str(environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "")).lower() in ("1", "true", "yes"):
+        raise RuntimeError(
+            "SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would report log-probs before temperature scaling, "
+            "but the trainer compares against log_softmax(logits / T); unset it"
+        )
+
+
+# --------------------------------------------------------------------------- placement
+@dataclass(frozen=True)
+class RolloutPlacement:
+    """Where this launcher rank sits among the node's rollout engines."""
+
+    engine_index: int
+    """Index of the engine on this node (local_rank // rollout_tp)."""
+    base_gpu_id: int
+    """First GPU of that engine: engine_index * rollout_tp."""
+    tp_rank: int
+    """This rank's position inside the engine's TP group (local_rank % rollout_tp)."""
+    is_engine_owner: bool
+    """True for the rank that starts and drives the engine (tp_rank == 0)."""
+    group_local_ranks: tuple[int, ...]
+    """Local ranks sharing the engine (their GPUs are the engine's GPUs)."""
+
+
+def rollout_placement(local_rank: int, local_world_size: int, rollout_tp: int) -> RolloutPlacement:
+    """The module docstring's placement rule; ``ValueError`` when the sizes do not tile a node."""
+    if rollout_tp < 1:
+        raise ValueError(f"rollout tensor_parallel_size must be >= 1, got {rollout_tp}")
+    if local_world_size % rollout_tp:
+        raise ValueError(
+            f"rollout tensor_parallel_size {rollout_tp} must divide the GPUs per node ({local_world_size}): "
+            "an SGLang engine cannot span nodes"
+        )
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(f"local_rank {local_rank} outside [0, {local_world_size})")
+    engine_index = local_rank // rollout_tp
+    base = engine_index * rollout_tp
+    return RolloutPlacement(
+        engine_index=engine_index,
+        base_gpu_id=base,
+        tp_rank=local_rank % rollout_tp,
+        is_engine_owner=local_rank % rollout_tp == 0,
+        group_local_ranks=tuple(range(base, base + rollout_tp)),
+    )
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class SGLangEngineConfig:
+    """How one SGLang engine is started and fed."""
+
+    model_path: str
+    """Hugging-Face-format model directory (config, tokenizer, processor, weights) the engine starts from."""
+    tp_size: int = 1
+    """Rollout tensor-parallel size (``RolloutConfig.tensor_parallel_size``)."""
+    base_gpu_id: int = 0
+    """First GPU of this engine; see ``rollout_placement``."""
+    mem_fraction_static: float = 0.5
+    """Share of GPU memory SGLang reserves for weights + KV cache; colocated with training, so well below 1."""
+    enable_memory_saver: bool = True
+    """Needed for ``release_memory_occupation`` (sleep) to actually free weights and KV cache."""
+    dtype: str = "bfloat16"
+    """Weights / compute dtype of the engine."""
+    random_seed: int = 0
+    """Engine-wide sampling seed. Per-request ``SamplingParams.seed`` is not forwarded (not every
+    supported SGLang version accepts one), so SGLang rollouts are reproducible only per engine start."""
+    weight_bucket_mb: int = 512
+    """Bucket size for ``update_weights`` when given a flat stream, MiB (``RolloutConfig.weight_bucket_mb``)."""
+    colocated: bool = True
+    """True: weights by CUDA IPC (``update_weights_from_tensor``); False: NCCL broadcast from trainer rank 0."""
+    weight_group_name: str = "care_weight_sync"
+    """Name of the NCCL group of the disaggregated path."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further ``sglang.Engine`` keyword arguments, passed through unchanged (they win over the above)."""
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("SGLangEngineConfig.model_path must name the HF-format model directory")
+        if self.tp_size < 1:
+            raise ValueError(f"SGLangEngineConfig.tp_size must be >= 1, got {self.tp_size}")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"SGLangEngineConfig.base_gpu_id must be >= 0, got {self.base_gpu_id}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"SGLangEngineConfig.mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.weight_bucket_mb < 1:
+            raise ValueError(f"SGLangEngineConfig.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
+
+    def engine_args(self) -> dict[str, Any]:
+        args = dict(
+            model_path=self.model_path,
+            tp_size=self.tp_size,
+            base_gpu_id=self.base_gpu_id,
+            mem_fraction_static=self.mem_fraction_static,
+            enable_memory_saver=self.enable_memory_saver,
+            dtype=self.dtype,
+            random_seed=self.random_seed,
+        )
+        args.update(self.engine_kwargs)
+        return args
+
+
+# --------------------------------------------------------------------------- pure helpers
+def sglang_sampling_params(sampling: SamplingParams, stop_token_ids: Iterable[int] = ()) -> dict[str, Any]:
+    """SGLang ``sampling_params`` for one request. ``T == 0`` is passed through: SGLang decodes it
+    greedily (top-k 1 at T = 1), matching ``logprob_temperature``."""
+    return {
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "top_k": int(sampling.top_k) if sampling.top_k > 0 else -1,
+        "max_new_tokens": int(sampling.max_new_tokens),
+        "stop_token_ids": sorted(set(stop_token_ids) | set(sampling.stop_token_ids)),
+        # Keep <think> / <answer> and friends in the text: the verifier reads the tags.
+        "skip_special_tokens": False,
+    }
+
+
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream into buckets of at most ``bucket_bytes`` and a single dtype (a flattened
+    bucket is one tensor). A tensor larger than the limit travels alone."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > bucket_bytes or tensor.dtype != bucket[0][1].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], metadata_cls: Callable[..., Any]):
+    """One flat tensor + per-tensor metadata (SGLang's ``flattened_bucket`` layout: tensor i occupies
+    ``flat[start_idx:end_idx]``, reshaped to ``shape``).
+
+    Returns ``(flat, metadata)``: flat Tensor[sum numel] of the bucket's dtype on its device.
+    """
+    if not bucket:
+        raise ValueError("flatten_bucket: empty bucket")
+    dtype, device = bucket[0][1].dtype, bucket[0][1].device
+    metadata, parts, start = [], [], 0
+    for name, tensor in bucket:
+        if tensor.dtype != dtype or tensor.device != device:
+            raise ValueError(f"flatten_bucket: {name!r} is {tensor.dtype} on {tensor.device}, bucket is {dtype} on {device}")
+        numel = tensor.numel()
+        metadata.append(metadata_cls(name=name, shape=tensor.shape, dtype=dtype, start_idx=start,
+                                     end_idx=start + numel, numel=numel))
+        parts.append(tensor.reshape(-1))
+        start += numel
+    return torch.cat(parts), metadata
+
+
+def unflatten_bucket(flat: torch.Tensor, metadata: list[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`flatten_bucket` (what SGLang does on receipt); used by tests and benchmarks."""
+    return [(m.name, flat[m.start_idx:m.end_idx].reshape(m.shape)) for m in metadata]
+
+
+def completion_from_sglang_output(request_id: str, output: dict, stop_token_ids: set[int]) -> Completion:
+    """Turn one SGLang ``generate`` result into a ``Completion``.
+
+    Token ids are taken from ``meta_info["output_token_logprobs"]`` (each entry pairs a log-prob with
+    its token), cross-checked against ``output_ids`` when present. ``finish_reason`` "stop" /
+    "length" map over; "abort" (e.g. a prompt longer than the context) becomes "length" with a
+    warning, so one bad prompt does not stop the run.
+    """
+    meta = output.get("meta_info") or {}
+    entries = meta.get("output_token_logprobs")
+    if entries is None:
+        raise ValueError(f"request {request_id!r}: SGLang output has no meta_info.output_token_logprobs (was return_logprob set?)")
+    token_ids = [int(e[1]) for e in entries]
+    logprobs = [float(e[0]) if e[0] is not None else float("nan") for e in entries]
+    output_ids = output.get("output_ids")
+    if output_ids is not None and list(output_ids) != token_ids:
+        trimmed_stop = len(token_ids) == len(output_ids) + 1 and token_ids[:-1] == list(output_ids) and token_ids[-1] in stop_token_ids
+        if not trimmed_stop:
+            raise ValueError(
+                f"request {request_id!r}: output_ids ({len(output_ids)} tokens) disagree with output_token_logprobs ({len(token_ids)})"
+            )
+    reason = meta.get("finish_reason")
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind == "stop":
+        finish = "stop"
+    elif kind == "length":
+        finish = "length"
+    else:
+        logger.warning("SGLang request %s finished with %r; recorded as 'length'", request_id, reason)
+        finish = "length"
+    return Completion(request_id=request_id, token_ids=token_ids, text=output.get("text", ""),
+                      logprobs=logprobs, finish_reason=finish)
+
+
+# --------------------------------------------------------------------------- the engine
+class SGLangRolloutEngine:
+    """``RolloutEngine`` on one SGLang offline engine (one per rollout-TP group; only the group's
+    owner rank constructs it, see ``rollout_placement``).
+
+    Args:
+        config: start-up and weight-sync settings.
+        tokenizer: the policy tokenizer; gives the default stop tokens (eos, ``<|im_end|>``), decodes
+            RGR prefixes of multimodal requests to text, and decodes completions (else SGLang's text).
+        stop_token_ids: stop tokens always in force (default: from the tokenizer).
+        api: the SGLang API surface; None loads the real one (the only import of sglang).
+    """
+
+    def __init__(self, config: SGLangEngineConfig, tokenizer: Any = None, *,
+                 stop_token_ids: Iterable[int] | None = None, api: SGLangAPI | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.api = api if api is not None else load_sglang_api()
+        check_sglang_version(self.api.version)
+        check_logprob_convention()
+        if stop_token_ids is None:
+            stop_token_ids = []
+            if tokenizer is not None:
+                if getattr(tokenizer, "eos_token_id", None) is not None:
+                    stop_token_ids.append(int(tokenizer.eos_token_id))
+                im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+                if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
+                    stop_token_ids.append(im_end)
+        self.stop_token_ids = sorted(set(int(t) for t in stop_token_ids))
+        self.engine = self.api.Engine(**config.engine_args())
+        self.asleep = False
+        self.weight_updates = 0
+        """Buckets sent since start-up (for logs and tests)."""
+
+    # ------------------------------------------------------------------ requests
+    def build_generate_calls(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[tuple[list[int], dict]]:
+        """The ``Engine.generate`` calls for ``requests``: ``[(request indices, kwargs), ...]``.
+
+        Text-only requests go as ``input_ids`` (prompt + prefix tokens, exactly what the trainer
+        sees). Requests with images go as ``prompt`` text + ``image_data`` (SGLang expands the image
+        placeholders itself), the RGR prefix decoded and appended to the text. ``prompt`` and
+        ``input_ids`` cannot share a call, hence up to two calls.
+        """
+        params = sglang_sampling_params(sampling, self.stop_token_ids)
+        text_only = [i for i, r in enumerate(requests) if not r.images]
+        with_images = [i for i, r in enumerate(requests) if r.images]
+        calls = []
+        if text_only:
+            calls.append((text_only, dict(
+                input_ids=[list(requests[i].prompt_ids) + list(requests[i].prefix_ids) for i in text_only],
+                sampling_params=params, return_logprob=True, logprob_start_len=-1,
+            )))
+        if with_images:
+            prompts = []
+            for i in with_images:
+                r = requests[i]
+                if not r.prompt_text:
+                    raise ValueError(f"request {r.request_id!r} has images but no prompt_text (SGLang takes text + image_data)")
+                prefix = ""
+                if r.prefix_ids:
+                    if self.tokenizer is None:
+                        raise ValueError(f"request {r.request_id!r}: a multimodal RGR prefix needs the engine's tokenizer")
+                    prefix = self.tokenizer.decode(r.prefix_ids, skip_special_tokens=False)
+                prompts.append(r.prompt_text + prefix)
+            calls.append((with_images, dict(
+                prompt=prompts, image_data=[list(requests[i].images) for i in with_images],
+                sampling_params=params, return_logprob=True, logprob_start_len=-1,
+            )))
+        return calls
+
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
+        """One completion per request, in request order."""
+        if self.asleep:
+            raise RuntimeError("SGLangRolloutEngine.generate called while asleep; call wake() first")
+        if not requests:
+            return []
+        results: list[Completion | None] = [None] * len(requests)
+        stop = set(self.stop_token_ids) | set(sampling.stop_token_ids)
+        for indices, kwargs in self.build_generate_calls(requests, sampling):
+            outputs = self.engine.generate(**kwargs)
+            if isinstance(outputs, dict):
+                outputs = [outputs]
+            if len(outputs) != len(indices):
+                raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {len(indices)} requests")
+            for i, out in zip(indices, outputs):
+                comp = completion_from_sglang_output(requests[i].request_id, out, stop)
+                if self.tokenizer is not None:
+                    ids = comp.token_ids[:-1] if comp.token_ids and comp.token_ids[-1] in stop else comp.token_ids
+                    comp.text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                results[i] = comp
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ weights
+    def serialize_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> Any:
+        """One flattened bucket serialised for SGLang (CUDA tensors become CUDA-IPC handles)."""
+        flat, metadata = flatten_bucket(bucket, self.api.FlattenedTensorMetadata)
+        return self.api.MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+
+    def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Send buckets as they come (e.g. ``TrainingBackend.export_weights``), then flush the cache.
+
+        Peak extra memory is one flattened copy of the current bucket: each is released once SGLang
+        has loaded it (the call is synchronous).
+        """
+        if not self.config.colocated:
+            raise RuntimeError("update_weights_from_buckets is the colocated path; use update_weights_distributed")
+        for bucket in buckets:
+            if not bucket:
+                continue
+            payload = self.serialize_bucket(bucket)
+            # One payload per rollout-TP rank: each SGLang rank deserialises its own copy. With the
+            # owner serialising for all ranks, every rank reads the owner's GPU memory over IPC.
+            self._check(self.engine.update_weights_from_tensor(
+                named_tensors=[payload] * self.config.tp_size, load_format="flattened_bucket", flush_cache=False,
+            ), "update_weights_from_tensor")
+            self.weight_updates += 1
+        self.engine.flush_cache()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Protocol entry: bucket the stream by ``weight_bucket_mb`` and send it (colocated)."""
+        self.update_weights_from_buckets(bucket_named_tensors(named_tensors, self.config.weight_bucket_mb << 20))
+
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Disaggregated path: join the NCCL group in which trainer rank 0 is rank 0 and the engine's
+        TP ranks are ``rank_offset ...`` (call concurrently with the trainer creating its side)."""
+        self._check(self.engine.init_weights_update_group(
+            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+            world_size=world_size, group_name=self.config.weight_group_name, backend="nccl",
+        ), "init_weights_update_group")
+
+    def update_weights_distributed(self, buckets: Iterable[list[tuple[str, torch.Tensor]]],
+                                   broadcast: Callable[[torch.Tensor], None]) -> None:
+        """Disaggregated path: for each bucket announce names / dtypes / shapes to SGLang (its
+        ranks then wait on broadcasts from rank 0) while ``broadcast(tensor)`` sends each tensor in
+        the same order from the trainer. The SGLang call blocks until its ranks have received
+        everything, so it runs on a helper thread while this thread broadcasts."""
+        for bucket in buckets:
+            if not bucket:
+                continue
+            names = [n for n, _ in bucket]
+            dtypes = [str(t.dtype).replace("torch.", "") for _, t in bucket]
+            shapes = [list(t.shape) for _, t in bucket]
+            outcome: dict[str, Any] = {}
+
+            def announce():
+                try:
+                    outcome["result"] = self.engine.update_weights_from_distributed(
+                        names=names, dtypes=dtypes, shapes=shapes, group_name=self.config.weight_group_name,
+                        flush_cache=False,
+                    )
+                except BaseException as exc:  # re-raised on the caller's thread
+                    outcome["error"] = exc
+
+            worker = threading.Thread(target=announce, name="sglang-weight-announce")
+            worker.start()
+            for _, tensor in bucket:
+                broadcast(tensor)
+            worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            self._check(outcome.get("result"), "update_weights_from_distributed")
+            self.weight_updates += 1
+        self.engine.flush_cache()
+
+    @staticmethod
+    def _check(result: Any, what: str) -> None:
+        """SGLang answers ``(success, message)`` (or a dict with ``success``); raise on failure."""
+        if result is None:
+            return
+        if isinstance(result, dict):
+            ok, message = result.get("success", True), result.get("message", "")
+        elif isinstance(result, (tuple, list)) and result and isinstance(result[0], bool):
+            ok, message = result[0], result[1] if len(result) > 1 else ""
+        else:
+            return
+        if not ok:
+            raise RuntimeError(f"SGLang {what} failed: {message}")
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Release weights and KV cache (needs ``enable_memory_saver``); the weights are gone until
+        the next ``update_weights``, which the step schedule always does right after ``wake``."""
+        if not self.asleep:
+            self.engine.release_memory_occupation()
+            self.asleep = True
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Re-allocate weights and KV cache (``tags`` e.g. ``["weights"]`` then ``["kv_cache"]`` to
+        keep the peak low while weights stream in)."""
+        self.engine.resume_memory_occupation(tags) if tags is not None else self.engine.resume_memory_occupation()
+        if tags is None or "kv_cache" in tags:
+            self.asleep = False
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
