@@ -140,3 +140,24 @@ def test_image_size_and_errors():
         generate("count_shapes", 1, difficulty=4)
     with pytest.raises(ValueError, match="image_size"):
         generate("count_shapes", 1, image_size=16)
+
+
+def test_reference_answers_and_rationales_score_full_marks_with_the_verifier():
+    """Integration with care_megatron.rewards.verifier: the reference response earns accuracy 1 and
+    format 1; a wrong answer earns 0; for multiple choice the option text counts like the letter."""
+    from care_megatron.rewards.verifier import score
+
+    for task in sorted(TASKS):
+        for record in generate(task, 15, seed=0, difficulty=[1, 2, 3]):
+            reference = score(f"<think>{record.rationale}</think><answer>{record.answer}</answer>", record.answer,
+                              record.answer_type, record.choices)
+            assert (reference.accuracy, reference.format) == (1.0, 1.0), record.id
+            if record.answer_type == "multiple_choice":
+                right = record.choices[ord(record.answer) - ord("A")]
+                wrong = next(c for c in record.choices if c != right)
+                assert score(f"<think>x</think><answer>{right}</answer>", record.answer, record.answer_type,
+                             record.choices).accuracy == 1.0
+            else:
+                wrong = str(int(record.answer) + 1)
+            assert score(f"<think>x</think><answer>{wrong}</answer>", record.answer, record.answer_type,
+                         record.choices).accuracy == 0.0
