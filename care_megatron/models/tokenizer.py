@@ -58,7 +58,7 @@ def load_tokenizer(name: str = "tiny"):
         if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"tiny tokenizer missing at {path}; run tools/build_tiny_tokenizer.py")
     elif name in ("qwen", "qwen2_5", "qwen3"):
-        path = _qwen_tokenizer_dir("qwen3" if name == "qwen3" else "qwen2_5")
+        return _load_fast(_qwen_tokenizer_dir("qwen3" if name == "qwen3" else "qwen2_5"))
     elif os.path.isdir(name):
         path = Path(name)
     else:
@@ -69,6 +69,16 @@ def load_tokenizer(name: str = "tiny"):
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _load_fast(path: Path):
+    """PreTrainedTokenizerFast straight from tokenizer.json (AutoTokenizer re-parses a 150k vocabulary several times)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class", None)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")), **config)
 
 
 def _cache_root() -> Path:
