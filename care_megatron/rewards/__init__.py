@@ -8,6 +8,7 @@ from care_megatron.rewards.parsing import (
     ParsedResponse,
     TagConfig,
     parse_response,
+    regions_from_token_ids,
     token_char_offsets,
     token_regions,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "get_reward_fn",
     "infer_answer_type",
     "parse_response",
+    "regions_from_token_ids",
     "register_reward",
     "score",
     "score_batch",

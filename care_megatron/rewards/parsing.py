@@ -263,6 +263,31 @@ def token_char_offsets(token_ids: Sequence[int], tokenizer) -> list[tuple[int, i
     Returns:
         ``[(start, end)]`` per token into ``decode(token_ids)`` with special tokens kept verbatim.
     """
+    return _offsets_and_text(token_ids, tokenizer)[0]
+
+
+def regions_from_token_ids(
+    token_ids: Sequence[int], tokenizer, tags: TagConfig = DEFAULT_TAGS
+) -> tuple["torch.Tensor", ParsedResponse]:
+    """Regions of generated tokens straight from their ids (what a rollout engine returns).
+
+    Decodes the ids (special tokens kept), parses the text and maps each token to its region via
+    :func:`token_char_offsets`. Special tokens of the tokenizer (eos, ``<|im_end|>``) are OTHER.
+    Returns ``(LongTensor [T] of Region codes, ParsedResponse)``.
+    """
+    offsets, text = _offsets_and_text(token_ids, tokenizer)
+    parsed = parse_response(text, tags)
+    regions = token_regions(offsets, parsed)
+    # Special tokens (eos, <|im_end|>) are template tokens: OTHER even inside an unclosed rationale.
+    raw = tokenizer._tokenizer if hasattr(tokenizer, "_tokenizer") else tokenizer
+    special = {i for i, t in raw.get_added_tokens_decoder().items() if getattr(t, "special", False)}
+    for position, tid in enumerate(token_ids):
+        if int(tid) in special:
+            regions[position] = int(Region.OTHER)
+    return regions, parsed
+
+
+def _offsets_and_text(token_ids: Sequence[int], tokenizer) -> tuple[list[tuple[int, int]], str]:
     byte_decoder = _byte_decoder()
     raw = tokenizer._tokenizer if hasattr(tokenizer, "_tokenizer") else tokenizer  # HF fast -> tokenizers
     pieces: list[bytes] = []
@@ -276,6 +301,7 @@ def token_char_offsets(token_ids: Sequence[int], tokenizer) -> list[tuple[int, i
             pieces.append(tok.encode("utf-8"))
     blob = b"".join(pieces)
     # char index of each byte: a char starts at every byte that is not a UTF-8 continuation byte.
+    # (Matches decode(errors="replace") for valid UTF-8 and for a character cut off at the end.)
     char_of_byte = []
     chars = -1
     for b in blob:
@@ -293,7 +319,7 @@ def token_char_offsets(token_ids: Sequence[int], tokenizer) -> list[tuple[int, i
             continue
         # like a fast tokenizer: a token spans every character any of whose bytes it holds
         offsets.append((char_of_byte[lo], char_of_byte[hi - 1] + 1))
-    return offsets
+    return offsets, blob.decode("utf-8", errors="replace")
 
 
 @lru_cache(maxsize=1)

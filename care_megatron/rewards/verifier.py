@@ -67,6 +67,10 @@ class VerifierConfig:
     """Relative tolerance for ``float`` answers."""
     abs_tol: float = 1e-9
     """Absolute tolerance for ``float`` answers (so a ground truth of 0 can be matched)."""
+    round_to_truth_decimals: bool = False
+    """MathVista's convention for ``float`` answers: a ground truth written with k decimals also
+    accepts a prediction that rounds to it at k decimals (``1.52`` for ``1.5``). Off by default:
+    the spec's rule is the relative tolerance alone."""
     math_timeout_s: float = 5.0
     """Wall-clock limit of one symbolic comparison, seconds; a timeout scores 0."""
     max_answer_chars: int = 2000
@@ -277,6 +281,12 @@ def _numbers_equal(gold: Fraction, pred: Fraction, answer_type: str, cfg: Verifi
     return gold == pred or math.isclose(float(pred), float(gold), rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol)
 
 
+def _written_decimals(text: str) -> Optional[int]:
+    """Digits after the decimal point of a plain decimal ground truth ("1.50" -> 2), else None."""
+    m = re.fullmatch(r"[-+]?\d[\d,]*\.(\d+)", clean_answer(text))
+    return len(m.group(1)) if m else None
+
+
 def _format_number(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
@@ -407,6 +417,11 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
             return 1.0, clean_answer(answer), "symbolically equal to the number"
         return 0.0, clean_answer(answer), f"no number in the answer ({how})"
     ok = _numbers_equal(gold_value, pred_value, answer_type, cfg)
+    if not ok and answer_type == "float" and cfg.round_to_truth_decimals:
+        decimals = _written_decimals(gold)
+        if decimals is not None:
+            ok = round(float(pred_value), decimals) == round(float(gold_value), decimals)
+            how += f", rounded to {decimals} decimals"
     text = _format_number(pred_value)
     tol = "exact" if answer_type == "integer" else f"rel_tol {cfg.rel_tol:g}"
     return (1.0 if ok else 0.0), text, f"number ({how}) {'equals' if ok else 'differs from'} {_format_number(gold_value)} ({tol})"

@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from care_megatron.rewards.parsing import REASONING_TAGS, parse_response, token_char_offsets, token_regions
+from care_megatron.rewards.parsing import (
+    REASONING_TAGS,
+    parse_response,
+    regions_from_token_ids,
+    token_char_offsets,
+    token_regions,
+)
 from care_megatron.rewards.regions import Region
 
 RESPONSES = [
@@ -138,3 +144,22 @@ def test_token_char_offsets_on_multibyte_split(qwen_tokenizer):
     assert offsets == [tuple(o) for o in enc.offsets]
     regions = token_regions(offsets, parse_response(text))
     assert regions.tolist() == reference_regions(offsets, parse_response(text))
+
+
+@pytest.mark.parametrize("text", RESPONSES)
+def test_regions_from_token_ids_matches_offsets_path(qwen_tokenizer, text):
+    enc = qwen_tokenizer.encode(text + "<|im_end|>")
+    regions, parsed = regions_from_token_ids(enc.ids, qwen_tokenizer)
+    assert parsed.text == text + "<|im_end|>"
+    expected = token_regions(enc.offsets, parse_response(parsed.text)).tolist()
+    expected[-1] = Region.OTHER  # <|im_end|> is a template token even inside an unclosed rationale
+    assert regions.tolist() == expected
+
+
+def test_regions_from_token_ids_truncated_multibyte(qwen_tokenizer):
+    # Generation stopped in the middle of a character's bytes: no crash, the rest still maps.
+    char = next(c for c in ("\U000F0000", "\U0010FFFD", "𓀀", "𠮷") if len(qwen_tokenizer.encode(c).ids) > 1)
+    ids = qwen_tokenizer.encode("<think>" + char).ids
+    regions, parsed = regions_from_token_ids(ids[:-1], qwen_tokenizer)
+    assert parsed.text.startswith("<think>") and parsed.text.endswith("\ufffd")
+    assert regions.tolist() == [Region.THINK] * (len(ids) - 1)

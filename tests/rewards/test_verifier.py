@@ -403,3 +403,41 @@ def test_parse_number(text, value):
         assert result is None
     else:
         assert math.isclose(float(result), value)
+
+
+# --- MathVista-style records -----------------------------------------------------------------
+
+MATHVISTA = [
+    # (answer span, answer field, question_type, answer_type, choices, expected)
+    ("(C)", "18 cm", "multi_choice", "text", MC4, 1),
+    ("18 cm", "18 cm", "multi_choice", "text", MC4, 1),
+    ("B", "18 cm", "multi_choice", "text", MC4, 0),
+    ("27", "27", "free_form", "integer", None, 1),
+    ("27.0", "27", "free_form", "integer", None, 1),
+    ("28", "27", "free_form", "integer", None, 0),
+    ("0.6", "0.6", "free_form", "float", None, 1),
+    ("0.60", "0.6", "free_form", "float", None, 1),
+    ("3/5", "0.6", "free_form", "float", None, 1),
+    ("0.61", "0.6", "free_form", "float", None, 0),
+    ("Yes", "Yes", "free_form", "text", None, 1),
+    ("no", "Yes", "free_form", "text", None, 0),
+]
+
+
+@pytest.mark.parametrize("answer,truth,question_type,answer_type,choices,expected", MATHVISTA)
+def test_mathvista_records(answer, truth, question_type, answer_type, choices, expected):
+    # MathVista's question_type names work directly as answer_type; free_form infers from the answer.
+    assert score(wrap(answer), truth, question_type, choices).accuracy == expected
+    kind = "multiple_choice" if question_type == "multi_choice" else answer_type
+    assert score(wrap(answer), truth, kind, choices).accuracy == expected
+
+
+@pytest.mark.parametrize(
+    "answer,truth,expected",
+    [("1.52", "1.5", 1), ("1.46", "1.5", 1), ("1.56", "1.5", 0), ("1.454", "1.45", 1), ("1.456", "1.45", 0), ("2", "2.0", 1)],
+)
+def test_round_to_truth_decimals(answer, truth, expected):
+    cfg = VerifierConfig(round_to_truth_decimals=True)
+    assert score(wrap(answer), truth, "float", config=cfg).accuracy == expected
+    if answer != "2":
+        assert score(wrap(answer), truth, "float").accuracy == 0  # rel_tol alone rejects them
