@@ -119,7 +119,7 @@ def load_requested(args: argparse.Namespace) -> list[tuple[str, list[Record], Lo
         records, report = load_geometry3k(args.geometry3k, args.geometry3k_split, check_images=check)
         sources.append(("geometry3k", records, report))
     if args.virl39k:
-        records, report = load_virl39k(args.virl39k, check_images=check)
+        records, report = load_virl39k(args.virl39k, image_root=args.virl39k_image_root, check_images=check)
         sources.append(("virl39k", records, report))
     for path in args.parquet or []:
         records, report = load_parquet(path, _parse_mapping(args.parquet_mapping), source=Path(path).stem,
@@ -142,6 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--geometry3k", help="Geometry3K root (holding train/ val/ test/)")
     parser.add_argument("--geometry3k-split", default="train")
     parser.add_argument("--virl39k", help="ViRL39K parquet file or folder")
+    parser.add_argument("--virl39k-image-root", help="folder that image paths in the ViRL39K parquet are relative to "
+                        "(default: the parquet's folder; images embedded as bytes need none)")
     parser.add_argument("--parquet", action="append", help="generic parquet file / folder (repeatable)")
     parser.add_argument("--parquet-mapping", help="column mapping for --parquet, e.g. question=problem,answer=solution,images=images")
     parser.add_argument("--jsonl", action="append", help="unified-schema JSONL (repeatable)")
