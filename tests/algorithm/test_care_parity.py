@@ -1,4 +1,6 @@
 """The vectorised care_advantages equals the per-group loop reference of tools/bench_advantages.py."""
+import math
+
 import pytest
 import torch
 
@@ -94,3 +96,22 @@ def test_vectorised_matches_loop_with_reflections(seed):
 def test_bench_batch_parity():
     batch = bench.random_batch(64, 8, 32, seed=7)
     _compare(batch, CareConfig())
+
+
+def test_vectorised_speed_512_groups_one_thread():
+    """512 groups x 8 rollouts well under 50 ms on one core (best of 5, robust to a busy machine)."""
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batch = bench.random_batch(512, 8, 256, seed=0)
+        care_advantages(*batch, CareConfig())
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            care_advantages(*batch, CareConfig())
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert best < 0.05, f"{best * 1e3:.1f} ms"
