@@ -121,6 +121,12 @@ def build_records(config) -> DataSplits:
     return splits
 
 
+def build_datasets(config) -> tuple[list[Record], list[Record]]:
+    """``(train, eval)`` record lists for ``config`` (a ``DataConfig``): :func:`build_records` without the reports."""
+    splits = build_records(config)
+    return splits.train, splits.eval
+
+
 class PromptIterator:
     """Endless, epoch-shuffled batches of ``prompts_per_step`` records; resumable exactly.
 
@@ -160,6 +166,10 @@ class PromptIterator:
             batch.extend(self.records[int(i)] for i in self._order[self.position:self.position + take])
             self.position += take
         return batch
+
+    def next_batch(self) -> list[Record]:
+        """The next step's ``prompts_per_step`` records (same as ``next(iterator)``)."""
+        return self.__next__()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: the epoch's order is re-derived from ``(seed, epoch)``."""

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from care_megatron.config.schema import DataConfig
-from care_megatron.data.dataset import PromptIterator, _fingerprint, build_records, share_out
+from care_megatron.data.dataset import PromptIterator, _fingerprint, build_datasets, build_records, share_out
 from care_megatron.data.schema import Record, write_jsonl
 from care_megatron.data.synthetic import generate
 
@@ -32,9 +32,9 @@ def test_build_records_sizes_mix_and_disjoint_eval():
     assert all(r.metadata["split"] == "test" for r in splits.eval if r.source == "easy_vqa")
     assert [r.images[0].size for r in splits.train if r.source == "count_shapes"][0] == (56, 56)
     # Same config, same records; another seed, other records.
-    again = build_records(config)
-    assert [r.id for r in again.train] == [r.id for r in splits.train]
-    assert [r.answer for r in again.eval] == [r.answer for r in splits.eval]
+    again_train, again_eval = build_datasets(config)
+    assert [r.id for r in again_train] == [r.id for r in splits.train]
+    assert [r.answer for r in again_eval] == [r.answer for r in splits.eval]
     other = build_records(DataConfig(train_size=103, eval_size=21, difficulty=[1, 2], seed=4))
     assert [r.answer for r in other.train] != [r.answer for r in splits.train]
 
@@ -66,7 +66,7 @@ def test_prompt_iterator_resume_is_exact(stop_after):
     state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
     resumed = PromptIterator(records, prompts_per_step=4, seed=0)  # seed comes from the state
     resumed.load_state_dict(state)
-    seen += [[r.id for r in next(resumed)] for _ in range(12 - stop_after)]
+    seen += [[r.id for r in resumed.next_batch()] for _ in range(12 - stop_after)]
     assert seen == reference
 
 
