@@ -296,11 +296,6 @@ def _format_number(value: Fraction) -> str:
 # --- multiple choice --------------------------------------------------------------------------
 
 _LETTER_ONLY_RE = re.compile(r"\(?\s*([A-Za-z])\s*\)?\s*[.:)]?")
-_LETTER_PREFIXED_RE = re.compile(
-    r"(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:correct\s+|final\s+|best\s+)?"
-    r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*(?:option\s+|choice\s+)?\(?\s*([A-Za-z])\s*\)?\s*[.:)]?",
-    re.IGNORECASE,
-)
 _LETTER_WITH_TEXT_RE = re.compile(r"(?:\(\s*([A-Za-z])\s*\)|([A-Z])\s*[.:)])\s*(\S.*)", re.DOTALL)
 
 
@@ -337,30 +332,41 @@ def _gold_letter(gold: str, options: dict[str, str], cfg: VerifierConfig) -> Opt
     return None
 
 
+_ANSWER_PREFIX_RE = re.compile(
+    r"(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:the\s+)?(?:correct\s+|final\s+|best\s+)?"
+    r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*(?:option\s+|choice\s+)?",
+    re.IGNORECASE,
+)
+
+
 def _pred_letter(answer: str, options: dict[str, str], cfg: VerifierConfig) -> tuple[Optional[str], str]:
     a = clean_answer(answer)
     valid = set(options) if options else {chr(c) for c in range(ord("A"), ord("Z") + 1)}
-    m = _LETTER_ONLY_RE.fullmatch(a)
-    # A bare lowercase letter only counts when options are known (else "a" may be an article).
-    if m and m.group(1).upper() in valid and (m.group(1).isupper() or options):
-        return m.group(1).upper(), "letter"
-    m = _LETTER_PREFIXED_RE.fullmatch(a)
-    if m and m.group(1).upper() in valid:
-        return m.group(1).upper(), "'answer is' letter"
-    m = _LETTER_WITH_TEXT_RE.fullmatch(a)
-    if m:
-        letter = (m.group(1) or m.group(2)).upper()
-        if letter in valid:
-            trailing = m.group(3)
-            if options:
-                said = _letter_for_text(trailing, options, cfg)
-                if said is not None and said != letter:
-                    return None, f"letter {letter} contradicts option text of {said}"
-            return letter, "letter with option text"
+    candidates = [(a, "letter")]
+    prefix = _ANSWER_PREFIX_RE.match(a)
+    if prefix and prefix.end() > 0 and prefix.end() < len(a):
+        candidates.append((a[prefix.end() :], "'answer is' letter"))
+    for text, how in candidates:
+        m = _LETTER_ONLY_RE.fullmatch(text)
+        # A bare lowercase letter only counts when options are known (else "a" may be an article),
+        # or after an explicit "answer is" / "option".
+        if m and m.group(1).upper() in valid and (m.group(1).isupper() or options or how != "letter"):
+            return m.group(1).upper(), how
+        m = _LETTER_WITH_TEXT_RE.fullmatch(text)
+        if m:
+            letter = (m.group(1) or m.group(2)).upper()
+            if letter in valid:
+                trailing = m.group(3)
+                if options:
+                    said = _letter_for_text(trailing, options, cfg)
+                    if said is not None and said != letter:
+                        return None, f"letter {letter} contradicts option text of {said}"
+                return letter, f"{how} with option text"
     if options:
-        letter = _letter_for_text(a, options, cfg)
-        if letter is not None:
-            return letter, "option text"
+        for text, how in candidates:
+            letter = _letter_for_text(text, options, cfg)
+            if letter is not None:
+                return letter, "option text"
     return None, "no option letter or option text found"
 
 
@@ -402,7 +408,7 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
     if pred_value is None:
         # "\sqrt{4}", "2^{3}": not a literal number, maybe still equal. Evaluate it and apply the
         # same tolerance; only if that is not possible ask for symbolic equivalence.
-        value = math_value(clean_answer(answer), cfg.math_timeout_s)
+        value = math_value(_latex_symbols(clean_answer(answer)), cfg.math_timeout_s)
         if value is not None and value != MATH_TIMEOUT and abs(value.imag) <= cfg.abs_tol and math.isfinite(value.real):
             g = float(gold_value)
             if answer_type == "integer":
@@ -410,7 +416,7 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
             else:
                 ok = math.isclose(value.real, g, rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol)
             return (1.0 if ok else 0.0), clean_answer(answer), f"evaluates to {value.real:.10g}, {'equals' if ok else 'differs from'} {_format_number(gold_value)}"
-        verdict = math_equal(gold, clean_answer(answer), cfg.math_timeout_s)
+        verdict = math_equal(gold, _latex_symbols(clean_answer(answer)), cfg.math_timeout_s)
         if verdict == MATH_TIMEOUT:
             return 0.0, clean_answer(answer), "symbolic comparison timed out"
         if verdict:
@@ -427,6 +433,17 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
     return (1.0 if ok else 0.0), text, f"number ({how}) {'equals' if ok else 'differs from'} {_format_number(gold_value)} ({tol})"
 
 
+_UNICODE_MATH = {"∞": "\\infty ", "π": "\\pi ", "√": "\\sqrt", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "·": "\\cdot ", "∪": "\\cup ", "∩": "\\cap ", "°": "^\\circ "}
+
+
+def _latex_symbols(text: str) -> str:
+    """Unicode math symbols to their LaTeX commands, which math-verify understands."""
+    for char, command in _UNICODE_MATH.items():
+        if char in text:
+            text = text.replace(char, command)
+    return text
+
+
 def _grade_latex(answer: str, gold: str, cfg: VerifierConfig) -> tuple[float, Optional[str], str]:
     pred = clean_answer(answer)
     gold_value, pred_value = parse_number(gold, allow_units=False), parse_number(pred, allow_units=False)
@@ -435,7 +452,7 @@ def _grade_latex(answer: str, gold: str, cfg: VerifierConfig) -> tuple[float, Op
         return (1.0 if ok else 0.0), _format_number(pred_value), f"numeric {'match' if ok else 'mismatch'}"
     if normalize_text(pred) == normalize_text(gold) and re.sub(r"\s+", "", pred) == re.sub(r"\s+", "", clean_answer(gold)):
         return 1.0, pred, "identical expression"
-    verdict = math_equal(gold, answer.strip(), cfg.math_timeout_s)
+    verdict = math_equal(_latex_symbols(gold), _latex_symbols(answer.strip()), cfg.math_timeout_s)
     if verdict == MATH_TIMEOUT:
         return 0.0, pred, f"symbolic comparison timed out after {cfg.math_timeout_s:g}s"
     return (1.0 if verdict else 0.0), pred, "math-verify: " + ("equivalent" if verdict else "not equivalent")

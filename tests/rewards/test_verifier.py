@@ -55,6 +55,13 @@ MULTIPLE_CHOICE = [
     ("B. 18 cm", "B", "multiple_choice", MC4, 0),
     ("18 cm", "B", "multiple_choice", MC4, 0),
     ("E", "B", "multiple_choice", MC4, 0),
+    ("The answer is (B) 15 cm", "B", "multiple_choice", MC4, 1),
+    ("Answer: B. 15 cm", "B", "multiple_choice", MC4, 1),
+    ("The answer is 15 cm", "B", "multiple_choice", MC4, 1),
+    ("The answer is (C) 18 cm", "B", "multiple_choice", MC4, 0),
+    ("(B) 18 cm", "B", "multiple_choice", MC4, 0),  # letter and text disagree: not credited
+    ("the answer is b", "B", "multiple_choice", None, 1),
+    ("a", "B", "multiple_choice", None, 0),
     ("B", "15 cm", "multiple_choice", MC4, 1),
     ("(B)", "15 cm", "multiple_choice", MC4, 1),
     ("15 cm", "15 cm", "multiple_choice", MC4, 1),
@@ -140,6 +147,8 @@ NUMBERS = [
     ("\\sqrt{2}", "1.41421", "float", None, 1),
     ("12.5%", "12.5", "float", None, 1),
     ("2.50 dollars", "2.5", "float", None, 1),
+    ("\\$1,200.50", "1200.5", "float", None, 1),
+    ("√2", "1.41421", "float", None, 1),
     # MathVista-style free-form answers (integer / float with precision, units stripped)
     ("16", "16", None, None, 1),
     ("1.45", "1.45", None, None, 1),
@@ -178,6 +187,10 @@ LATEX = [
     ("\\frac{1}{2}", "\\frac{2}{4}", None, None, 1),
     ("x^{2}", "x^2", None, None, 1),
     ("\\log_2 8", "3", "latex", None, 1),
+    ("∞", "\\infty", "latex", None, 1),
+    ("2√2", "\\sqrt{8}", "latex", None, 1),
+    ("2π", "2\\pi", "latex", None, 1),
+    ("π", "2\\pi", "latex", None, 0),
     ("\\frac{6}{8}", "\\frac{3}{4}", "latex", None, 1),
     ("\\sqrt{2}+1", "1+\\sqrt{2}", "latex", None, 1),
 ]
