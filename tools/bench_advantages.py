@@ -6,6 +6,8 @@ tests in ``tests/algorithm/test_care_parity.py`` check the vectorised version eq
 batches. Usage::
 
     python tools/bench_advantages.py [--groups 512] [--group-size 8] [--dim 256] [--threads 1]
+    python tools/bench_advantages.py --device cuda   # also time on the accelerator and check it
+                                                     # gives the CPU's advantages and losses
 """
 from __future__ import annotations
 
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256, help="embedding size D")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default=None, help="also run on this device (e.g. cuda) and compare with CPU")
+    parser.add_argument("--skip-loop", action="store_true", help="do not time the slow loop reference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = CareConfig()
@@ -180,13 +184,15 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     fast_ms = 1e3 * sorted(times)[len(times) // 2]
 
-    loop_times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        slow, _ = care_advantages_loop(*batch, config)
-        loop_times.append(time.perf_counter() - t0)
-    loop_ms = 1e3 * sorted(loop_times)[1]
-    max_diff = float((fast.double() - slow).abs().max())
+    loop_ms = max_diff = None
+    if not args.skip_loop:
+        loop_times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            slow, _ = care_advantages_loop(*batch, config)
+            loop_times.append(time.perf_counter() - t0)
+        loop_ms = 1e3 * sorted(loop_times)[1]
+        max_diff = float((fast.double() - slow).abs().max())
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -197,8 +203,68 @@ def main() -> None:
     print(f"hardware: {cpu}; torch {torch.__version__}; threads={torch.get_num_threads()}")
     print(f"batch: {args.groups} groups x {args.group_size} rollouts, D={args.dim}")
     print(f"care_advantages (vectorised): {fast_ms:.2f} ms (median of {args.repeats})")
-    print(f"care_advantages_loop (per-group Python): {loop_ms:.1f} ms (median of 3)")
-    print(f"speed-up: {loop_ms / fast_ms:.1f}x; max |difference| = {max_diff:.2e}")
+    if loop_ms is not None:
+        print(f"care_advantages_loop (per-group Python): {loop_ms:.1f} ms (median of 3)")
+        print(f"speed-up: {loop_ms / fast_ms:.1f}x; max |difference| = {max_diff:.2e}")
+    if args.device:
+        device_check(batch, config, fast, args.device, args.repeats)
+
+
+def device_check(batch, config, cpu_advantages, device: str, repeats: int) -> None:
+    """Time care_advantages on ``device`` and compare advantages and every policy loss with the CPU."""
+    from care_megatron.algorithm.care import care_advantages
+    from care_megatron.algorithm.policy_losses import (METHOD_DEFAULTS, PolicyLossConfig, build_token_advantages,
+                                                       compute_normalisers, get_policy_loss)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    moved = [t.to(device) for t in batch]
+    for _ in range(3):
+        care_advantages(*moved, config)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dev_adv, dev_info = care_advantages(*moved, config)
+        sync()
+        times.append(time.perf_counter() - t0)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"device {name}: care_advantages {1e3 * sorted(times)[len(times) // 2]:.2f} ms (median of {repeats})")
+    adv_diff = float((dev_adv.cpu().double() - cpu_advantages.double()).abs().max())
+    _, cpu_info = care_advantages(*batch, config)
+    same_sets = all(torch.equal(dev_info[k].cpu(), cpu_info[k]) for k in ("anchor_index", "negative_indices", "rgr_target"))
+    print(f"device vs CPU: max |advantage difference| = {adv_diff:.2e}; same anchors / negatives / RGR targets: {same_sets}")
+
+    gen = torch.Generator().manual_seed(0)
+    num_seq, length = 64, 48
+    seq_ids = torch.arange(num_seq).repeat_interleave(length)
+    mask = torch.rand(num_seq * length, generator=gen) < 0.8
+    regions = torch.randint(0, 3, (num_seq * length,), generator=gen)
+    logp = -torch.rand(num_seq * length, generator=gen) * 4
+    old = logp + (torch.rand(num_seq * length, generator=gen) - 0.5) * 0.6
+    ref = logp + (torch.rand(num_seq * length, generator=gen) - 0.5)
+    entropy = torch.rand(num_seq * length, generator=gen)
+    seq_adv = torch.randn(num_seq, generator=gen)
+    positive = torch.rand(num_seq, generator=gen) < 0.5
+    worst = 0.0
+    for method in sorted(METHOD_DEFAULTS):
+        cfg = PolicyLossConfig.for_method(method, kl_coef=0.02, entropy_coef=0.01)
+        results = []
+        for dev in ("cpu", device):
+            lp = logp.to(dev).requires_grad_(True)
+            ids = seq_ids.to(dev)
+            _, tok = build_token_advantages(method, seq_adv.to(dev), ids, mask.to(dev), regions.to(dev), positive.to(dev))
+            norm = compute_normalisers(mask.to(dev), ids, max_response_length=length)
+            loss, _ = get_policy_loss(method)(lp, old.to(dev), tok, mask.to(dev), ids, norm, cfg,
+                                              ref_logprobs=ref.to(dev), entropy=entropy.to(dev), region_ids=regions.to(dev))
+            loss.backward()
+            results.append((loss.detach().cpu(), lp.grad.cpu()))
+        diff = max(float((results[0][0] - results[1][0]).abs()), float((results[0][1] - results[1][1]).abs().max()))
+        worst = max(worst, diff)
+        print(f"  loss {method}: CPU {float(results[0][0]):+.6f} device {float(results[1][0]):+.6f} max diff {diff:.2e}")
+    print(f"device vs CPU losses and gradients: worst difference {worst:.2e}")
 
 
 if __name__ == "__main__":
