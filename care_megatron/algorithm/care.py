@@ -37,7 +37,10 @@ Choices the spec leaves open, made here and relied on by the tests:
   ``1.4826 * MAD`` is not above ``eps`` (more than half the subgroup shares one reward, e.g. binary
   rewards with K' >= 2) the scale falls back to the population std, because a zero scale would blow
   the z-scores up to ``1/eps``.
-* Statistics are computed in float64 and returned in the dtype of ``rewards`` (float32 or wider).
+* Reward statistics are computed in float64 and returned in the dtype of ``rewards`` (float32 or
+  wider). Cosine distances are computed in the embeddings' precision (float32 for bf16/fp16/fp32
+  inputs) from raw dot products scaled by inverse norms, then compared in float64; two failures
+  whose distances differ only below float32 resolution count as tied (lower index wins).
 * Non-finite rewards or embeddings raise ``ValueError`` naming the rows: a verifier bug must stop
   the step loudly rather than train on garbage. An empty batch returns empty tensors.
 """
@@ -103,7 +106,8 @@ class CareConfig:
     think_weight_pos: float = 0.005
     """gamma_pos: token weight of a positive's <think> tokens in the region-weighted loss (section 6)."""
     seed: int = 0
-    """Seed of the ``random`` anchor rule and ``random`` / no other selector; the trainer varies it per step."""
+    """Seed of the ``random`` anchor rule and the ``random`` selector (a fresh CPU generator per call, so
+    the calls before and after RGR draw the same); the trainer varies it per step (e.g. base + step)."""
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, message: str) -> None:
