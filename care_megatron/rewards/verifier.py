@@ -374,7 +374,11 @@ def _pred_letter(answer: str, options: dict[str, str], cfg: VerifierConfig) -> t
 # Answer-type inference and grading
 # ---------------------------------------------------------------------------------------------
 
-_LATEX_HINT_RE = re.compile(r"\\[A-Za-z]+|[\^_{}=]|\d\s*[a-z]\b|[a-z]\s*[-+*/]\s*[\da-z]|[\[(]\s*-?[\d.]+\s*,")
+# LaTeX commands, super/subscripts, braces, "=", "2x", single-letter algebra ("x+1", "a-b"; not
+# the hyphen of "red-blue"), tuples / intervals of numbers.
+_LATEX_HINT_RE = re.compile(
+    r"\\[A-Za-z]+|[\^_{}=]|\d\s*[a-z]\b|(?<![A-Za-z])[a-z]\s*[-+*/]\s*[\da-z](?![A-Za-z])|\d\s*[-+*/]\s*\d|[\[(]\s*-?[\d.]+\s*,"
+)
 
 
 def infer_answer_type(ground_truth: Any, choices: Choices = None) -> str:

@@ -385,6 +385,10 @@ def test_config_validation_names_field(field, value):
         ("x^2 + 1", None, "latex"),
         ("2x+1", None, "latex"),
         ("Paris", None, "text"),
+        ("red-blue", None, "text"),
+        ("x-y", None, "latex"),
+        ("2+3", None, "latex"),
+        ("(1, 2)", None, "latex"),
         ("a dog", None, "text"),
     ],
 )
