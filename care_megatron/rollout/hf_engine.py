@@ -55,6 +55,23 @@ def checkpoint_name_to_module_name(name: str, module_names: set[str] | dict) -> 
     return name
 
 
+def multimodal_token_types(input_ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """``mm_token_type_ids`` as the Qwen-VL processors build them: 1 on image pad tokens, 2 on
+    video pad tokens, 0 elsewhere. Shape of ``input_ids`` (LongTensor[B, L]).
+
+    transformers>=5 computes M-RoPE (3-D positions for image tokens, ``rope_deltas`` for decoding)
+    only when this tensor is given; without it Qwen2.5-VL silently falls back to 1-D text positions
+    and Qwen3-VL raises. The trainer's packed positions follow M-RoPE, so the engine must pass it.
+    """
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    image_id, video_id = getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)
+    if image_id is not None:
+        types[input_ids == image_id] = 1
+    if video_id is not None:
+        types[input_ids == video_id] = 2
+    return types
+
+
 class _BehaviourLogprobRecorder:
     """Logits processor that records ``log_softmax(raw_logits / T)`` of each sampled token.
 
@@ -197,7 +214,8 @@ class HFRolloutEngine:
 
         Returns ``input_ids`` / ``attention_mask`` LongTensor[B, L] (L = longest prompt + prefix) and,
         when any request has images, ``pixel_values`` FloatTensor[sum P_i, C] and
-        ``image_grid_thw`` LongTensor[n_images, 3] concatenated in request order.
+        ``image_grid_thw`` LongTensor[n_images, 3] concatenated in request order, and
+        ``mm_token_type_ids`` IntTensor[B, L] (see :func:`multimodal_token_types`).
         """
         sequences = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
         for r, seq in zip(requests, sequences):
@@ -216,6 +234,7 @@ class HFRolloutEngine:
         if with_images:
             batch["pixel_values"] = torch.cat([r.pixel_values for r in with_images], dim=0)
             batch["image_grid_thw"] = torch.cat([r.image_grid_thw.reshape(-1, 3) for r in with_images], dim=0).long()
+            batch["mm_token_type_ids"] = multimodal_token_types(input_ids, self.model.config)
         return batch
 
     def _generation_config(self, sampling: SamplingParams, stop_ids: list[int]):

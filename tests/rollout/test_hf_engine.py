@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from care_megatron.rollout.base import RolloutEngine, SamplingParams
-from care_megatron.rollout.hf_engine import HFRolloutEngine
+from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
 from conftest import build_model, make_image, make_request
 
 
@@ -24,7 +24,8 @@ def direct_generate(model, request, max_new_tokens, eos_ids, pad_id):
     ids = torch.tensor([request.prompt_ids + request.prefix_ids])
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if request.pixel_values is not None:
-        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw)
+        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
+                      mm_token_type_ids=multimodal_token_types(ids, model.config))
     out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                          pad_token_id=pad_id, suppress_tokens=VISION_PLACEHOLDERS(model))
     return out[0, ids.shape[1]:].tolist()
@@ -39,7 +40,8 @@ def teacher_forced_logprobs(model, request, completion_ids, temperature):
     ids = torch.tensor([request.prompt_ids + request.prefix_ids + completion_ids])
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if request.pixel_values is not None:
-        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw)
+        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
+                      mm_token_type_ids=multimodal_token_types(ids, model.config))
     with torch.no_grad():
         logits = model(**kwargs).logits[0].float()
     start = len(request.prompt_ids) + len(request.prefix_ids)
@@ -185,3 +187,20 @@ def test_sleep_moves_model_off_gpu(tokenizer, requests_mixed):
     engine.wake()
     assert next(model.parameters()).device.type == "cuda"
     assert [c.token_ids for c in engine.generate(requests_mixed, greedy)] == [c.token_ids for c in first]
+
+
+def test_engine_uses_mrope_positions_for_images(model, tokenizer, requests_mixed):
+    """The engine's log-probs match the forward pass WITH M-RoPE and not the 1-D-position fallback
+    transformers takes when ``mm_token_type_ids`` is missing."""
+    req = requests_mixed[2]  # two images
+    comp = HFRolloutEngine(model, tokenizer, stop_token_ids=[10_000]).generate(
+        [req], SamplingParams(temperature=0.0, max_new_tokens=6))[0]
+    ids = torch.tensor([req.prompt_ids + comp.token_ids])
+    with torch.no_grad():
+        flat = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=req.pixel_values,
+                     image_grid_thw=req.image_grid_thw).logits[0].float()
+    start = len(req.prompt_ids)
+    flat_lp = torch.log_softmax(flat, -1)[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]]
+    assert (flat_lp - torch.tensor(comp.logprobs)).abs().max() > 1e-3
+    torch.testing.assert_close(torch.tensor(comp.logprobs), teacher_forced_logprobs(model, req, comp.token_ids, 1.0),
+                               atol=1e-5, rtol=0)

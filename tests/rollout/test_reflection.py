@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from care_megatron.rollout.base import SamplingParams
-from care_megatron.rollout.hf_engine import HFRolloutEngine
+from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
 from care_megatron.rollout.reflection import (
     REPAIR_CUE,
     RGRStats,
@@ -60,7 +60,8 @@ def test_reflection_request_decodes_only_the_continuation(model, tokenizer, imag
     assert len(comp.token_ids) == 5  # only new tokens, the prefix is not returned
     ids = torch.tensor([req.prompt_ids + req.prefix_ids])
     full = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=req.pixel_values,
-                          image_grid_thw=req.image_grid_thw, max_new_tokens=5, do_sample=False,
+                          image_grid_thw=req.image_grid_thw,
+                          mm_token_type_ids=multimodal_token_types(ids, model.config), max_new_tokens=5, do_sample=False,
                           eos_token_id=[10_000], pad_token_id=engine.pad_token_id,
                           suppress_tokens=engine.suppressed_token_ids)
     assert comp.token_ids == full[0, ids.shape[1]:].tolist()
