@@ -163,3 +163,22 @@ def test_regions_from_token_ids_truncated_multibyte(qwen_tokenizer):
     regions, parsed = regions_from_token_ids(ids[:-1], qwen_tokenizer)
     assert parsed.text.startswith("<think>") and parsed.text.endswith("\ufffd")
     assert regions.tolist() == [Region.THINK] * (len(ids) - 1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen"])
+def test_project_tokenizers(name):
+    """The tokenizers the trainer loads (transformers fast tokenizers): offsets from ids equal the
+    encoder's offset mapping, and regions from ids equal regions from offsets."""
+    tokenizer_module = pytest.importorskip("care_megatron.models.tokenizer")
+    try:
+        tok = tokenizer_module.load_tokenizer(name)
+    except Exception as exc:  # asset or optional package missing in this checkout
+        pytest.skip(f"tokenizer {name!r} unavailable: {exc}")
+    text = "<think>count: 3 + 4 = 7 üñí 你好</think>\n<answer>7</answer>"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    assert token_char_offsets(enc["input_ids"], tok) == offsets
+    regions, parsed = regions_from_token_ids(enc["input_ids"], tok)
+    assert parsed.text == text
+    assert regions.tolist() == reference_regions(offsets, parse_response(text))
+    assert regions[0] == Region.THINK and regions[-1] == Region.ANSWER
