@@ -1,7 +1,8 @@
 """Fused kernels: one folder per op, each with ``reference.py`` (torch), ``triton.py`` and a
 dispatching ``__init__.py``; ``graphs.py`` captures an op in a CUDA graph for static shapes.
 
-* :func:`linear_logprobs` - LM-head log-probs / entropy without fp32 ``[T, V]`` logits (issue #6).
+* :func:`linear_logprobs` - LM-head log-probs / entropy without fp32 ``[T, V]`` logits (issue #6);
+  :func:`vocab_parallel_linear_logprobs` the same over a tensor-parallel vocabulary shard.
 * :func:`region_policy_loss` - CARE's region-weighted clipped surrogate + k3 KL (CARE_SPEC s.6),
   forward and backward each one kernel.
 * :func:`force_kernel_backend` - pin "reference" or "triton" (tests, debugging).
@@ -17,6 +18,7 @@ from care_megatron.kernels.logprobs import (
     linear_logprob_partials,
     linear_logprobs,
     naive_linear_logprobs,
+    vocab_parallel_linear_logprobs,
 )
 from care_megatron.kernels.region_loss import (
     RegionLossConfig,
@@ -40,4 +42,5 @@ __all__ = [
     "RegionLossStats",
     "sequence_weight_sums",
     "set_kernel_backend",
+    "vocab_parallel_linear_logprobs",
 ]

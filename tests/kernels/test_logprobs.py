@@ -162,3 +162,50 @@ def test_triton_partials_match_reference_partials(triton_interpreter):
         got = linear_logprob_partials(hidden, weight[50:], labels, vocab_start=50, chunk_size=5)
     for name, g, w in zip(("max", "sumexp", "weighted", "target"), got, want):
         assert_close_finite(g, w, atol=1e-5, rtol=1e-5, what=name)
+
+
+# --- vocab-parallel op over a real process group (gloo, CPU) ------------------------------------
+
+
+def _vocab_parallel_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+
+    from care_megatron.kernels import vocab_parallel_linear_logprobs as vp_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        hidden, weight, labels = random_logprob_problem(23, 12, 211, torch.float32, seed=99)
+        bounds = [0, 100, 211] if world_size == 2 else [0, 50, 101, 160, 211]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        h = hidden.clone().requires_grad_()
+        shard = weight[lo:hi].clone().requires_grad_()
+        with force_kernel_backend("reference"):
+            logprobs, entropy = vp_logprobs(h, shard, labels, lo, dist.group.WORLD,
+                                            temperature=0.9, chunk_size=10, with_entropy=True)
+        upstream = torch.linspace(-1, 1, 23)
+        ((logprobs * upstream).sum() + 0.4 * (entropy * upstream.flip(0)).sum()).backward()
+        torch.save({"logprobs": logprobs.detach(), "entropy": entropy.detach(), "grad_hidden": h.grad,
+                    "grad_shard": shard.grad, "lo": lo, "hi": hi}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_vocab_parallel_op_matches_full_vocab(tmp_path, world_size):
+    import torch.multiprocessing as mp
+
+    result_file = str(tmp_path / "result")
+    mp.spawn(_vocab_parallel_worker, args=(world_size, str(tmp_path / "init"), result_file), nprocs=world_size)
+    hidden, weight, labels = random_logprob_problem(23, 12, 211, torch.float32, seed=99)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp, ent = naive_linear_logprobs(h, w, labels, temperature=0.9, with_entropy=True)
+    upstream = torch.linspace(-1, 1, 23)
+    ((lp * upstream).sum() + 0.4 * (ent * upstream.flip(0)).sum()).backward()
+    for rank in range(world_size):
+        got = torch.load(f"{result_file}.{rank}")
+        assert_close_finite(got["logprobs"], lp.detach(), atol=1e-5, rtol=1e-5, what=f"rank {rank} logprobs")
+        assert_close_finite(got["entropy"], ent.detach(), atol=1e-5, rtol=1e-5, what=f"rank {rank} entropy")
+        assert_close_finite(got["grad_hidden"], h.grad, atol=1e-5, rtol=1e-5, what=f"rank {rank} grad_hidden")
+        assert_close_finite(got["grad_shard"], w.grad[got["lo"]:got["hi"]], atol=1e-5, rtol=1e-5, what=f"rank {rank} grad_shard")

@@ -13,10 +13,11 @@ and feeds two matmuls for the gradients of ``hidden`` and ``weight``. Peak extra
 Dispatch (see :mod:`care_megatron.kernels._dispatch`): the per-chunk arithmetic is Triton on CUDA
 when triton imports, the torch reference otherwise; ``force_kernel_backend`` pins either.
 
-Vocabulary-parallel building block: :func:`linear_logprob_partials` returns the per-shard partials
+Vocabulary-parallel building blocks: :func:`linear_logprob_partials` returns the per-shard partials
 (max, sumexp, weighted shift sum, target logit) of a vocabulary slice, and
 :func:`combine_vocab_parallel_partials` documents and implements the exact combine a tensor-
-parallel group performs with all-reduces.
+parallel group performs with all-reduces; :func:`vocab_parallel_linear_logprobs` is the
+differentiable op doing both over a ``torch.distributed`` group.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ __all__ = [
     "linear_logprob_partials",
     "linear_logprobs",
     "naive_linear_logprobs",
+    "vocab_parallel_linear_logprobs",
 ]
 
 
@@ -73,47 +75,58 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
 
 
+def _all_reduce_partials(row_max, sumexp, weighted, target, group):
+    """The vocab-parallel combine of :func:`combine_vocab_parallel_partials`, with all-reduces."""
+    import torch.distributed as dist
+
+    global_max = row_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    shift = row_max - global_max
+    rescale = shift.exp()
+    packed = torch.stack([sumexp * rescale, rescale * (weighted + shift * sumexp), target])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    total_sumexp, total_weighted, total_target = packed.unbind(0)
+    logsumexp = global_max + total_sumexp.log()
+    return total_target - logsumexp, total_sumexp.log() - total_weighted / total_sumexp, logsumexp
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index, vocab_start, group):
         ops = _chunk_ops(backend)
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-        local_labels = _local_labels(labels, 0, vocab_size, ignore_index)
-        logsumexp = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-        logprobs = torch.empty_like(logsumexp)
-        entropy = torch.empty_like(logsumexp) if with_entropy else None
+        local_labels = _local_labels(labels, vocab_start, vocab_size, ignore_index)
+        partials = [torch.empty(num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(4)]
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             logits = hidden[start:end] @ weight.t()
-            row_max, sumexp, weighted, target = ops.chunk_partials(logits, local_labels[start:end], temperature)
+            for output, value in zip(partials, ops.chunk_partials(logits, local_labels[start:end], temperature)):
+                output[start:end] = value
             del logits
-            log_sumexp_shifted = sumexp.log()
-            logsumexp[start:end] = row_max + log_sumexp_shifted
-            logprobs[start:end] = target - logsumexp[start:end]
-            if with_entropy:
-                entropy[start:end] = log_sumexp_shifted - weighted / sumexp
-        # labels outside [0, V) count as ignored: checking them here would cost a host sync
-        ignored = local_labels < 0
+        if group is None:
+            logprobs, entropy, logsumexp = combine_vocab_parallel_partials(*(p.unsqueeze(0) for p in partials))
+            # labels outside [0, V) count as ignored: checking them here would cost a host sync
+            ignored = local_labels < 0
+        else:
+            logprobs, entropy, logsumexp = _all_reduce_partials(*partials, group)
+            ignored = (labels == ignore_index) | (labels < 0)
         logprobs.masked_fill_(ignored, 0.0)
         # E[z] = logsumexp - H is what the entropy gradient needs; keep it instead of H
-        mean_logit = (logsumexp - entropy) if with_entropy else None
-        if with_entropy:
-            entropy.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(hidden, weight, local_labels, logsumexp, mean_logit if with_entropy else logsumexp)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.backend = temperature, chunk_size, with_entropy, backend
+        mean_logit = logsumexp - entropy
+        entropy = entropy.masked_fill_(ignored, 0.0) if with_entropy else None
+        ctx.save_for_backward(hidden, weight, local_labels, ignored, logsumexp, mean_logit)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.backend, ctx.group = temperature, chunk_size, with_entropy, backend, group
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, local_labels, logsumexp, mean_logit = ctx.saved_tensors
+        hidden, weight, local_labels, ignored, logsumexp, mean_logit = ctx.saved_tensors
         ops = _chunk_ops(ctx.backend)
         num_tokens = hidden.shape[0]
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(logsumexp)
-        # ignored tokens carry no gradient (their outputs are constant 0); this op never shards the
-        # vocabulary, so a negative local label means exactly "ignored"
-        ignored = local_labels < 0
+        # ignored tokens carry no gradient (their outputs are constant 0)
         grad_logprobs = grad_logprobs.float().masked_fill(ignored, 0.0)
         if not ctx.with_entropy or grad_entropy is None:
             grad_entropy, mean_logit = None, None
@@ -147,7 +160,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             del logits, grad_logits
         if accumulate_fp32:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        if need_hidden and ctx.group is not None:
+            import torch.distributed as dist
+
+            # each shard saw only its vocabulary rows: the hidden gradient is the sum over shards
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -168,7 +186,39 @@ def linear_logprobs(
     """
     _validate(hidden, weight, labels, temperature, chunk_size)
     backend = resolve_backend(hidden.device)
-    return _ChunkedLinearLogprobs.apply(hidden, weight, labels, float(temperature), int(chunk_size), bool(with_entropy), backend, int(ignore_index))
+    return _ChunkedLinearLogprobs.apply(
+        hidden, weight, labels, float(temperature), int(chunk_size), bool(with_entropy), backend, int(ignore_index), 0, None
+    )
+
+
+def vocab_parallel_linear_logprobs(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_start: int,
+    process_group,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    with_entropy: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`linear_logprobs` for a vocabulary sharded over a tensor-parallel group.
+
+    Every rank passes the same (replicated) ``hidden`` [T, H] and labels [T] (global ids) and its
+    own ``weight_shard`` [V_s, H] = rows [vocab_start, vocab_start + V_s) of the LM head. Forward:
+    local chunked partials, then one MAX and one SUM all-reduce of [T]-sized tensors (never a
+    gathered vocabulary). Backward: the local logits gradient uses the global logsumexp, the
+    weight-shard gradient stays local, the hidden gradient is all-reduced (SUM) over the group, as
+    Megatron's column-parallel output layer does without sequence parallelism (with it, the caller
+    gathers ``hidden`` before and reduce-scatters its gradient after). Returns the same values on
+    every rank: (logprobs [T] fp32, entropy [T] fp32 or None); labels < 0 are ignored.
+    """
+    _validate(hidden, weight_shard, labels, temperature, chunk_size)
+    backend = resolve_backend(hidden.device)
+    return _ChunkedLinearLogprobs.apply(
+        hidden, weight_shard, labels, float(temperature), int(chunk_size), bool(with_entropy), backend,
+        int(ignore_index), int(vocab_start), process_group,
+    )
 
 
 @torch.no_grad()
@@ -188,9 +238,8 @@ def linear_logprob_partials(
     being 0 where the label is not in this shard. A TP group combines them with
     all_reduce(MAX) on row_max, then all_reduce(SUM) of ``sumexp * exp(row_max - M)``,
     ``exp(row_max - M) * (weighted + (row_max - M) * sumexp)`` and target_logit; the formula is
-    :func:`combine_vocab_parallel_partials`. No gradient (inference: old / reference log-probs);
-    training through a vocab-parallel head reuses ``chunk_grad_logits`` with the combined
-    logsumexp, followed by an all-reduce of the hidden gradient over the group.
+    :func:`combine_vocab_parallel_partials`. No gradient; :func:`vocab_parallel_linear_logprobs`
+    is the differentiable op that performs the combine itself.
     """
     _validate(hidden, weight_shard, labels, temperature, chunk_size)
     ops = _chunk_ops(resolve_backend(hidden.device))
