@@ -276,9 +276,17 @@ def _number_from_answer(s: str) -> tuple[Optional[Fraction], str]:
 
 
 def _numbers_equal(gold: Fraction, pred: Fraction, answer_type: str, cfg: VerifierConfig) -> bool:
-    if answer_type == "integer":
+    if answer_type == "integer" or gold == pred:
         return gold == pred
-    return gold == pred or math.isclose(float(pred), float(gold), rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol)
+    # Exact rational arithmetic: no float overflow on a 1000-digit answer, no rounding surprises.
+    return abs(pred - gold) <= max(Fraction(cfg.rel_tol) * max(abs(pred), abs(gold)), Fraction(cfg.abs_tol))
+
+
+def _to_float(value: Fraction) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _written_decimals(text: str) -> Optional[int]:
@@ -289,8 +297,12 @@ def _written_decimals(text: str) -> Optional[int]:
 
 def _format_number(value: Fraction) -> str:
     if value.denominator == 1:
-        return str(value.numerator)
-    return repr(float(value))
+        text = str(value.numerator)
+        return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+    try:
+        return repr(float(value))
+    except OverflowError:
+        return f"{value.numerator}/{value.denominator}"[:60]
 
 
 # --- multiple choice --------------------------------------------------------------------------
@@ -414,7 +426,7 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
         # same tolerance; only if that is not possible ask for symbolic equivalence.
         value = math_value(_latex_symbols(clean_answer(answer)), cfg.math_timeout_s)
         if value is not None and value != MATH_TIMEOUT and abs(value.imag) <= cfg.abs_tol and math.isfinite(value.real):
-            g = float(gold_value)
+            g = _to_float(gold_value)
             if answer_type == "integer":
                 ok = abs(value.real - g) <= 1e-9 * max(1.0, abs(g))
             else:
@@ -430,7 +442,7 @@ def _grade_number(answer: str, gold: str, answer_type: str, cfg: VerifierConfig)
     if not ok and answer_type == "float" and cfg.round_to_truth_decimals:
         decimals = _written_decimals(gold)
         if decimals is not None:
-            ok = round(float(pred_value), decimals) == round(float(gold_value), decimals)
+            ok = round(_to_float(pred_value), decimals) == round(_to_float(gold_value), decimals)
             how += f", rounded to {decimals} decimals"
     text = _format_number(pred_value)
     tol = "exact" if answer_type == "integer" else f"rel_tol {cfg.rel_tol:g}"

@@ -349,6 +349,15 @@ def test_huge_response_with_correct_answer():
     assert score(response, "4").overall == 1.0
 
 
+@pytest.mark.parametrize("answer_type", ["integer", "float", "latex", "text"])
+def test_thousand_digit_answers(answer_type):
+    big = "9" * 1500
+    r = score(wrap(big), big, answer_type)
+    assert r.accuracy == 1.0 and "grader error" not in r.reason
+    r = score(wrap(big), "1" + big, answer_type)
+    assert r.accuracy == 0.0 and "grader error" not in r.reason
+
+
 def test_huge_answer_rejected_with_reason():
     r = score(wrap("4" + " " * 5000), "4", config=VerifierConfig(max_answer_chars=100))
     assert r.accuracy == 0 and "longer than" in r.reason
