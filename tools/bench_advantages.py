@@ -253,7 +253,7 @@ def device_check(batch, config, cpu_advantages, device: str, repeats: int) -> No
         cfg = PolicyLossConfig.for_method(method, kl_coef=0.02, entropy_coef=0.01)
         results = []
         for dev in ("cpu", device):
-            lp = logp.to(dev).requires_grad_(True)
+            lp = logp.detach().clone().to(dev).requires_grad_(True)
             ids = seq_ids.to(dev)
             _, tok = build_token_advantages(method, seq_adv.to(dev), ids, mask.to(dev), regions.to(dev), positive.to(dev))
             norm = compute_normalisers(mask.to(dev), ids, max_response_length=length)

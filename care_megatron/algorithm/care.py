@@ -39,8 +39,10 @@ Choices the spec leaves open, made here and relied on by the tests:
   the z-scores up to ``1/eps``.
 * Reward statistics are computed in float64 and returned in the dtype of ``rewards`` (float32 or
   wider). Cosine distances are computed in the embeddings' precision (float32 for bf16/fp16/fp32
-  inputs) from raw dot products scaled by inverse norms, then compared in float64; two failures
-  whose distances differ only below float32 resolution count as tied (lower index wins).
+  inputs) from one per-group Gram matrix of the raw embeddings scaled by inverse norms, then
+  compared in float64; two failures whose distances differ only below float32 resolution count as
+  tied (lower index wins). Only embeddings of rollouts taking part in selection are checked for
+  finiteness (reflected samples' embeddings are never read).
 * Non-finite rewards or embeddings raise ``ValueError`` naming the rows: a verifier bug must stop
   the step loudly rather than train on garbage. An empty batch returns empty tensors.
 """
@@ -223,6 +225,34 @@ def _robust_location_scale(values: torch.Tensor, mask: torch.Tensor, eps: float)
     return location, scale
 
 
+def _group_cosine_distances(think_embeddings: torch.Tensor, rows_of: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cosine distances between the rollouts of each group -> float64 [G, S, S] (padding rows: 1).
+
+    One gather (none when the batch is laid out group by group with equal sizes) and one batched
+    Gram product: at realistic embedding sizes (D = 2-4k) reading the embeddings dominates the
+    cost, so they are read twice in all; norms come from the Gram diagonal.
+    """
+    emb = think_embeddings.detach()
+    if emb.dtype not in (torch.float32, torch.float64):
+        emb = emb.float()
+    num_groups, width = rows_of.shape
+    contiguous = (
+        bool(valid.all())
+        and rows_of.numel() == emb.shape[0]
+        and torch.equal(rows_of.flatten(), torch.arange(rows_of.numel(), device=rows_of.device))
+    )
+    vectors = emb.view(num_groups, width, emb.shape[1]) if contiguous else emb[rows_of.clamp(min=0)]
+    gram = torch.bmm(vectors, vectors.transpose(1, 2))
+    squared_norm = torch.diagonal(gram, dim1=1, dim2=2)
+    bad = valid & ~torch.isfinite(squared_norm)
+    if bool(bad.any()):
+        rows = rows_of[bad][:8].tolist()
+        raise ValueError(f"think_embeddings must be finite (and their squares representable); bad rows {rows}")
+    inv_norm = torch.where(valid, squared_norm, 0.0).clamp(min=1e-24).rsqrt()
+    cosine = gram * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)
+    return torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), 1.0 - cosine.double(), 1.0)
+
+
 def _check_inputs(n, group_index, rewards, correct, think_lengths, answer_lengths, think_embeddings,
                   sequence_logprobs, reflected_from):
     for name, t in (("group_index", group_index), ("rewards", rewards), ("correct", correct),
@@ -314,30 +344,7 @@ def care_advantages(
     think_len = layout.gather(think_lengths.long())
     answer_len = layout.gather(answer_lengths.long())
     logprob = layout.gather(sequence_logprobs.detach().double())
-    # Cosine distances in the embedding's own precision (float32 at least): the [G, S, D] gathers
-    # dominate the cost, and rows are normalised through their norms rather than a normalised copy.
-    emb_flat = think_embeddings.detach()
-    if emb_flat.dtype not in (torch.float32, torch.float64):
-        emb_flat = emb_flat.float()
-    norms = torch.linalg.vector_norm(emb_flat, dim=1)
-    if not bool(torch.isfinite(norms).all()):
-        rows = torch.nonzero(~torch.isfinite(norms)).flatten()[:8].tolist()
-        raise ValueError(f"think_embeddings must be finite (and their squares representable); bad rows {rows}")
-    inv_norm = 1.0 / norms.clamp(min=1e-12)
-
-    def cosine_distance_to(row_index: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
-        """1 - cos between rows ``row_index`` [B, C] (-1 allowed) and ``target_rows`` [B] -> float64 [B, C]."""
-        safe_rows = row_index.clamp(min=0)
-        dots = torch.bmm(emb_flat[safe_rows], emb_flat[target_rows].unsqueeze(-1)).squeeze(-1)
-        return (1.0 - dots * inv_norm[safe_rows] * inv_norm[target_rows].unsqueeze(1)).double()
-
-    def pairwise_cosine_distance(row_index: torch.Tensor) -> torch.Tensor:
-        """1 - cos between every pair of rows in ``row_index`` [B, C] -> float64 [B, C, C]."""
-        safe_rows = row_index.clamp(min=0)
-        vectors = emb_flat[safe_rows]
-        scale = inv_norm[safe_rows]
-        dots = vectors @ vectors.transpose(1, 2)
-        return (1.0 - dots * scale.unsqueeze(2) * scale.unsqueeze(1)).double()
+    distance = _group_cosine_distances(think_embeddings, rows_of, valid)  # [G, S, S] float64
 
     num_pos = is_pos.sum(1)
     num_fail = is_fail.sum(1)
@@ -365,9 +372,9 @@ def care_advantages(
     # --- hard negatives of anchored groups (section 2.4) --------------------------------------
     ga = torch.nonzero(anchored).flatten()
     if ga.numel():
-        group_rows_a = rows_of[ga]
-        anchor_rows = group_rows_a.gather(1, anchor_col[ga].unsqueeze(1)).squeeze(1)
-        dist = cosine_distance_to(group_rows_a, anchor_rows)
+        local = torch.arange(ga.numel(), device=device)
+        group_distance = distance[ga]
+        dist = group_distance[local, anchor_col[ga]]
         fail = is_fail[ga]
         kp = torch.clamp(num_fail[ga], max=min(k, config.preselect_m))
         ascending = torch.sort(torch.where(fail, dist, math.inf), dim=1, stable=True).indices
@@ -375,7 +382,8 @@ def care_advantages(
             m = min(config.preselect_m, width)
             pre = ascending[:, :m]
             pre_valid = fail.gather(1, pre)
-            pairwise = pairwise_cosine_distance(group_rows_a.gather(1, pre))
+            pairwise = group_distance.gather(1, pre.unsqueeze(2).expand(-1, -1, width)).gather(
+                2, pre.unsqueeze(1).expand(-1, m, -1))
             # the nearest failure is always the first pick; the rest are farthest-first from the picked set
             slot = torch.arange(m, device=device).expand_as(pre)
             rest = _farthest_first(pairwise, pre_valid & (slot > 0), pairwise[:, 0, :], kp - 1, k - 1, tie_keys=pre)
@@ -410,7 +418,7 @@ def care_advantages(
     # --- rescue negatives (section 4): farthest-first seeded with the pseudo-anchor ----------
     gr = torch.nonzero(rescue).flatten()
     if gr.numel():
-        pairwise = pairwise_cosine_distance(rows_of[gr])
+        pairwise = distance[gr]
         local = torch.arange(gr.numel(), device=device)
         p = pseudo_col[gr]
         candidates = valid[gr] & (cols[gr] != p.unsqueeze(1))
