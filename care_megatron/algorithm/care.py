@@ -173,9 +173,9 @@ def _farthest_first(
     """Greedy farthest-point picks, vectorised over rows.
 
     ``pairwise`` [G, C, C] distances between candidates; ``candidates`` BoolTensor[G, C];
-    ``start_dist`` [G, C] the distance of each candidate to the set already chosen (``+inf`` when
-    the set is empty, so the first pick must be forced by the caller through ``start_dist``);
-    ``count`` [G] picks per row; ``tie_keys`` [G, C] smaller wins ties (the rollout column).
+    ``start_dist`` [G, C] the distance of each candidate to the set already chosen (the nearest
+    negative, or the rescue pseudo-anchor); ``count`` [G] picks per row (<= 0: none);
+    ``tie_keys`` [G, C] smaller wins ties (the rollout column).
     Returns LongTensor[G, width] of candidate positions, -1 beyond ``count``.
     """
     g, c = candidates.shape
@@ -398,8 +398,7 @@ def care_advantages(
         else:  # mixed
             n_near = (kp + 1) // 2
             near = _take_first(ascending, n_near, k)
-            near_mask = torch.zeros_like(fail)
-            near_mask.scatter_(1, near.clamp(min=0), near >= 0)
+            near_mask = (near.unsqueeze(2) == cols[ga].unsqueeze(1)).any(dim=1)  # -1 slots match nothing
             far_order = torch.sort(torch.where(fail & ~near_mask, dist, -math.inf), dim=1, descending=True,
                                    stable=True).indices
             far = _take_first(far_order, kp - n_near, k)
