@@ -286,7 +286,7 @@ def care_advantages(
     Args (N rollouts, G distinct groups, D embedding size):
         group_index: LongTensor[N]; rollouts of one prompt share a value.
         rewards: FloatTensor[N], overall reward r (section 1).
-        correct: BoolTensor[N], the correctness gate (accuracy == 1).
+        correct: BoolTensor[N], the correctness gate (a float tensor is read as accuracy, gated at 1).
         think_lengths, answer_lengths: LongTensor[N], tokens in the <think> / <answer> spans.
         think_embeddings: FloatTensor[N, D], rationale embeddings at any scale (L2-normalised here,
             never differentiated).
@@ -339,7 +339,9 @@ def care_advantages(
 
     r_all = rewards.detach().double()
     r = layout.gather(r_all)
-    is_pos = layout.gather(correct.bool()) & valid
+    # a float "correct" is read as accuracy: the gate is accuracy == 1 (spec section 1), not > 0
+    gate = correct >= 1 if correct.is_floating_point() else correct.bool()
+    is_pos = layout.gather(gate) & valid
     is_fail = valid & ~is_pos
     think_len = layout.gather(think_lengths.long())
     answer_len = layout.gather(answer_lengths.long())
@@ -460,7 +462,7 @@ def care_advantages(
         std = (torch.where(member_valid, member_reward - mean.unsqueeze(1), 0.0).pow(2).sum(1) / count).sqrt()
     z = torch.where(member_valid, (member_reward - mean.unsqueeze(1)) / (std.unsqueeze(1) + config.eps), 0.0)
 
-    member_correct = correct.bool()[member_rows.clamp(min=0)] & member_valid
+    member_correct = gate[member_rows.clamp(min=0)] & member_valid
     reflected_positive = substitute & member_correct
     reflected_negative = substitute & ~member_correct
     negative_scale = torch.where(reflected_negative, config.reflect_neg_scale, config.neg_scale)

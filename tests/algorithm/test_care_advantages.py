@@ -296,3 +296,10 @@ def test_config_validation_names_the_field():
                          ("anchor_rule", "longest"), ("negative_selector", "nearest"), ("think_weight_pos", 2.0)]:
         with pytest.raises(ValueError, match=field):
             CareConfig(**{field: value})
+
+
+def test_float_correct_is_gated_at_accuracy_one():
+    batch = group([0.5, 1.0, 0.0], [False, True, False], think=[1, 9, 1], emb=torch.randn(3, 4))
+    as_bool, info_bool = care_advantages(**batch)
+    as_float, info_float = care_advantages(**dict(batch, correct=torch.tensor([0.5, 1.0, 0.0])))
+    assert torch.equal(as_bool, as_float) and info_float["anchor_index"].tolist() == [1]
