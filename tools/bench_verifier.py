@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from care_megatron.rewards import math_equivalence  # noqa: E402
+from care_megatron.rewards.parsing import parse_response  # noqa: E402
 from care_megatron.rewards.verifier import score, score_batch  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def make_cases(kind: str, n: int, rng: random.Random, think_chars: int):
     for i in range(n):
         correct = i % 2 == 0
         if kind == "multiple_choice":
-            opts = [f"{rng.randrange(1, 500)} cm" for _ in range(4)]
+            opts = [f"{v} cm" for v in rng.sample(range(1, 500), 4)]
             key = rng.randrange(4)
             pick = key if correct else (key + 1) % 4
             letter = "ABCD"[pick]
@@ -111,6 +112,15 @@ def main() -> None:
         acc = sum(score(r, t, a, c).accuracy for r, t, a, c in cases)
         elapsed = time.perf_counter() - start
         print(f"{kind:>16} {n:>10} {elapsed:>9.3f} {n / elapsed:>10.0f} {acc / n:>9.3f}")
+    print("parse_response on 100k-character responses (linear-time parser):")
+    for label, body in (("plain text", "x" * 100_000), ("'<' * 100k", "<" * 100_000), ("'<think>' * 14k", "<think>" * 14_285)):
+        text = "<think>" + body + "</think><answer>4</answer>"
+        reps = 20
+        start = time.perf_counter()
+        for _ in range(reps):
+            parse_response(text)
+        elapsed = (time.perf_counter() - start) / reps
+        print(f"{label:>18}: {elapsed * 1e3:8.2f} ms per response")
     if args.workers > 0:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))

@@ -6,8 +6,8 @@ regions: tags count to their span).
 
 Parsing is linear in the length of the response: tags are located with one regex made only of
 literal alternatives (no nested quantifiers, so no backtracking blow-up), and spans are resolved
-by a single pass over the located tags. A 100k-character response parses in well under a
-millisecond per kilobyte.
+by a single pass over the located tags. A 100k-character response parses in milliseconds, also
+when it is made of 14k repeated tags (``tools/bench_verifier.py`` prints the numbers).
 
 Rules, decided here because the paper is silent:
 

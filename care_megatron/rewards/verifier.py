@@ -376,9 +376,11 @@ def _pred_letter(answer: str, options: dict[str, str], cfg: VerifierConfig) -> t
                 return letter, f"{how} with option text"
     if options:
         for text, how in candidates:
-            letter = _letter_for_text(text, options, cfg)
-            if letter is not None:
-                return letter, "option text"
+            hits = [k for k, v in options.items() if _values_equal(text, v, cfg)]
+            if len(hits) == 1:
+                return hits[0], "option text"
+            if len(hits) > 1:
+                return None, f"answer text matches several options ({', '.join(hits)})"
     return None, "no option letter or option text found"
 
 

@@ -302,6 +302,12 @@ def test_verifier_reads_only_the_answer_span():
     assert r.accuracy == 0 and r.extracted is None and "answer span" in r.reason
 
 
+def test_ambiguous_option_text_is_not_credited():
+    r = score(wrap("411 cm"), "D", "multiple_choice", ["331 cm", "411 cm", "396 cm", "411 cm"])
+    assert r.accuracy == 0 and "several options (B, D)" in r.reason
+    assert score(wrap("D"), "D", "multiple_choice", ["331 cm", "411 cm", "396 cm", "411 cm"]).accuracy == 1
+
+
 def test_list_ground_truth_means_any_of():
     assert score(wrap("Paris"), ["paris", "Paris, France"], "text").accuracy == 1
     assert score(wrap("Lyon"), ["paris", "Paris, France"], "text").accuracy == 0
