@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from care_megatron.rollout.base import RolloutEngine, SamplingParams
+from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
 from conftest import build_model, make_image, make_request
 
@@ -174,6 +174,35 @@ def test_sleep_wake_cycle(model, tokenizer, requests_mixed):
     engine.shutdown()
     with pytest.raises(RuntimeError, match="shutdown"):
         engine.generate(requests_mixed[:1], greedy)
+
+
+@pytest.mark.gpu
+def test_gpu_batched_parity_and_teacher_forced_logprobs(tokenizer, requests_mixed):
+    model = build_model(tokenizer).cuda()
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
+    single = HFRolloutEngine(model, tokenizer, batch_size=1).generate(requests_mixed, sampling)
+    batched = HFRolloutEngine(model, tokenizer, batch_size=4).generate(requests_mixed, sampling)
+    assert [c.token_ids for c in single] == [c.token_ids for c in batched]
+    sampled = HFRolloutEngine(model, tokenizer, batch_size=4, stop_token_ids=[10_000]).generate(
+        requests_mixed, SamplingParams(temperature=0.7, max_new_tokens=8, seed=5))
+    for req, comp in zip(requests_mixed, sampled):
+        req_cuda = GenerationRequest(**{**req.__dict__, "pixel_values": None if req.pixel_values is None else req.pixel_values.cuda(),
+                                        "image_grid_thw": None if req.image_grid_thw is None else req.image_grid_thw.cuda()})
+        expected = teacher_forced_logprobs_on(model, req_cuda, comp.token_ids, 0.7, "cuda")
+        torch.testing.assert_close(torch.tensor(comp.logprobs), expected.cpu(), atol=1e-4, rtol=0)
+
+
+def teacher_forced_logprobs_on(model, request, completion_ids, temperature, device):
+    ids = torch.tensor([request.prompt_ids + request.prefix_ids + completion_ids], device=device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if request.pixel_values is not None:
+        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
+                      mm_token_type_ids=multimodal_token_types(ids, model.config))
+    with torch.no_grad():
+        logits = model(**kwargs).logits[0].float()
+    start = len(request.prompt_ids) + len(request.prefix_ids)
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    return lp[torch.arange(start - 1, ids.shape[1] - 1, device=device), ids[0, start:]]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,180 @@
+"""Weight-sync throughput: trainer weights -> rollout engine, against a plain copy of the same bytes.
+
+Measures, in one run on one device, GB/s (1e9 bytes / s) of:
+
+* ``plain_copy``: ``dst.copy_(src)`` tensor by tensor into preallocated tensors of the same shapes on
+  the same device: the ceiling any sync path can reach;
+* ``export_update_hf``: the HF-engine path the embedded default runs every step: weights streamed
+  out as Hugging-Face-named buckets, then ``HFRolloutEngine.update_weights`` (name mapping, shape
+  check, in-place copy into the rollout model);
+* ``flattened_bucket``: the in-process part of the colocated SGLang path: each bucket flattened
+  into one tensor (``sglang_engine.flatten_bucket``, what gets CUDA-IPC-shared), then rebuilt and
+  copied into the rollout model as SGLang's loader does. The IPC hand-off and SGLang's own loader
+  are not included (they need SGLang on a GPU).
+
+The weight source is ``care_megatron.training.megatron.weight_export`` when that module provides
+``iter_hf_weight_buckets(model, bucket_bytes)``; otherwise the trainer model's ``state_dict``
+grouped into buckets (``sglang_engine.bucket_named_tensors``); the output says which.
+
+Usage::
+
+    python tools/bench_weight_sync.py                       # CPU, ~0.1 B-parameter Qwen2.5-VL-shaped model
+    python tools/bench_weight_sync.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from care_megatron.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from care_megatron.rollout.sglang_engine import bucket_named_tensors, flatten_bucket, unflatten_bucket  # noqa: E402
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} torch threads"
+
+
+def build_model(hidden: int, layers: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    heads = max(hidden // 128, 2)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, bos_token_id=None, eos_token_id=0, pad_token_id=0, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [hidden // heads // 8, hidden // heads * 3 // 16, hidden // heads * 3 // 16]}),
+        vision_config=dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=hidden,
+                           fullatt_block_indexes=[1]),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return model.to(dtype).eval()
+
+
+def weight_source(model: torch.nn.Module, bucket_bytes: int):
+    """(description, callable returning an iterator of buckets)."""
+    try:
+        from care_megatron.training.megatron import weight_export  # noqa: F401
+    except Exception:  # absent or not importable here: fall back, and say so
+        weight_export = None
+    if weight_export is not None and hasattr(weight_export, "iter_hf_weight_buckets"):
+        return ("care_megatron.training.megatron.weight_export.iter_hf_weight_buckets",
+                lambda: weight_export.iter_hf_weight_buckets(model, bucket_bytes))
+    why = "absent" if weight_export is None else "present without iter_hf_weight_buckets(model, bucket_bytes)"
+    return (f"model.state_dict() in buckets (weight_export {why})",
+            lambda: bucket_named_tensors(((n, t.detach()) for n, t in model.state_dict().items()), bucket_bytes))
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Best-of-``repeats`` seconds of ``fn`` (after one warm-up), synchronising the device."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    bucket_bytes = args.bucket_mb << 20
+    trainer = build_model(args.hidden, args.layers, args.vocab, dtype, device, seed=0)
+    rollout = build_model(args.hidden, args.layers, args.vocab, dtype, device, seed=1)
+    engine = HFRolloutEngine(rollout, tokenizer=None, stop_token_ids=[0], pad_token_id=0)
+    source_name, source = weight_source(trainer, bucket_bytes)
+
+    src = [t.detach() for t in trainer.state_dict().values()]
+    dst = [torch.empty_like(t) for t in src]
+    total_bytes = sum(t.numel() * t.element_size() for t in src)
+
+    def plain_copy():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    def export_update_hf():
+        engine.update_weights(pair for bucket in source() for pair in bucket)
+
+    rollout_params = dict(rollout.named_parameters())
+
+    def flattened_bucket():
+        class Meta:  # SGLang's FlattenedTensorMetadata has these fields
+            def __init__(self, **kw):
+                self.__dict__.update(kw)
+
+        for bucket in source():
+            flat, meta = flatten_bucket(bucket, Meta)
+            for name, tensor in unflatten_bucket(flat, meta):
+                rollout_params[name].data.copy_(tensor)
+
+    results = {}
+    for label, fn in (("plain_copy", plain_copy), ("export_update_hf", export_update_hf), ("flattened_bucket", flattened_bucket)):
+        seconds = timed(fn, device, args.repeats)
+        results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
+    # The sync must actually have synced: rollout == trainer afterwards.
+    for (name, a), b in zip(trainer.state_dict().items(), rollout.state_dict().values()):
+        if not torch.equal(a, b):
+            raise SystemExit(f"weight sync left {name} different")
+
+    report = {
+        "hardware": hardware_name(device),
+        "device": str(device),
+        "dtype": args.dtype,
+        "parameters": sum(t.numel() for t in src),
+        "bytes": total_bytes,
+        "bucket_mb": args.bucket_mb,
+        "weight_source": source_name,
+        "torch": torch.__version__,
+        "results": results,
+    }
+    print(f"hardware: {report['hardware']}  dtype: {args.dtype}  weights: {total_bytes / 1e9:.3f} GB "
+          f"({report['parameters'] / 1e6:.1f} M params), buckets of {args.bucket_mb} MiB")
+    print(f"weight source: {source_name}")
+    for label, r in results.items():
+        ratio = r["GB_per_s"] / results["plain_copy"]["GB_per_s"]
+        print(f"  {label:18s} {r['GB_per_s']:8.2f} GB/s  {r['seconds'] * 1e3:9.1f} ms  ({ratio:5.2f} x plain copy)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
