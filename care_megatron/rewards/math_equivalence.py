@@ -12,7 +12,8 @@ and the limit is enforced here instead:
 * any other thread (a trainer that scores in a thread pool): the comparison is shipped to one
   persistent helper process, and the parent gives up after the limit and kills the helper (a
   fresh one starts on the next call). This also bounds C-level work (huge integer powers) that a
-  Python signal handler cannot interrupt.
+  Python signal handler cannot interrupt. Calls from several threads share that one helper and
+  are served one at a time; for throughput use ``score_batch``'s process pool instead.
 
 A timeout counts as "not equivalent" and is reported as such; it never raises.
 """
