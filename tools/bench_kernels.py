@@ -231,6 +231,10 @@ def main(argv=None) -> int:
             f"{'-' if fused['mib'] is None else _fmt(fused['mib'], 'MiB'):>12s} "
             f"{'-' if mem_ratio is None else f'{mem_ratio:.1f}x':>9s}"
         )
+    from care_megatron.kernels import logprobs as logprob_module
+
+    print(f"grad_weight accumulation: fp32-output addmm = {logprob_module.FP32_OUTPUT_ADDMM} "
+          "(False/None: bf16 product added to an fp32 accumulator)")
     print(f"(naive = full logits -> fp32 -> log_softmax -> gather, or the torch reference loss; speedup = naive / fused;"
           f" peak = max_memory_allocated above the inputs; log-prob parity max abs diff {parity:.2e};"
           f" total {time.perf_counter() - started:.1f} s)")

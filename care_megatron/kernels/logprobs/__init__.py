@@ -90,6 +90,26 @@ def _all_reduce_partials(row_max, sumexp, weighted, target, group):
     return total_target - logsumexp, total_sumexp.log() - total_weighted / total_sumexp, logsumexp
 
 
+FP32_OUTPUT_ADDMM: bool | None = None
+"""Whether ``torch.addmm(..., out_dtype=torch.float32)`` (bf16 inputs, fp32 accumulator, CUDA only)
+worked here; None until first tried. When it does not, the product is formed in the input dtype
+and added (one extra [V, H] temporary per chunk)."""
+
+
+def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """accumulator (fp32) += left @ right (low precision), without a low-precision [V, H] temporary
+    where torch supports a fp32-output matmul."""
+    global FP32_OUTPUT_ADDMM
+    if accumulator.is_cuda and FP32_OUTPUT_ADDMM is not False:
+        try:
+            torch.addmm(accumulator, left, right, out_dtype=torch.float32, out=accumulator)
+            FP32_OUTPUT_ADDMM = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            FP32_OUTPUT_ADDMM = False
+    accumulator += left @ right
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index, vocab_start, group):
@@ -154,7 +174,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if need_weight:
                 if accumulate_fp32:
-                    grad_weight += grad_logits.t() @ hidden_chunk
+                    _addmm_into_fp32(grad_weight, grad_logits.t(), hidden_chunk)
                 else:
                     grad_weight.addmm_(grad_logits.t(), hidden_chunk)
             del logits, grad_logits
