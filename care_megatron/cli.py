@@ -1,0 +1,80 @@
+"""Command line: ``care-train``, ``care-sft``, ``care-eval`` (also ``python -m care_megatron.cli <command>``).
+
+Every command takes ``--config FILE`` and any number of ``section.field=value`` overrides, e.g.
+``care-train --config examples/configs/tiny_cpu.yaml algorithm.name=grpo train.steps=50``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from care_megatron.config import load_config
+
+COMMANDS = {
+    "train": "RL training (CARE or a baseline) through care_megatron.trainer",
+    "sft": "cold-start supervised fine-tuning on reference rationales",
+    "eval": "held-out / benchmark evaluation of a policy (single greedy decode, exact match on the answer span)",
+}
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"care-{command}", description=COMMANDS[command],
+        epilog="Overrides: section.field=value (sections: model, parallel, rollout, algorithm, data, train). "
+               "Invalid values fail at start with a message naming the field.")
+    p.add_argument("--config", help="YAML run config (default: built-in defaults = the tiny CPU run)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 algorithm.name=grpo")
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    if command == "train":
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    if command == "eval":
+        p.add_argument("--checkpoint", help="policy directory (HF format) or RL checkpoint step_* directory to evaluate")
+        p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="greedy decoding (default)")
+    return p
+
+
+def main(command: str, argv: list[str] | None = None) -> int:
+    args = _parser(command).parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as exc:
+        print(f"care-{command}: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    if command == "train":
+        from care_megatron.trainer import train
+
+        train(config, resume=args.resume, progress=progress)
+    elif command == "sft":
+        from care_megatron.sft import run_sft
+
+        run_sft(config, progress=progress)
+    else:
+        from care_megatron.evaluation.run import run_evaluation
+
+        report = run_evaluation(config, checkpoint=args.checkpoint, greedy=args.greedy, progress=progress)
+        print(report.to_table())
+    return 0
+
+
+def train_main() -> None:
+    sys.exit(main("train"))
+
+
+def sft_main() -> None:
+    sys.exit(main("sft"))
+
+
+def eval_main() -> None:
+    sys.exit(main("eval"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print("usage: python -m care_megatron.cli {train,sft,eval} [--config FILE] [overrides...]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,76 @@
+"""Single-decode evaluation: one response per question, exact match on the answer span, per-source report."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from care_megatron.data.prompting import build_prompt
+from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
+
+
+@dataclass
+class EvalReport:
+    """Accuracy and format rate overall, per source and macro-averaged over sources, plus samples."""
+
+    accuracy: float
+    format_rate: float
+    macro_accuracy: float
+    per_source: dict[str, dict[str, float]]
+    num_examples: int
+    samples: list[dict] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}format": self.format_rate,
+               f"{prefix}macro_accuracy": self.macro_accuracy}
+        for source, stats in self.per_source.items():
+            out[f"{prefix}accuracy/{source}"] = stats["accuracy"]
+        return out
+
+    def to_table(self) -> str:
+        rows = [f"{'source':<20} {'n':>6} {'accuracy':>9} {'format':>7}"]
+        for source, s in sorted(self.per_source.items()):
+            rows.append(f"{source:<20} {int(s['n']):>6} {s['accuracy']:>9.3f} {s['format']:>7.3f}")
+        rows.append(f"{'all':<20} {self.num_examples:>6} {self.accuracy:>9.3f} {self.format_rate:>7.3f}")
+        rows.append(f"{'macro average':<20} {'':>6} {self.macro_accuracy:>9.3f}")
+        return "\n".join(rows)
+
+
+def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, reward_fn, sampling: SamplingParams,
+             batch_size: int = 64, progress: bool = False, keep_samples: int = 8) -> EvalReport:
+    """Decode once per record with ``engine`` and score the answer span with ``reward_fn``.
+
+    Never used with RGR (spec section 5: reflection is training-only).
+    """
+    from care_megatron.experience import make_rollout
+
+    stop_ids = set(sampling.stop_token_ids)
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    samples: list[dict] = []
+    bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [build_prompt(r.question, r.images, tokenizer, image_processor) for r in chunk]
+        requests = [GenerationRequest(request_id=f"eval-{start + i}", prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
+                                      images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
+                    for i, p in enumerate(prompts)]
+        completions = engine.generate(requests, sampling)
+        for record, prompt, completion in zip(chunk, prompts, completions):
+            rollout = make_rollout(0, record, prompt, completion, tokenizer, reward_fn, stop_ids)
+            t = totals[record.source]
+            t[0] += 1
+            t[1] += rollout.accuracy
+            t[2] += rollout.format
+            if len(samples) < keep_samples:
+                samples.append({"id": record.id, "question": record.question, "answer": record.answer,
+                                "response": rollout.response_text, "accuracy": rollout.accuracy, "reason": rollout.reason})
+        bar.update(len(chunk))
+    bar.close()
+    n = sum(t[0] for t in totals.values())
+    per_source = {s: {"n": t[0], "accuracy": t[1] / t[0], "format": t[2] / t[0]} for s, t in totals.items()}
+    acc = sum(t[1] for t in totals.values()) / max(n, 1)
+    fmt = sum(t[2] for t in totals.values()) / max(n, 1)
+    macro = sum(s["accuracy"] for s in per_source.values()) / max(len(per_source), 1)
+    return EvalReport(accuracy=acc, format_rate=fmt, macro_accuracy=macro, per_source=per_source,
+                      num_examples=int(n), samples=samples)

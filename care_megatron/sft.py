@@ -1,0 +1,90 @@
+"""Cold-start SFT: teach the output format on reference rationales before RL (spec section 9).
+
+Each record with a ``rationale`` becomes ``<think>{rationale}</think><answer>{answer}</answer><|im_end|>``
+after its prompt; the loss is the token-mean negative log-likelihood over those response tokens.
+It runs through the same training backend, packing and checkpoint code as RL.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from care_megatron.config.schema import RunConfig
+from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.data.packing import pack_sequences
+from care_megatron.data.prompting import IM_END, build_prompt, build_sequence
+from care_megatron.metrics import MetricsLogger
+from care_megatron.rewards.parsing import parse_response, token_char_offsets, token_regions
+from care_megatron.training.base import ForwardOutputs
+
+log = logging.getLogger(__name__)
+
+
+def sft_response_text(record) -> str:
+    answer = record.answer
+    if record.answer_type == "multiple_choice" and record.choices:
+        answer = record.answer  # the option letter is the verifiable answer
+    return f"<think>{record.rationale}</think><answer>{answer}</answer>"
+
+
+def sft_sequence(record, tokenizer, image_processor, index: int):
+    """Prompt + reference response as a training Sequence (loss on the response and its stop token)."""
+    prompt = build_prompt(record.question, record.images, tokenizer, image_processor)
+    text = sft_response_text(record)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    regions = token_regions(token_char_offsets(ids, tokenizer), parse_response(text))
+    stop = tokenizer.convert_tokens_to_ids(IM_END)
+    regions = torch.cat([regions, torch.zeros(1, dtype=torch.long)])
+    return build_sequence(prompt, list(ids) + [stop], regions, sequence_id=index)
+
+
+def nll_loss_fn(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: dict):
+    """Sum of response-token NLL divided by the global response-token count (micro-batch invariant)."""
+    mask = mb.loss_mask.to(outputs.logprobs.dtype)
+    loss = -(outputs.logprobs * mask).sum() / normalisers["num_tokens"]
+    return loss, {"sft/nll_sum": float(-(outputs.logprobs.detach() * mask).sum())}
+
+
+def save_policy(model, tokenizer, out: Path) -> None:
+    """Hugging Face directory (safetensors weights, config, tokenizer): ``train.init_from`` and
+    ``from_pretrained`` both load it."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def run_sft(config: RunConfig, progress: bool = True) -> Path:
+    """Train ``config.train.sft_steps`` steps of SFT; save the policy under ``<output_dir>/sft``; return that path."""
+    from care_megatron.data.dataset import PromptIterator, build_datasets
+    from care_megatron.data.packing import MRopeSpec
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.training.registry import build_backend
+    from care_megatron.trainer import seed_everything
+
+    seed_everything(config.train.seed, config.train.threads)
+    out = Path(config.train.output_dir) / "sft"
+    model, tokenizer, image_processor = build_model_and_processor(
+        config.model, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    backend = build_backend(config, model, lr=config.train.sft_lr, keep_reference=False)
+    train_records, _ = build_datasets(config.data)
+    records = [r for r in train_records if r.rationale]
+    if not records:
+        raise ValueError("no training record has a reference rationale: SFT needs the synthetic tasks or rationales")
+    batches = PromptIterator(records, config.train.sft_batch_size, seed=config.train.seed)
+    logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress)
+    for step in range(config.train.sft_steps):
+        batch = next(batches)
+        seqs = [sft_sequence(r, tokenizer, image_processor, i) for i, r in enumerate(batch)]
+        micro = pack_sequences(seqs, config.train.micro_batch_tokens, mrope=MRopeSpec.from_hf_config(model.config))
+        num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
+        result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
+        nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
+        logger.log(step, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
+                          "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped})
+    logger.close()
+    save_policy(backend.model, tokenizer, out)
+    log.info("SFT done: policy saved to %s", out)
+    return out

@@ -1,0 +1,277 @@
+"""The RL loop. Each step is the data flow of ARCHITECTURE.md, one named call per arrow:
+
+    prompts -> rollouts (G per prompt) -> verifier -> no-grad pass (old log-probs, <think> embeddings)
+    -> advantages (anchor, hard negatives, rescue) -> RGR resample -> verifier -> packing + loss inputs
+    -> reference pass -> update -> weight sync -> metrics / eval / checkpoint
+
+Nothing here knows whether the backend is Megatron or plain PyTorch, or the engine SGLang or HF.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from care_megatron import checkpoint as ckpt
+from care_megatron.algorithm.advantages import AdvantageInputs, get_advantage_fn
+from care_megatron.algorithm.care import CareConfig
+from care_megatron.algorithm.dapo import dynamic_sampling_filter, soft_overlong_penalty
+from care_megatron.algorithm.diagnostics import advantage_diagnostics, clip_fractions
+from care_megatron.algorithm.policy_losses import PolicyLossConfig, get_policy_loss
+from care_megatron.config.schema import RunConfig
+from care_megatron.data.dataset import PromptIterator, build_records
+from care_megatron.data.packing import MRopeSpec, pack_sequences
+from care_megatron.data.prompting import build_prompt
+from care_megatron.evaluation.scoring import evaluate
+from care_megatron.experience import advantage_inputs, generate_rollouts, reflect_hard_negatives, to_sequence
+from care_megatron.metrics import MetricsLogger
+from care_megatron.rewards.registry import get_reward_fn
+from care_megatron.rewards.verifier import VerifierConfig
+from care_megatron.rollout.base import SamplingParams
+from care_megatron.rollout.colocate import StepSchedule, sync_weights
+from care_megatron.training import step_inputs
+
+log = logging.getLogger(__name__)
+
+RL_PHASES = ("wake_rollout", "update_weights", "generate", "sleep_rollout", "wake_trainer", "logprobs",
+             "sleep_trainer_rgr", "wake_rollout_rgr", "generate_rgr", "sleep_rollout_rgr", "wake_trainer_rgr",
+             "logprobs_rgr", "reference_logprobs", "train", "sleep_trainer")
+"""Colocated step order (issue 7), with CARE's RGR round trip (the engine is needed again after the
+trainer's embedding pass picks the hard negatives) spelled out as its own phases."""
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class RLTrainer:
+    def __init__(self, config: RunConfig, progress: bool = True):
+        from care_megatron.models import build_model_and_processor
+        from care_megatron.rollout.builder import build_rollout_engine
+        from care_megatron.training.registry import build_backend
+
+        self.config, cfg = config, config
+        seed_everything(cfg.train.seed, cfg.train.threads)
+        self.out = Path(cfg.train.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        self.model, self.tokenizer, self.image_processor = build_model_and_processor(
+            policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        self.mrope = MRopeSpec.from_hf_config(self.model.config)
+        self.engine = build_rollout_engine(cfg, self.model, self.tokenizer)
+        self.backend = build_backend(cfg, self.model)
+        self.data = build_records(cfg.data)
+        self.prompts = PromptIterator(self.data.train, cfg.data.prompts_per_step, seed=cfg.data.seed)
+        algo = cfg.algorithm
+        self.method = algo.name
+        self.care_config = CareConfig(**algo.care)
+        self.advantage_fn = get_advantage_fn(algo.name)
+        self.loss_config = PolicyLossConfig.for_method(algo.name, algo.clip_low, algo.clip_high, algo.kl_coef,
+                                                       algo.kl_estimator, algo.entropy_coef)
+        self.loss_fn = step_inputs.make_loss_fn(get_policy_loss(algo.name), self.loss_config)
+        self.reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(format_weight=algo.format_weight))
+        stops = list(getattr(self.engine, "stop_token_ids", []))
+        self.sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                             max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stops)
+        self.schedule = StepSchedule(phases=RL_PHASES)
+        self.progress = progress
+        self.bad_steps = 0
+        self.start_step = 0
+
+    # ---------------------------------------------------------------- one RL step
+    def step(self, step: int) -> dict[str, float]:
+        cfg, s = self.config, self.schedule
+        sampling = SamplingParams(**self.sampling, seed=cfg.train.seed * 1_000_003 + step)
+        s.begin_step()
+        records = next(self.prompts)
+        prompts = [build_prompt(r.question, r.images, self.tokenizer, self.image_processor) for r in records]
+        self.rollout_phase(s, "")
+        with s.phase("generate"):
+            rollouts = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling,
+                                         self.tokenizer, self.reward_fn, step)
+        self.trainer_phase(s, "")
+        extra: dict[str, float] = {}
+        if self.method == "dapo":
+            rollouts, extra = self.dapo_shape_and_filter(rollouts)
+        sequences = [to_sequence(r, i) for i, r in enumerate(rollouts)]
+        with s.phase("logprobs"):
+            packed = self.pack(sequences)
+            outputs = self.backend.forward_logprobs(packed, with_think_embeddings=True)
+            old = step_inputs.per_sequence_logprobs(packed, outputs)
+            embeddings = step_inputs.per_sequence_embeddings(packed, outputs)
+        advantages, info = self.advantages(rollouts, embeddings)
+        targets = [int(t) for t in info["rgr_target"].tolist() if t >= 0] if self.method == "care" and cfg.algorithm.rgr else []
+        if targets:  # RGR (spec section 5): training only, in anchored groups with a hard negative
+            with s.phase("sleep_trainer_rgr"):
+                self.backend.sleep()
+            self.rollout_phase(s, "_rgr", sync=False)
+            with s.phase("generate_rgr"):
+                reflected = reflect_hard_negatives(self.engine, rollouts, targets, sampling, self.tokenizer,
+                                                   self.reward_fn, step)
+            self.trainer_phase(s, "_rgr")
+            new = [to_sequence(r, len(rollouts) + i) for i, r in enumerate(reflected)]
+            with s.phase("logprobs_rgr"):
+                packed_new = self.pack(new)
+                out_new = self.backend.forward_logprobs(packed_new, with_think_embeddings=True)
+                old += step_inputs.per_sequence_logprobs(packed_new, out_new)
+                embeddings = torch.cat([embeddings, step_inputs.per_sequence_embeddings(packed_new, out_new)])
+            rollouts, sequences = rollouts + reflected, sequences + new
+            advantages, info = self.advantages(rollouts, embeddings)
+        for seq, lp in zip(sequences, old):
+            seq.token_fields["old_logprobs"] = lp.float()
+        packed = self.pack(sequences)
+        positive = torch.tensor([r.correct for r in rollouts])
+        normalisers, mismatch = step_inputs.attach_loss_inputs(
+            packed, self.method, advantages, positive, self.care_config.think_weight_pos,
+            cfg.rollout.max_new_tokens, cfg.rollout.tis_cap)
+        if self.loss_config.kl_coef > 0:
+            with s.phase("reference_logprobs"):
+                for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
+                    mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
+        with s.phase("train"):
+            result = self.backend.train_step(packed, self.loss_fn, normalisers)
+        with s.phase("sleep_trainer"):
+            self.backend.sleep()
+        timings = s.end_step()
+        self.write_samples(step, rollouts)
+        return self.step_metrics(rollouts, advantages, info, result, {**extra, **mismatch, **timings})
+
+    def rollout_phase(self, s: StepSchedule, suffix: str, sync: bool = True) -> None:
+        """Wake the engine and give it the trainer's current weights (colocated order, issue 7)."""
+        with s.phase("wake_rollout" + suffix):
+            self.engine.wake()
+        if sync:
+            with s.phase("update_weights"):
+                sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
+
+    def trainer_phase(self, s: StepSchedule, suffix: str) -> None:
+        with s.phase("sleep_rollout" + suffix):
+            self.engine.sleep()
+        with s.phase("wake_trainer" + suffix):
+            self.backend.wake()
+
+    def pack(self, sequences):
+        return pack_sequences(sequences, self.config.train.micro_batch_tokens, mrope=self.mrope,
+                              pad_token_id=self.tokenizer.pad_token_id or 0)
+
+    def advantages(self, rollouts, embeddings):
+        inputs = AdvantageInputs(**advantage_inputs(rollouts, embeddings))
+        return self.advantage_fn(inputs, self.care_config)
+
+    def dapo_shape_and_filter(self, rollouts):
+        """DAPO (spec section 7): soft overlong penalty on the reward, then drop zero-variance groups."""
+        algo = self.config.algorithm
+        lengths = torch.tensor([len(r.completion.token_ids) for r in rollouts])
+        penalty = soft_overlong_penalty(lengths, self.config.rollout.max_new_tokens, algo.dapo_overlong_buffer,
+                                        algo.dapo_overlong_penalty)
+        for r, p in zip(rollouts, penalty.tolist()):
+            r.reward += p
+        keep, info = dynamic_sampling_filter(torch.tensor([r.group for r in rollouts]),
+                                             torch.tensor([r.reward for r in rollouts]))
+        kept = [r for r, k in zip(rollouts, keep.tolist()) if k] or rollouts  # never an empty step
+        return kept, {"dapo/dropped_groups": float(info["num_dropped_groups"]),
+                      "dapo/kept_groups": float(info["num_kept_groups"])}
+
+    def step_metrics(self, rollouts, advantages, info, result, extra) -> dict[str, float]:
+        f = lambda name: torch.tensor([float(getattr(r, name)) for r in rollouts])  # noqa: E731
+        metrics = advantage_diagnostics(f("reward"), f("accuracy"), advantages, f("format"), f("think_length"),
+                                        f("answer_length"), info if self.method == "care" else None)
+        metrics.update(clip_fractions(result.metrics))
+        metrics.update({k: v for k, v in result.metrics.items() if not k.startswith("count/")})
+        metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate,
+                       skipped=float(result.skipped), **extra)
+        metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))
+        return metrics
+
+    def write_samples(self, step: int, rollouts, keep: int = 4) -> None:
+        with (self.out / "samples.jsonl").open("a") as fh:
+            for r in rollouts[:keep] + [r for r in rollouts if r.reflected_from >= 0][:2]:
+                fh.write(json.dumps({"step": step, "id": r.record.id, "answer": r.record.answer, "response": r.response_text,
+                                     "reward": r.reward, "reason": r.reason, "reflected": r.reflected_from >= 0}) + "\n")
+
+    # ---------------------------------------------------------------- evaluation / checkpoints
+    def evaluate(self) -> dict[str, float]:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens,
+                                stop_token_ids=self.sampling["stop_token_ids"])
+        self.engine.wake()
+        sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
+        report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
+                          batch_size=self.config.rollout.batch_size)
+        self.engine.sleep()
+        return report.as_metrics()
+
+    def save(self, step: int) -> Path:
+        state = {"data": self.prompts.state_dict(), "bad_steps": self.bad_steps}
+        return ckpt.save_checkpoint(self.out / "checkpoints", step, self.backend, state, self.config.train.keep_last)
+
+    def resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.out / "checkpoints")
+        if latest is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", self.out / "checkpoints")
+            return
+        state = ckpt.load_checkpoint(latest, self.backend)
+        self.prompts.load_state_dict(state["data"])
+        self.bad_steps, self.start_step = state["bad_steps"], state["step"]
+        log.info("resumed from %s at step %d", latest, self.start_step)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict[str, float]:
+        cfg = self.config.train
+        logger = MetricsLogger(self.out, total_steps=cfg.steps, start_step=self.start_step, desc=self.method,
+                               progress=self.progress, resumed=self.start_step > 0)
+        last: dict[str, float] = {}
+        step = self.start_step
+        try:
+            if step == 0 and self.data.eval:
+                logger.log(0, self.evaluate(), advance=False)
+            for step in range(self.start_step, cfg.steps):
+                metrics = self.step(step)
+                self.bad_steps = self.bad_steps + 1 if metrics["skipped"] else 0
+                if self.bad_steps >= cfg.max_consecutive_bad_steps:
+                    raise RuntimeError(f"{self.bad_steps} consecutive steps with non-finite loss or gradient; stopping")
+                done = step + 1
+                if self.data.eval and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    metrics.update(self.evaluate())
+                logger.log(done, metrics)
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    self.save(done)
+                last = metrics
+        except KeyboardInterrupt:
+            log.warning("interrupted: writing a checkpoint at step %d before exiting", step)
+            self.save(step)
+            raise
+        finally:
+            logger.close()
+        from care_megatron.plotting import plot_run
+
+        plot_run(self.out / "metrics.jsonl", self.out / "curves.png")
+        return last
+
+
+def policy_model_config(config: RunConfig):
+    """The model to start RL from: ``train.init_from`` (an SFT output directory) when set, else ``model.name``."""
+    init = config.train.init_from
+    if not init:
+        return config.model
+    if not Path(init).is_dir():
+        raise FileNotFoundError(f"config field 'train.init_from': {init} does not exist; run care-sft first "
+                                f"(or set train.init_from=null to start from model.name)")
+    return dataclasses.replace(config.model, name=str(init), tokenizer=str(init))
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    trainer = RLTrainer(config, progress=progress)
+    if resume:
+        trainer.resume()
+    return trainer.run()

@@ -1,0 +1,208 @@
+"""Plain-PyTorch training backend: one process, a transformers Qwen-VL model, THD-packed batches.
+
+This is the embedded default's trainer and the reference the Megatron backend is tested against.
+Packed micro-batches are unpacked into a right-padded batch for the Hugging Face model (see
+``_language_forward``); results come back in the packed layout, so this backend and the Megatron
+backend exchange exactly the same tensors with the trainer.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Iterator
+
+import torch
+
+from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
+from care_megatron.training.packed_utils import align_next_token, pool_think_hidden
+
+log = logging.getLogger(__name__)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(labels | hidden) under softmax(hidden @ weight.T / temperature), chunk-wise (see kernels.logprobs)."""
+    from care_megatron.kernels.logprobs import linear_logprobs
+
+    return linear_logprobs(hidden, weight, labels, temperature=temperature, with_entropy=with_entropy)
+
+
+def bucket_named_tensors(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor travels alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class TorchBackend:
+    """``TrainingBackend`` on a single device with a transformers ``*ForConditionalGeneration`` model.
+
+    Args:
+        model: the policy (transformers Qwen2.5-VL / Qwen3-VL model).
+        lr, weight_decay, warmup_steps, grad_clip: AdamW and schedule (linear warm-up, then constant).
+        temperature: the rollout sampling temperature; log-probs are of softmax(logits / temperature)
+            so the importance ratio compares like with like (the rollout engine reports the same).
+        reference: keep a frozen copy of the initial policy for the KL term (None = no reference).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 grad_clip: float = 1.0, temperature: float = 1.0, keep_reference: bool = True,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.reference = None
+        if keep_reference:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.temperature = float(temperature)
+        self.grad_clip = grad_clip
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        warm = max(int(warmup_steps), 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        self.steps_taken = 0
+
+    # ------------------------------------------------------------------ forward
+    def _language_forward(self, model: torch.nn.Module, mb: PackedMicroBatch) -> torch.Tensor:
+        """Final-layer (post-norm) hidden states [T, D] of one packed micro-batch.
+
+        The THD micro-batch is laid out as a right-padded [n, L_max] batch for the HF model (an
+        attention mask keeps sequences apart, each sequence keeps its own M-RoPE positions), then
+        the hidden states are gathered back to the packed token order. On CPU this costs
+        n * L_max^2 attention work instead of the T^2 of a dense block-diagonal mask over the pack.
+        """
+        mb = mb.to(self.device)
+        lengths = mb.sequence_lengths()
+        n, width = mb.num_sequences, int(lengths.max())
+        T = int(mb.cu_seqlens[-1])
+        rows = torch.repeat_interleave(torch.arange(n, device=self.device), lengths.to(self.device))
+        cols = torch.arange(T, device=self.device) - mb.cu_seqlens[:-1].long().to(self.device)[rows]
+        input_ids = torch.full((n, width), 0, dtype=torch.long, device=self.device)
+        input_ids[rows, cols] = mb.input_ids[:T]
+        attention_mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        attention_mask[rows, cols] = 1
+        position_ids = torch.zeros((3, n, width), dtype=torch.long, device=self.device)
+        position_ids[:, rows, cols] = mb.position_ids[:, :T].long()
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, use_cache=False)
+        hidden = out.last_hidden_state[rows, cols]
+        if mb.num_pad:
+            hidden = torch.cat([hidden, hidden.new_zeros(mb.num_pad, hidden.shape[-1])])
+        return hidden
+
+    def _outputs(self, model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool,
+                 with_think_embeddings: bool) -> ForwardOutputs:
+        hidden = self._language_forward(model, mb)
+        weight = model.get_output_embeddings().weight
+        labels = mb.input_ids.to(self.device)[1:]
+        lp, ent = token_logprobs(hidden[:-1], weight, labels, self.temperature, with_entropy)
+        logprobs = align_next_token(lp, mb)
+        entropy = align_next_token(ent, mb) if ent is not None else None
+        emb = pool_think_hidden(hidden.detach().float(), mb) if with_think_embeddings else None
+        return ForwardOutputs(logprobs=logprobs, entropy=entropy, think_embeddings=emb)
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batches: list[PackedMicroBatch], *, model: str = "policy",
+                         with_entropy: bool = False, with_think_embeddings: bool = False) -> list[ForwardOutputs]:
+        if model == "policy":
+            net = self.model
+        elif model == "reference":
+            if self.reference is None:
+                raise ValueError("this backend keeps no reference model (keep_reference=False)")
+            net = self.reference
+        else:
+            raise ValueError(f"model must be 'policy' or 'reference', got {model!r}")
+        was_training = net.training
+        net.eval()
+        try:
+            return [self._outputs(net, mb, with_entropy, with_think_embeddings) for mb in micro_batches]
+        finally:
+            net.train(was_training)
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, micro_batches: list[PackedMicroBatch], loss_fn: LossFn, normalisers: dict) -> StepResult:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        metrics: dict[str, float] = {}
+        finite = True
+        for mb in micro_batches:
+            outputs = self._outputs(self.model, mb, with_entropy=True, with_think_embeddings=False)
+            loss, m = loss_fn(outputs, mb.to(self.device), normalisers)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total_loss += float(loss.detach())
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)) if params and finite else float("nan")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not finite or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("non-finite loss or gradient (loss=%s, grad_norm=%s): step skipped", total_loss, grad_norm)
+            return StepResult(loss=total_loss if finite else float("nan"), grad_norm=grad_norm, learning_rate=lr,
+                              skipped=True, metrics=metrics)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_taken += 1
+        return StepResult(loss=total_loss, grad_norm=grad_norm, learning_rate=lr, metrics=metrics)
+
+    # ------------------------------------------------------------------ weights / state
+    def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's Hugging-Face-named tensors, bucketed (same contract as the Megatron export)."""
+        named = ((name, t.detach()) for name, t in self.model.state_dict().items())
+        return bucket_named_tensors(named, bucket_bytes)
+
+    def state_dict_for_checkpoint(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "reference": self.reference.state_dict() if self.reference is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps_taken": self.steps_taken,
+        }
+
+    def load_state_dict_from_checkpoint(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_taken = int(state["steps_taken"])
+
+    def save_checkpoint(self, path: str) -> None:
+        torch.save(self.state_dict_for_checkpoint(), path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.load_state_dict_from_checkpoint(torch.load(path, map_location=self.device, weights_only=False))
+
+    def sleep(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            for state in self.optimizer.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        state[k] = v.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+            for state in self.optimizer.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        state[k] = v.to(self.device)
