@@ -307,6 +307,54 @@ def completion_from_sglang_output(request_id: str, output: dict, stop_token_ids:
                       logprobs=logprobs, finish_reason=finish)
 
 
+def serialize_bucket(api: SGLangAPI, bucket: list[tuple[str, torch.Tensor]]) -> Any:
+    """``MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`` of one bucket: the
+    payload ``update_weights_from_tensor(load_format="flattened_bucket")`` takes for one TP rank."""
+    flat, metadata = flatten_bucket(bucket, api.FlattenedTensorMetadata)
+    return api.MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+
+
+def update_weights_colocated_group(
+    engine: "SGLangRolloutEngine | None",
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    *,
+    api: SGLangAPI,
+    tp_rank: int,
+    tp_size: int,
+    owner_rank: int,
+    group: Any = None,
+) -> int:
+    """Colocated weight sync driven by every rank of one rollout-TP group (collective).
+
+    Each rank holds the same full HF-named buckets on its own GPU (the exporter's all-gathers leave
+    them there), serialises its copy (a CUDA-IPC handle to its own memory), and the payloads are
+    gathered to the group's owner (``rollout_placement(...).is_engine_owner``), which hands SGLang
+    the list in TP-rank order: SGLang rank i then reads GPU i's copy, locally, instead of every rank
+    reading the owner's GPU. A barrier after each bucket keeps every rank's copy alive until SGLang
+    has loaded it. ``engine`` is the owner's engine and None elsewhere; ``owner_rank`` is the
+    owner's global rank, ``group`` the process group of the rollout-TP ranks (every rank iterates
+    the same buckets in the same order). Returns the buckets sent.
+    """
+    import torch.distributed as dist
+
+    if (tp_rank == 0) != (engine is not None):
+        raise ValueError("update_weights_colocated_group: exactly the owner (tp_rank 0) passes the engine")
+    sent = 0
+    for bucket in buckets:
+        if not bucket:
+            continue
+        payload = serialize_bucket(api, bucket)
+        gathered = [None] * tp_size if tp_rank == 0 else None
+        dist.gather_object(payload, gathered, dst=owner_rank, group=group)
+        if engine is not None:
+            engine.update_weights_from_payloads(gathered)
+        dist.barrier(group=group)
+        sent += 1
+    if engine is not None:
+        engine.flush_cache()
+    return sent
+
+
 # --------------------------------------------------------------------------- the engine
 class SGLangRolloutEngine:
     """``RolloutEngine`` on one SGLang offline engine (one per rollout-TP group; only the group's
@@ -402,14 +450,29 @@ class SGLangRolloutEngine:
     # ------------------------------------------------------------------ weights
     def serialize_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> Any:
         """One flattened bucket serialised for SGLang (CUDA tensors become CUDA-IPC handles)."""
-        flat, metadata = flatten_bucket(bucket, self.api.FlattenedTensorMetadata)
-        return self.api.MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+        return serialize_bucket(self.api, bucket)
+
+    def update_weights_from_payloads(self, payloads: list[Any]) -> None:
+        """Load one bucket given as one serialised payload per rollout-TP rank (rank order). Does
+        not flush the cache: call ``flush_cache`` after the last bucket."""
+        if len(payloads) != self.config.tp_size:
+            raise ValueError(f"update_weights_from_payloads: {len(payloads)} payloads for tp_size {self.config.tp_size}")
+        self._check(self.engine.update_weights_from_tensor(
+            named_tensors=list(payloads), load_format="flattened_bucket", flush_cache=False,
+        ), "update_weights_from_tensor")
+        self.weight_updates += 1
+
+    def flush_cache(self) -> None:
+        """Drop the radix / KV cache (computed with the previous weights)."""
+        self.engine.flush_cache()
 
     def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """Send buckets as they come (e.g. ``TrainingBackend.export_weights``), then flush the cache.
 
-        Peak extra memory is one flattened copy of the current bucket: each is released once SGLang
-        has loaded it (the call is synchronous).
+        Single-process form: this rank serialises each bucket once per rollout-TP rank, so every
+        SGLang rank reads this rank's GPU memory over IPC. When every rank of the group holds the
+        bucket on its own GPU, use :func:`update_weights_colocated_group` instead. Peak extra memory
+        is one flattened copy of the current bucket (the call is synchronous, then it is released).
         """
         if not self.config.colocated:
             raise RuntimeError("update_weights_from_buckets is the colocated path; use update_weights_distributed")
@@ -417,13 +480,8 @@ class SGLangRolloutEngine:
             if not bucket:
                 continue
             payload = self.serialize_bucket(bucket)
-            # One payload per rollout-TP rank: each SGLang rank deserialises its own copy. With the
-            # owner serialising for all ranks, every rank reads the owner's GPU memory over IPC.
-            self._check(self.engine.update_weights_from_tensor(
-                named_tensors=[payload] * self.config.tp_size, load_format="flattened_bucket", flush_cache=False,
-            ), "update_weights_from_tensor")
-            self.weight_updates += 1
-        self.engine.flush_cache()
+            self.update_weights_from_payloads([payload] * self.config.tp_size)
+        self.flush_cache()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Protocol entry: bucket the stream by ``weight_bucket_mb`` and send it (colocated)."""

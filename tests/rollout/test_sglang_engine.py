@@ -7,10 +7,11 @@ on CPU tensors. Everything in ``sglang_engine`` itself runs for real.
 """
 from __future__ import annotations
 
-import pickle
+import os
 import queue
+import subprocess
 import sys
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,76 +19,7 @@ import torch
 from care_megatron.rollout import sglang_engine as se
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 from conftest import make_image, make_request
-
-
-@dataclass
-class FakeMetadata:
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-class FakeSerializer:
-    @staticmethod
-    def serialize(obj):
-        return pickle.dumps(obj)
-
-
-class FakeEngine:
-    """Mimics sglang.Engine: records calls, keeps a weight table, echoes scripted generations."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls: list[tuple[str, dict]] = []
-        self.weights: dict[str, torch.Tensor] = {}
-        self.script: list[list[dict]] = []
-
-    def generate(self, **kwargs):
-        self.calls.append(("generate", kwargs))
-        return self.script.pop(0)
-
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update_weights_from_tensor", dict(n=len(named_tensors), load_format=load_format,
-                                                              flush_cache=flush_cache)))
-        assert load_format == "flattened_bucket"
-        for payload in named_tensors:  # each TP rank deserialises its own copy
-            bucket = pickle.loads(payload)
-            for name, tensor in se.unflatten_bucket(bucket["flattened_tensor"], bucket["metadata"]):
-                self.weights[name] = tensor.clone()
-        return True, "Succeeded"
-
-    def init_weights_update_group(self, **kwargs):
-        self.calls.append(("init_weights_update_group", kwargs))
-        return True, "ok"
-
-    def update_weights_from_distributed(self, names, dtypes, shapes, group_name, flush_cache):
-        self.calls.append(("update_weights_from_distributed", dict(names=names, dtypes=dtypes, shapes=shapes,
-                                                                   group_name=group_name, flush_cache=flush_cache)))
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            received = self.channel.get(timeout=10)  # blocks like an NCCL receive, in broadcast order
-            assert str(received.dtype) == f"torch.{dtype}" and list(received.shape) == shape
-            self.weights[name] = received
-        return True, "ok"
-
-    def flush_cache(self):
-        self.calls.append(("flush_cache", {}))
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release_memory_occupation", {"tags": tags}))
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume_memory_occupation", {"tags": tags}))
-
-    def shutdown(self):
-        self.calls.append(("shutdown", {}))
-
-
-def fake_api(version="0.5.4"):
-    return se.SGLangAPI(version=version, Engine=FakeEngine, MultiprocessingSerializer=FakeSerializer,
-                        FlattenedTensorMetadata=FakeMetadata)
+from sglang_fakes import FakeEngine, FakeMetadata, fake_api
 
 
 def make_engine(tokenizer=None, **cfg):
@@ -293,3 +225,29 @@ def test_registry_lazy_and_unknown_names():
         get_rollout_engine("vllm")
     engine = get_rollout_engine("sglang", se.SGLangEngineConfig(model_path="m"), api=fake_api())
     assert isinstance(engine, se.SGLangRolloutEngine)
+
+
+@pytest.mark.distributed
+def test_colocated_group_update_gathers_each_ranks_payload(tmp_path):
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("colocated_group_worker.py")
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "result.json"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    result = json.loads(out.read_text())
+    assert result["sent"] == 3  # two fp32 q_proj per 32 KiB bucket, one more, then the bf16 lm_head
+    assert result["origins"] == [[0, 1]] * 3  # SGLang rank i got rank i's own copy
+    assert result["calls"].count("update_weights_from_tensor") == 3 and result["calls"][-1] == "flush_cache"
+    assert result["exact"] and len(result["names"]) == 4
