@@ -40,6 +40,7 @@ count counting how many number total there are is was the a an of in on and or w
 image picture figure shown above below first second third fourth fifth sixth one two three four five six
 seven eight nine ten eleven twelve yes no true false answer think step because so therefore so the answer is
 compare compared than more less greater smaller larger bigger
+Options: options option A. B. C. D. E. third marked longer: tallest: shorter: A, B, C, D
 """.split()
 
 RATIONALE_TEMPLATES = [
@@ -52,6 +53,15 @@ RATIONALE_TEMPLATES = [
     "Which bar is the tallest? Give its label and value.",
     "What is the missing angle of the triangle in degrees?",
     "Which line is longer, {l} or {k}?",
+    # the compact rationales / questions of care_megatron.data.synthetic (written out, not imported,
+    # so the committed vocabulary does not change when that module's wording does)
+    "{c} {s}: {n}",
+    "tallest: {c}",
+    "longer: {c}",
+    "180-{a}-{b}={m}",
+    "Which bar is the tallest? Options: A. {c}, B. {c}, C. {c}",
+    "Which line is longer? Options: A. {c}, B. {c}",
+    "A triangle has angles of {a} and {b} degrees. What is the third angle, marked red, in degrees?",
 ]
 
 

@@ -154,6 +154,7 @@ class PromptTokenIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "PromptTokenIds":
+        """Resolve the ids; ValueError if a control token is not a single token of ``tokenizer``."""
         def one(token: str) -> int:
             ids = tokenizer.convert_tokens_to_ids(token)
             if ids is None or ids == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(ids) != token:
@@ -162,6 +163,22 @@ class PromptTokenIds:
 
         return cls(image_token_id=one(IMAGE_PAD), vision_start_token_id=one(VISION_START),
                    vision_end_token_id=one(VISION_END), im_end_token_id=one(IM_END), pad_token_id=one(END_OF_TEXT))
+
+
+GENERATION_FORBIDDEN_TOKENS = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, IM_START)
+"""Tokens a response must never contain: an ``<|image_pad|>`` in a response breaks the image-token count
+the model and :func:`care_megatron.data.packing.mrope_position_ids` check (a random tiny model samples
+one within a few rollouts). Rollout engines suppress them (HF ``generate(suppress_tokens=...)``)."""
+
+
+def generation_suppressed_token_ids(tokenizer) -> list[int]:
+    """Ids of :data:`GENERATION_FORBIDDEN_TOKENS` in ``tokenizer``, for ``generate(suppress_tokens=...)``."""
+    ids = []
+    for token in GENERATION_FORBIDDEN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            ids.append(int(token_id))
+    return ids
 
 
 @dataclass
