@@ -79,12 +79,13 @@ class StaticShapeGraph:
         if signature not in self._graphs:
             self._graphs[signature] = self._capture(bucket, tensors)
         graph, static_inputs, static_outputs, single = self._graphs[signature]
-        for static, tensor, pad in zip(static_inputs, tensors, self.pad_values):
-            if tensor.dim() == 0:
-                static.copy_(tensor)
-            else:
-                static[:num_tokens].copy_(tensor)
-                static[num_tokens:].fill_(pad)
+        with torch.no_grad():  # the static buffers must never join an autograd graph
+            for static, tensor, pad in zip(static_inputs, tensors, self.pad_values):
+                if tensor.dim() == 0:
+                    static.copy_(tensor)
+                else:
+                    static[:num_tokens].copy_(tensor)
+                    static[num_tokens:].fill_(pad)
         graph.replay()
         outputs = tuple(
             (out[:num_tokens] if out.dim() > 0 and out.shape[0] == bucket else out) for out in static_outputs
@@ -95,6 +96,7 @@ class StaticShapeGraph:
 
     def _capture(self, bucket: int, tensors: Sequence[torch.Tensor]):
         static_inputs = []
+        tensors = [tensor.detach() for tensor in tensors]
         for tensor, pad in zip(tensors, self.pad_values):
             if tensor.dim() == 0:
                 static_inputs.append(tensor.detach().clone())
