@@ -70,27 +70,29 @@ CHAT_TEMPLATE = (
 )
 
 ARCH_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Qwen2.5-VL's released preprocessor: 14-pixel patches, CLIP mean / std.
+    # Values of the released checkpoints' preprocessor_config.json (Qwen2.5-VL: 14-pixel patches, CLIP
+    # mean / std, 3136..12845056 pixels; Qwen3-VL: 16-pixel patches, mean / std 0.5, 65536..16777216
+    # pixels). transformers maps both to Qwen2VLImageProcessor(Pil), whose class default is patch 14.
     "qwen2_5_vl": dict(patch_size=14, temporal_patch_size=2, merge_size=2,
                        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-                       min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
-    # Qwen3-VL's released preprocessor: 16-pixel patches, mean / std 0.5.
+                       min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
     "qwen3_vl": dict(patch_size=16, temporal_patch_size=2, merge_size=2,
                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-                     min_pixels=64 * 64, max_pixels=16384 * 32 * 32),
+                     min_pixels=256 * 256, max_pixels=16384 * 32 * 32),
 }
 """Image-processor settings per architecture family (the released models' preprocessor configs)."""
 
 
 def build_image_processor(arch: str, min_pixels: int | None = None, max_pixels: int | None = None,
                           patch_size: int | None = None, merge_size: int | None = None,
-                          temporal_patch_size: int | None = None):
+                          temporal_patch_size: int | None = None, image_mean: list[float] | None = None,
+                          image_std: list[float] | None = None):
     """A ``transformers.Qwen2VLImageProcessorPil`` configured for ``arch`` (``qwen2_5_vl`` | ``qwen3_vl``).
 
     ``min_pixels`` / ``max_pixels`` bound the resized area (the processor's ``smart_resize`` keeps
     both sides multiples of ``patch_size * merge_size``); None keeps the architecture's default.
     The patch / merge sizes must equal the vision tower's; :func:`care_megatron.models.build_model_and_processor`
-    passes them from the model config.
+    passes them from the model config (and a checkpoint directory's ``preprocessor_config.json`` values).
     """
     from transformers import Qwen2VLImageProcessorPil
 
@@ -101,6 +103,9 @@ def build_image_processor(arch: str, min_pixels: int | None = None, max_pixels: 
                         ("merge_size", merge_size), ("temporal_patch_size", temporal_patch_size)):
         if value is not None:
             settings[name] = int(value)
+    for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+        if value is not None:
+            settings[name] = [float(v) for v in value]
     if settings["min_pixels"] > settings["max_pixels"]:
         raise ValueError(f"min_pixels {settings['min_pixels']} > max_pixels {settings['max_pixels']}")
     return Qwen2VLImageProcessorPil(**settings)

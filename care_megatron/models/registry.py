@@ -139,8 +139,9 @@ def build_model_and_processor(model_config, device: str | torch.device = "cpu", 
     in ``model_config.dtype`` on ``device``, in train mode, with ``generation_config`` stopping at
     ``<|im_end|>`` / ``<|endoftext|>``. ``tokenizer``: :func:`load_tokenizer(model_config.tokenizer)`.
     ``image_processor``: ``Qwen2VLImageProcessorPil`` whose patch / merge sizes are the vision tower's,
-    resizing to ``[min_pixels, max_pixels]`` (None: the architecture's released default; the
-    embedded default passes ``data.min_pixels`` / ``data.max_pixels``).
+    resizing to ``[min_pixels, max_pixels]`` (None: a checkpoint directory's ``preprocessor_config.json``
+    value, else the architecture's released default; the embedded default passes ``data.min_pixels`` /
+    ``data.max_pixels``), normalised with the directory's mean / std when it has them.
     Raises ValueError when the architecture disagrees with ``model_config.arch`` or the tokenizer
     does not fit the model (vocabulary larger than the embedding, different image token id).
     """
@@ -173,10 +174,31 @@ def build_model_and_processor(model_config, device: str | torch.device = "cpu", 
     model.to(device)
     model.train()
     vision = model.config.vision_config
-    image_processor = build_image_processor(arch, min_pixels=min_pixels, max_pixels=max_pixels,
-                                            patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                            temporal_patch_size=vision.temporal_patch_size)
+    saved = _saved_preprocessor_settings(name) if os.path.isdir(name) else {}
+    image_processor = build_image_processor(
+        arch,
+        min_pixels=min_pixels if min_pixels is not None else saved.get("min_pixels"),
+        max_pixels=max_pixels if max_pixels is not None else saved.get("max_pixels"),
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        image_mean=saved.get("image_mean"), image_std=saved.get("image_std"))
     return model, tokenizer, image_processor
+
+
+def _saved_preprocessor_settings(directory: str) -> dict[str, Any]:
+    """Resize bounds and normalisation of a checkpoint's ``preprocessor_config.json`` (empty if absent)."""
+    import json
+
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        raw = json.load(handle)
+    size = raw.get("size") or {}
+    out = {"min_pixels": raw.get("min_pixels", size.get("shortest_edge")),
+           "max_pixels": raw.get("max_pixels", size.get("longest_edge")),
+           "image_mean": raw.get("image_mean"), "image_std": raw.get("image_std")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _check_arch(arch: str, wanted: str, name: str) -> None:

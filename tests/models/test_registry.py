@@ -1,10 +1,12 @@
 """Model registry: tiny configs (closed-form sizes, TP-2 divisibility), seeded init, local checkpoints, generate."""
+import json
+
 import pytest
 import torch
 from PIL import Image
 
 from care_megatron.config.schema import ModelConfig
-from care_megatron.data.prompting import build_prompt
+from care_megatron.data.prompting import GENERATION_FORBIDDEN_TOKENS, build_prompt, generation_suppressed_token_ids
 from care_megatron.models import MODEL_REGISTRY, build_hf_config, build_model_and_processor, count_parameters
 
 TINY = [("tiny_qwen2_5_vl", "qwen2_5_vl"), ("tiny_qwen3_vl", "qwen3_vl")]
@@ -72,6 +74,15 @@ def test_local_directory_round_trip(tmp_path):
         assert torch.equal(model(**kwargs).logits, loaded(**kwargs).logits)
     with pytest.raises(ValueError, match="model.arch"):
         build_model_and_processor(ModelConfig(name=str(tmp_path), arch="qwen3_vl"))
+    # a checkpoint's own preprocessor settings are honoured unless the caller overrides the pixel bounds
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 112 * 112, "longest_edge": 112 * 112}, "image_mean": [0.5, 0.5, 0.5],
+         "image_std": [0.25, 0.25, 0.25]}))
+    _, _, saved = build_model_and_processor(ModelConfig(name=str(tmp_path)))
+    grid = build_prompt("Q", [Image.new("RGB", (56, 56))], tokenizer, saved).image_grid_thw
+    assert grid.tolist() == [[1, 8, 8]] and list(saved.image_std) == [0.25, 0.25, 0.25]
+    _, _, override = build_model_and_processor(ModelConfig(name=str(tmp_path)), min_pixels=56 * 56, max_pixels=56 * 56)
+    assert build_prompt("Q", [Image.new("RGB", (56, 56))], tokenizer, override).image_grid_thw.tolist() == [[1, 4, 4]]
 
 
 def test_bad_names_and_mismatches():
@@ -98,3 +109,24 @@ def test_generate_with_images(name, arch, pixels):
     assert out.shape[0] == 2 and 1 <= out.shape[1] - ids.shape[1] <= 6
     assert torch.equal(out[0], out[1])  # same prompt, greedy: identical continuations
     assert torch.equal(out[:, : ids.shape[1]], ids)
+
+
+def test_sampling_with_suppressed_tokens_never_emits_image_tokens():
+    model, tokenizer, processor = build_model_and_processor(ModelConfig(init_seed=1), min_pixels=56 * 56,
+                                                            max_pixels=56 * 56)
+    model.eval()
+    forbidden = generation_suppressed_token_ids(tokenizer)
+    assert len(forbidden) == len(GENERATION_FORBIDDEN_TOKENS)
+    assert model.config.image_token_id in forbidden and model.config.vision_start_token_id in forbidden
+    prompt = build_prompt("Count.", [Image.new("RGB", (56, 56), "red")], tokenizer, processor)
+    ids = torch.tensor([prompt.prompt_ids] * 8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=torch.cat([prompt.pixel_values] * 8),
+                             image_grid_thw=torch.cat([prompt.image_grid_thw] * 8),
+                             mm_token_type_ids=(ids == model.config.image_token_id).int(), max_new_tokens=48,
+                             min_new_tokens=48, do_sample=True, top_k=0, suppress_tokens=forbidden)
+    responses = out[:, ids.shape[1]:]
+    assert responses.shape == (8, 48)
+    assert not torch.isin(responses, torch.tensor(forbidden)).any()
