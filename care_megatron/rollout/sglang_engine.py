@@ -175,8 +175,12 @@ class SGLangEngineConfig:
     dtype: str = "bfloat16"
     """Weights / compute dtype of the engine."""
     random_seed: int = 0
-    """Engine-wide sampling seed. Per-request ``SamplingParams.seed`` is not forwarded (not every
-    supported SGLang version accepts one), so SGLang rollouts are reproducible only per engine start."""
+    """Engine-wide sampling seed (SGLang's ``random_seed``)."""
+    forward_sampling_seed: bool = False
+    """Forward ``SamplingParams.seed`` as SGLang's per-request ``sampling_seed`` (request i of a
+    call gets ``seed + i``, so the G copies of one prompt still differ). Off by default: not every
+    supported SGLang version has the field, and bit-reproducible sampling there also needs
+    ``engine_kwargs={"enable_deterministic_inference": True}``."""
     weight_bucket_mb: int = 512
     """Bucket size for ``update_weights`` when given a flat stream, MiB (``RolloutConfig.weight_bucket_mb``)."""
     colocated: bool = True
@@ -399,13 +403,19 @@ class SGLangRolloutEngine:
         ``input_ids`` cannot share a call, hence up to two calls.
         """
         params = sglang_sampling_params(sampling, self.stop_token_ids)
+
+        def per_request(indices: list[int]):
+            if not (self.config.forward_sampling_seed and sampling.seed is not None):
+                return params
+            return [dict(params, sampling_seed=int(sampling.seed) + i) for i in indices]
+
         text_only = [i for i, r in enumerate(requests) if not r.images]
         with_images = [i for i, r in enumerate(requests) if r.images]
         calls = []
         if text_only:
             calls.append((text_only, dict(
                 input_ids=[list(requests[i].prompt_ids) + list(requests[i].prefix_ids) for i in text_only],
-                sampling_params=params, return_logprob=True, logprob_start_len=-1,
+                sampling_params=per_request(text_only), return_logprob=True, logprob_start_len=-1,
             )))
         if with_images:
             prompts = []
@@ -421,7 +431,7 @@ class SGLangRolloutEngine:
                 prompts.append(r.prompt_text + prefix)
             calls.append((with_images, dict(
                 prompt=prompts, image_data=[list(requests[i].images) for i in with_images],
-                sampling_params=params, return_logprob=True, logprob_start_len=-1,
+                sampling_params=per_request(with_images), return_logprob=True, logprob_start_len=-1,
             )))
         return calls
 

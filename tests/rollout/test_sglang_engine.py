@@ -107,6 +107,16 @@ def test_request_building_splits_text_and_images(tokenizer, image_processor):
         engine.build_generate_calls([bad], sampling)
 
 
+def test_per_request_sampling_seed_is_opt_in(tokenizer, image_processor):
+    reqs = [make_request(tokenizer, image_processor, str(i), "count", [make_image(0)] if i % 2 else None) for i in range(4)]
+    seeded = SamplingParams(seed=100)
+    plain = make_engine(tokenizer).build_generate_calls(reqs, seeded)
+    assert all("sampling_seed" not in kw["sampling_params"] for _, kw in plain)
+    calls = make_engine(tokenizer, forward_sampling_seed=True).build_generate_calls(reqs, seeded)
+    seeds = {i: p["sampling_seed"] for idx, kw in calls for i, p in zip(idx, kw["sampling_params"])}
+    assert seeds == {0: 100, 1: 101, 2: 102, 3: 103}  # distinct per request, stable per position
+
+
 def test_generate_extracts_logprobs_in_request_order(tokenizer, image_processor):
     engine = make_engine(tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
