@@ -359,6 +359,41 @@ def update_weights_colocated_group(
     return sent
 
 
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def vision_placeholder_ids(tokenizer: Any) -> set[int]:
+    """Ids of the Qwen-VL vision placeholder tokens in ``tokenizer`` (empty without one)."""
+    if tokenizer is None:
+        return set()
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = set()
+    for token in VISION_PLACEHOLDERS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != unk:
+            ids.add(tid)
+    return ids
+
+
+def cut_at_placeholder(completion: Completion, placeholder_ids: set[int]) -> bool:
+    """Cut ``completion`` (in place) before its first vision placeholder token; True if cut.
+
+    SGLang may sample ``<|image_pad|>`` and friends (the HF engine suppresses them); in a response
+    the trainer's forward would take one for an image slot and fail. The tokens before it are valid
+    samples with valid log-probs, so the response is kept up to there and marked "length", the way
+    a response cut by the token budget is.
+    """
+    for index, token in enumerate(completion.token_ids):
+        if token in placeholder_ids:
+            logger.warning("request %s sampled vision placeholder %d at position %d; response cut there",
+                           completion.request_id, token, index)
+            completion.token_ids = completion.token_ids[:index]
+            completion.logprobs = completion.logprobs[:index]
+            completion.finish_reason = "length"
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- the engine
 class SGLangRolloutEngine:
     """``RolloutEngine`` on one SGLang offline engine (one per rollout-TP group; only the group's
@@ -388,6 +423,9 @@ class SGLangRolloutEngine:
                 if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
                     stop_token_ids.append(im_end)
         self.stop_token_ids = sorted(set(int(t) for t in stop_token_ids))
+        self.placeholder_token_ids = vision_placeholder_ids(tokenizer)
+        self.placeholder_truncations = 0
+        """Completions cut at a sampled vision placeholder (see ``cut_at_placeholder``)."""
         self.engine = self.api.Engine(**config.engine_args())
         self.asleep = False
         self.weight_updates = 0
@@ -451,6 +489,8 @@ class SGLangRolloutEngine:
                 raise RuntimeError(f"SGLang returned {len(outputs)} outputs for {len(indices)} requests")
             for i, out in zip(indices, outputs):
                 comp = completion_from_sglang_output(requests[i].request_id, out, stop)
+                if cut_at_placeholder(comp, self.placeholder_token_ids):
+                    self.placeholder_truncations += 1
                 if self.tokenizer is not None:
                     ids = comp.token_ids[:-1] if comp.token_ids and comp.token_ids[-1] in stop else comp.token_ids
                     comp.text = self.tokenizer.decode(ids, skip_special_tokens=False)

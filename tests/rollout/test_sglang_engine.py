@@ -135,6 +135,16 @@ def test_generate_extracts_logprobs_in_request_order(tokenizer, image_processor)
     assert out[1].finish_reason == "stop" and out[1].text == tokenizer.decode([think, 33], skip_special_tokens=False)
 
 
+def test_sampled_vision_placeholder_cuts_the_response(tokenizer, image_processor):
+    engine = make_engine(tokenizer)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    engine.engine.script = [[sglang_output([30, 31, pad, 32], [-0.1, -0.2, -0.3, -0.4], finish="stop")]]
+    comp = engine.generate([make_request(tokenizer, image_processor, "t", "count")], SamplingParams())[0]
+    assert comp.token_ids == [30, 31] and comp.logprobs == [-0.1, -0.2] and comp.finish_reason == "length"
+    assert engine.placeholder_truncations == 1
+    assert engine.placeholder_token_ids == {tokenizer.convert_tokens_to_ids(t) for t in se.VISION_PLACEHOLDERS}
+
+
 def test_logprob_extraction_edge_cases():
     stop = {9}
     trimmed = {"output_ids": [4], "meta_info": {"finish_reason": {"type": "stop", "matched": 9},
