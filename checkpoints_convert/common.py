@@ -331,6 +331,9 @@ class ParallelLayout:
     ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``, the Transformer Engine spec)."""
     vocab_divisible_by: int = 128
     """Vocab padding unit before multiplying by tp (Megatron's ``make_vocab_size_divisible_by``)."""
+    padded_vocab: Optional[int] = None
+    """Explicit padded vocabulary (overrides the rule above; a torch_dist checkpoint written at TP = 1
+    for a TP = 4 run pads to the TP = 4 size). Must be divisible by ``tp``."""
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -339,6 +342,14 @@ class ParallelLayout:
             raise ValueError(f"vp must be None or >= 1, got {self.vp}")
         if self.layernorm_naming not in LAYERNORM_NAMINGS:
             raise ValueError(f"layernorm_naming must be one of {LAYERNORM_NAMINGS}, got {self.layernorm_naming!r}")
+        if self.padded_vocab is not None and self.padded_vocab % self.tp:
+            raise ValueError(f"padded_vocab={self.padded_vocab} is not divisible by tp={self.tp}")
+
+    def padded_vocab_for(self, vocab_size: int) -> int:
+        """The padded vocabulary of this layout for an unpadded ``vocab_size``."""
+        if self.padded_vocab is not None:
+            return self.padded_vocab
+        return padded_vocab_size(vocab_size, self.tp, self.vocab_divisible_by)
 
     @property
     def num_vp(self) -> int:
@@ -421,7 +432,7 @@ def rule_to_megatron_shards(rule: TensorRule, hf_tensors: Sequence[torch.Tensor]
         if weight.shape[0] != dims.vocab_size:
             raise ValueError(f"{rule.hf_names[0]} has {weight.shape[0]} rows but the config's vocab_size is "
                              f"{dims.vocab_size} (mismatched config?)")
-        return shard(pad_vocab(weight, padded_vocab_size(dims.vocab_size, tp, layout.vocab_divisible_by)), tp, 0)
+        return shard(pad_vocab(weight, layout.padded_vocab_for(dims.vocab_size)), tp, 0)
     if rule.kind == QKV:
         q, k, v = hf_tensors
         expected_q = dims.num_attention_heads * dims.head_dim
@@ -525,23 +536,35 @@ def hf_to_megatron_state_dicts(hf_state_dict: Mapping[str, torch.Tensor], hf_con
         for vp_stage in range(layout.num_vp):
             for tp_rank in range(tp):
                 out[shard_key(layout, pp_rank, tp_rank, vp_stage)] = {}
-    used = set()
+    check_coverage(spec, dims, rules, names)
     for rule in rules:
-        missing = [n for n in rule.hf_names if n not in names]
-        if missing:
-            raise ValueError(f"{spec.name}: HF weight(s) {missing} needed for {rule.megatron_name} are missing "
-                             "(mismatched config or truncated checkpoint?)")
         tensors = [hf_state_dict[names[n]] for n in rule.hf_names]
-        used.update(rule.hf_names)
         for tp_rank, piece in enumerate(rule_to_megatron_shards(rule, tensors, dims, layout)):
             out[shard_key(layout, rule.pp_rank, tp_rank, rule.vp_stage)][rule.megatron_name] = piece
         if progress is not None:
             progress(rule)
-    unused = sorted(set(names) - used - ({"lm_head.weight"} if dims.tie_word_embeddings else set()))
+    return out
+
+
+def check_coverage(spec: ArchitectureSpec, dims: LanguageModelDims, rules: Sequence[TensorRule],
+                   available: Iterable[str]) -> None:
+    """ValueError when a rule needs an HF weight that is absent, or an HF weight is used by no rule.
+
+    Checked before any tensor is read, so a mismatched config fails fast. A tied model's
+    ``lm_head.weight`` (present in in-memory state dicts) is the embedding and may be left over.
+    """
+    available = set(available)
+    needed = set()
+    for rule in rules:
+        missing = [n for n in rule.hf_names if n not in available]
+        if missing:
+            raise ValueError(f"{spec.name}: HF weight(s) {missing} needed for {rule.megatron_name} are missing "
+                             "(mismatched config or truncated checkpoint?)")
+        needed.update(rule.hf_names)
+    unused = sorted(available - needed - ({"lm_head.weight"} if dims.tie_word_embeddings else set()))
     if unused:
         raise ValueError(f"{spec.name}: HF weights not covered by the mapping (mismatched config?): {unused[:8]}"
                          f"{' ...' if len(unused) > 8 else ''}")
-    return out
 
 
 def infer_layout_from_shards(shards: Mapping[ShardKey, Mapping[str, torch.Tensor]]) -> ParallelLayout:
@@ -556,6 +579,42 @@ def infer_layout_from_shards(shards: Mapping[ShardKey, Mapping[str, torch.Tensor
     return ParallelLayout(tp=tp, pp=pp, vp=vp, layernorm_naming="te" if te else "local")
 
 
+def iter_megatron_to_hf(shards: Mapping[ShardKey, Mapping[str, torch.Tensor]], hf_config,
+                        layout: Optional[ParallelLayout] = None, spec: Optional[ArchitectureSpec] = None,
+                        check_unknown: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` rule by rule from per-rank Megatron state dicts (streaming form of
+    :func:`megatron_to_hf_state_dict`; only one rule's tensors are materialised at a time)."""
+    from checkpoints_convert import mapping_for_config
+
+    spec = spec or mapping_for_config(hf_config)
+    dims = dims_from_config(spec, hf_config)
+    layout = layout or infer_layout_from_shards(shards)
+    first = shards[shard_key(layout, 0, 0, 0)]
+    vision = sorted(n[len("vision_model."):] for n in first if n.startswith("vision_model."))
+    rules = tensor_rules(spec, dims, layout, vision)
+    if check_unknown:
+        expected: dict[ShardKey, set] = {k: set() for k in shards}
+        for rule in rules:
+            for tp_rank in range(layout.tp):
+                expected.setdefault(shard_key(layout, rule.pp_rank, tp_rank, rule.vp_stage), set()).add(rule.megatron_name)
+        for key, state in shards.items():
+            extra = sorted(n for n in state if n not in expected[key] and not n.endswith("_extra_state"))
+            if extra:
+                raise ValueError(f"Megatron shard {key} has tensors the {spec.name} mapping does not know: {extra[:8]}")
+    for rule in rules:
+        names = rule_output_hf_names(rule, dims)
+        if not names:
+            continue
+        pieces = []
+        for tp_rank in range(layout.tp):
+            key = shard_key(layout, rule.pp_rank, tp_rank, rule.vp_stage)
+            state = shards.get(key)
+            if state is None or rule.megatron_name not in state:
+                raise ValueError(f"Megatron tensor {rule.megatron_name} missing from shard {key}")
+            pieces.append(state[rule.megatron_name])
+        yield from zip(names, rule_to_hf_tensors(rule, pieces, dims))
+
+
 def megatron_to_hf_state_dict(shards: Mapping[ShardKey, Mapping[str, torch.Tensor]], hf_config, tp: Optional[int] = None,
                               pp: Optional[int] = None, vp: Optional[int] = None,
                               spec: Optional[ArchitectureSpec] = None) -> dict[str, torch.Tensor]:
@@ -564,33 +623,7 @@ def megatron_to_hf_state_dict(shards: Mapping[ShardKey, Mapping[str, torch.Tenso
     tp / pp / vp and the layernorm naming default to what the shard keys show. Tied models get no
     ``lm_head.weight`` (as ``save_pretrained`` writes them). ValueError on missing or unknown tensors.
     """
-    from checkpoints_convert import mapping_for_config
-
-    spec = spec or mapping_for_config(hf_config)
-    dims = dims_from_config(spec, hf_config)
     inferred = infer_layout_from_shards(shards)
     layout = ParallelLayout(tp=tp or inferred.tp, pp=pp or inferred.pp, vp=vp if vp is not None else inferred.vp,
                             layernorm_naming=inferred.layernorm_naming)
-    first = shards[shard_key(layout, 0, 0, 0)]
-    vision = sorted(n[len("vision_model."):] for n in first if n.startswith("vision_model."))
-    rules = tensor_rules(spec, dims, layout, vision)
-    hf: dict[str, torch.Tensor] = {}
-    used: dict[ShardKey, set] = {k: set() for k in shards}
-    for rule in rules:
-        pieces = []
-        for tp_rank in range(layout.tp):
-            key = shard_key(layout, rule.pp_rank, tp_rank, rule.vp_stage)
-            state = shards.get(key)
-            if state is None or rule.megatron_name not in state:
-                raise ValueError(f"Megatron tensor {rule.megatron_name} missing from shard {key}")
-            pieces.append(state[rule.megatron_name])
-            used[key].add(rule.megatron_name)
-        names = rule_output_hf_names(rule, dims)
-        if names:
-            for name, tensor in zip(names, rule_to_hf_tensors(rule, pieces, dims)):
-                hf[name] = tensor
-    for key, state in shards.items():
-        extra = sorted(n for n in state if n not in used[key] and not n.endswith("_extra_state"))
-        if extra:
-            raise ValueError(f"Megatron shard {key} has tensors the {spec.name} mapping does not know: {extra[:8]}")
-    return hf
+    return dict(iter_megatron_to_hf(shards, hf_config, layout, spec))
