@@ -1,0 +1,49 @@
+"""Run in a fresh process by the tests: needs a gloo world of one and Megatron's parallel state.
+
+    python megatron_worker.py names OUT.json            # GPTModel state_dict names/shapes vs the mapping
+    python megatron_worker.py convert HF_DIR CKPT HF_OUT TP   # torch_dist round trip through the CLIs' functions
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def names(out_path):
+    import torch
+
+    from checkpoints_convert import dims_from_config, get_mapping, hf_to_megatron_state_dicts, padded_vocab_size
+    from checkpoints_convert.megatron_io import build_template_gpt
+    from tiny_models import build_model
+
+    report = {}
+    for arch, tie in [("qwen2", False), ("qwen3", True), ("qwen2_5_vl", True), ("qwen3_vl", False)]:
+        model = build_model(arch, tie=tie)
+        spec = get_mapping(arch)
+        dims = dims_from_config(spec, model.config)
+        ours = hf_to_megatron_state_dicts(model.state_dict(), model.config, tp=1, pp=1)[(0, 0)]
+        ours = {k: list(v.shape) for k, v in ours.items() if not k.startswith("vision_model.")}
+        gpt = build_template_gpt(dims, padded_vocab_size(dims.vocab_size, 1))
+        theirs = {k: list(v.shape) for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+        report[f"{arch}_{tie}"] = {"ours": ours, "megatron": theirs}
+    with open(out_path, "w") as handle:
+        json.dump(report, handle)
+
+
+def convert(hf_dir, ckpt, hf_out, tp):
+    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+
+    convert_hf_to_megatron(hf_dir, ckpt, tp=int(tp), pp=1, show_progress=False)
+    convert_megatron_to_hf(ckpt, hf_out, max_shard_bytes=100_000, show_progress=False)
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "names":
+        names(*args)
+    else:
+        for i in range(0, len(args), 4):
+            convert(*args[i:i + 4])
