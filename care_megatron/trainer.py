@@ -187,8 +187,13 @@ class RLTrainer:
         f = lambda name: torch.tensor([float(getattr(r, name)) for r in rollouts])  # noqa: E731
         metrics = advantage_diagnostics(f("reward"), f("accuracy"), advantages, f("format"), f("think_length"),
                                         f("answer_length"), info if self.method == "care" else None)
+        # Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
+        # fractions are rebuilt from summed counts, and per-micro-batch means are averaged.
+        summed = {k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "ratio_"))}
+        metrics.update(summed)
         metrics.update(clip_fractions(result.metrics))
-        metrics.update({k: v for k, v in result.metrics.items() if not k.startswith("count/")})
+        parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
+        metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
         metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate,
                        skipped=float(result.skipped), **extra)
         metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))

@@ -148,6 +148,7 @@ class TorchBackend:
             total_loss += float(loss.detach())
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
+            metrics["micro_batches"] = metrics.get("micro_batches", 0.0) + 1.0
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)) if params and finite else float("nan")
         lr = self.optimizer.param_groups[0]["lr"]
