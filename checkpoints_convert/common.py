@@ -627,3 +627,37 @@ def megatron_to_hf_state_dict(shards: Mapping[ShardKey, Mapping[str, torch.Tenso
     layout = ParallelLayout(tp=tp or inferred.tp, pp=pp or inferred.pp, vp=vp if vp is not None else inferred.vp,
                             layernorm_naming=inferred.layernorm_naming)
     return dict(iter_megatron_to_hf(shards, hf_config, layout, spec))
+
+
+def hf_to_megatron_rank_state_dict(hf_state_dict: Mapping[str, torch.Tensor], hf_config, tp_size: int, tp_rank: int,
+                                   padded_vocab: Optional[int] = None, pp_size: int = 1, pp_rank: int = 0,
+                                   vp_size: Optional[int] = None, vp_stage: int = 0, *,
+                                   language_prefix: str = "language_model.", vision_prefix: str = "vision.",
+                                   layernorm_naming: str = "local",
+                                   spec: Optional[ArchitectureSpec] = None) -> dict[str, torch.Tensor]:
+    """The state dict of ONE rank's model chunk, named for a model that nests the ``GPTModel`` under
+    ``language_prefix`` and the vision tower (``vision_model.*``) under ``vision_prefix``.
+
+    The defaults match ``care_megatron.training.megatron.model_provider.QwenVLMegatronModel``
+    (``language_model.decoder.layers...``, ``vision.vision_model.blocks...``); pass empty prefixes for a
+    bare ``GPTModel``. ``padded_vocab`` overrides the ``128 * tp`` padding. Only this rank's pipeline
+    stage is converted.
+    """
+    from checkpoints_convert import mapping_for_config
+
+    spec = spec or mapping_for_config(hf_config)
+    dims = dims_from_config(spec, hf_config)
+    layout = ParallelLayout(tp=tp_size, pp=pp_size, vp=vp_size, layernorm_naming=layernorm_naming,
+                            padded_vocab=padded_vocab)
+    names = canonicalise_hf_names(spec, hf_state_dict.keys())
+    rules = tensor_rules(spec, dims, layout, vision_names_of(spec, names))
+    check_coverage(spec, dims, rules, names)
+    out = {}
+    for rule in rules:
+        if rule.pp_rank != pp_rank or rule.vp_stage != vp_stage:
+            continue
+        tensors = [hf_state_dict[names[n]] for n in rule.hf_names]
+        piece = rule_to_megatron_shards(rule, tensors, dims, layout)[tp_rank]
+        prefix = vision_prefix if rule.megatron_name.startswith("vision_model.") else language_prefix
+        out[prefix + rule.megatron_name] = piece
+    return out

@@ -22,3 +22,11 @@ SPEC = ArchitectureSpec(
     lm_aliases=("model.language_model.",),
     vision_aliases=("model.visual.",),
 )
+
+
+def hf_to_megatron(hf_state_dict, hf_config, tp_size: int, tp_rank: int, padded_vocab=None, **kwargs):
+    """One rank's Megatron state dict of this architecture (see
+    :func:`checkpoints_convert.common.hf_to_megatron_rank_state_dict` for the names and options)."""
+    from checkpoints_convert.common import hf_to_megatron_rank_state_dict
+
+    return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab, spec=SPEC, **kwargs)

@@ -74,3 +74,17 @@ def text_inputs(seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, 300, (2, 12), generator=generator)
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+
+
+def module_from_state_dict(state_dict) -> "torch.nn.Module":
+    """An ``nn.Module`` tree whose ``named_parameters()`` are exactly ``state_dict`` (copies)."""
+    root = torch.nn.Module()
+    for name, tensor in state_dict.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(tensor.clone(), requires_grad=False))
+    return root
