@@ -14,8 +14,7 @@ packing = pytest.importorskip("care_megatron.data.packing")
 torch_backend = pytest.importorskip("care_megatron.training.torch_backend")
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("arch,temperature", [("qwen2_5_vl", 1.0), ("qwen3_vl", 0.6)])
 def test_engine_logprobs_match_trainer_logprobs(arch, temperature):
     from care_megatron.config.schema import ModelConfig
 
