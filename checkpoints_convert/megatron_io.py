@@ -42,6 +42,11 @@ from checkpoints_convert.common import (ArchitectureSpec, LanguageModelDims, Par
 CONVERSION_FILE = "conversion.json"
 RELEASE_DIR = "release"
 HF_ASSETS_DIR = "hf"
+# Key prefixes of the torch_dist checkpoint: those of QwenVLMegatronModel's sharded state dict
+# (care_megatron/training/megatron/checkpoint.py: ``language_model.`` + GPTModel keys, ``vision.`` +
+# ``vision_model.*``), so a converted checkpoint loads straight into the Megatron backend.
+LANGUAGE_KEY_PREFIX = "language_model."
+VISION_KEY_PREFIX = "vision."
 
 
 def _require_megatron():
@@ -110,15 +115,17 @@ def _cpu_safe_dist_checkpointing():
         torch.cuda.synchronize, torch.cuda.current_device = originals
 
 
-def _vision_sharded_tensors(vision: Mapping[str, torch.Tensor]) -> dict:
+def _vision_sharded_tensors(vision: Mapping[str, torch.Tensor], prefix: str) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    return {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in vision.items()}
+    return {prefix + name: ShardedTensor.from_rank_offsets(prefix + name, tensor, replica_id=0)
+            for name, tensor in vision.items()}
 
 
 def save_torch_dist(out_dir: str, rules: list[TensorRule], fetch_hf: Callable[[TensorRule], list[torch.Tensor]],
                     spec: ArchitectureSpec, dims: LanguageModelDims, target_tp: int, dtype: torch.dtype,
-                    rms_norm_eps: float, progress: Optional[Callable[[TensorRule], None]] = None) -> dict:
+                    rms_norm_eps: float, progress: Optional[Callable[[TensorRule], None]] = None,
+                    language_prefix: str = LANGUAGE_KEY_PREFIX, vision_prefix: str = VISION_KEY_PREFIX) -> dict:
     """Fill a template GPTModel rule by rule (``rules`` at TP = PP = 1) and save it as ``torch_dist``.
 
     ``fetch_hf(rule)`` returns the rule's HF tensors (read lazily); each is copied into the template
@@ -144,34 +151,61 @@ def save_torch_dist(out_dir: str, rules: list[TensorRule], fetch_hf: Callable[[T
                 target.copy_(tensor)
             if progress is not None:
                 progress(rule)
-    sharded = model.sharded_state_dict()
-    sharded.update(_vision_sharded_tensors(vision))
+    sharded = model.sharded_state_dict(prefix=language_prefix)
+    sharded.update(_vision_sharded_tensors(vision, vision_prefix))
     checkpoint_dir = os.path.join(out_dir, RELEASE_DIR)
     os.makedirs(checkpoint_dir, exist_ok=True)
     with _cpu_safe_dist_checkpointing():
         dist_checkpointing.save(sharded, checkpoint_dir)
     with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as handle:
         handle.write("release")
-    return {"format": "torch_dist", "padded_vocab_size": padded, "vision_names": sorted(vision)}
+    return {"format": "torch_dist", "padded_vocab_size": padded, "vision_names": sorted(vision),
+            "language_key_prefix": language_prefix, "vision_key_prefix": vision_prefix}
+
+
+def torch_dist_layout(ckpt_dir: str, language_prefix: str = LANGUAGE_KEY_PREFIX,
+                      vision_prefix: str = VISION_KEY_PREFIX) -> tuple[int, list[str]]:
+    """(padded vocab, vision tensor names ``vision_model.*``) read from a torch_dist checkpoint's metadata.
+
+    Lets :func:`load_torch_dist` read checkpoints the training backend saved itself (no
+    ``conversion.json``), e.g. ``<run>/checkpoints/step_N/model``.
+    """
+    from megatron.core import dist_checkpointing
+
+    with _cpu_safe_dist_checkpointing():
+        metadata = dist_checkpointing.load_tensors_metadata(_release(ckpt_dir))
+    embedding = metadata.get(language_prefix + "embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ValueError(f"{ckpt_dir}: no {language_prefix}embedding.word_embeddings.weight in the checkpoint "
+                         f"(keys look like {sorted(metadata)[:3]}); wrong key prefixes?")
+    vision = sorted(k[len(vision_prefix):] for k in metadata if k.startswith(vision_prefix + "vision_model."))
+    return int(embedding.global_shape[0]), vision
 
 
 def load_torch_dist(ckpt_dir: str, dims: LanguageModelDims, padded_vocab: int, vision_names: Iterable[str],
-                    dtype: torch.dtype, rms_norm_eps: float) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, rms_norm_eps: float, language_prefix: str = LANGUAGE_KEY_PREFIX,
+                    vision_prefix: str = VISION_KEY_PREFIX) -> dict[str, torch.Tensor]:
     """Load a ``torch_dist`` checkpoint into TP = PP = 1 names (the ``(0, 0)`` shard of the mapping)."""
     from megatron.core import dist_checkpointing
 
     model = build_template_gpt(dims, padded_vocab, dtype, rms_norm_eps)
-    sharded = model.sharded_state_dict()
-    placeholders = {name: torch.empty(0) for name in vision_names}
-    if placeholders:
-        metadata = dist_checkpointing.load_tensors_metadata(_release(ckpt_dir))
-        placeholders = {name: torch.empty(metadata[name].global_shape, dtype=metadata[name].dtype)
-                        for name in placeholders}
-        sharded.update(_vision_sharded_tensors(placeholders))
+    sharded = model.sharded_state_dict(prefix=language_prefix)
+    vision_names = list(vision_names)
+    placeholders = {}
+    if vision_names:
+        with _cpu_safe_dist_checkpointing():
+            metadata = dist_checkpointing.load_tensors_metadata(_release(ckpt_dir))
+        placeholders = {name: torch.empty(metadata[vision_prefix + name].global_shape,
+                                          dtype=metadata[vision_prefix + name].dtype) for name in vision_names}
+        sharded.update(_vision_sharded_tensors(placeholders, vision_prefix))
     with _cpu_safe_dist_checkpointing():
         loaded = dist_checkpointing.load(sharded, _release(ckpt_dir))
-    vision = {name: loaded.pop(name) for name in placeholders}
-    model.load_state_dict(loaded, strict=True)
+    vision = {name: loaded.pop(vision_prefix + name) for name in placeholders}
+    language = {k[len(language_prefix):]: v for k, v in loaded.items() if k.startswith(language_prefix)}
+    missing, _ = model.load_state_dict(language, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"{ckpt_dir} lacks {missing[:4]}")
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()
              if torch.is_tensor(tensor) and not name.endswith("_extra_state")}
     state.update(vision)

@@ -25,13 +25,27 @@ from checkpoints_convert.hf_io import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensor
 
 
 def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                           dtype: Optional[str] = None, show_progress: bool = True) -> list[str]:
-    """Convert ``ckpt_dir`` into the HF directory ``out_dir``; returns the safetensors file names."""
+                           dtype: Optional[str] = None, show_progress: bool = True,
+                           hf_config_dir: Optional[str] = None) -> list[str]:
+    """Convert ``ckpt_dir`` into the HF directory ``out_dir``; returns the safetensors file names.
+
+    ``hf_config_dir`` (config, tokenizer, processor files) is required for a checkpoint the training
+    backend saved itself (no ``conversion.json``) and overrides the recorded assets otherwise.
+    """
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    metadata = megatron_io.read_conversion_metadata(ckpt_dir)
-    assets = os.path.join(ckpt_dir, metadata.get("hf_assets", megatron_io.HF_ASSETS_DIR))
+    if os.path.exists(os.path.join(ckpt_dir, megatron_io.CONVERSION_FILE)):
+        metadata = megatron_io.read_conversion_metadata(ckpt_dir)
+        assets = hf_config_dir or os.path.join(ckpt_dir, metadata.get("hf_assets", megatron_io.HF_ASSETS_DIR))
+    elif hf_config_dir is not None:
+        # A checkpoint the Megatron training backend saved (e.g. <run>/checkpoints/step_N/model):
+        # everything but the config is in the torch_dist metadata.
+        metadata = _metadata_from_training_checkpoint(ckpt_dir, hf_config_dir)
+        assets = hf_config_dir
+    else:
+        raise FileNotFoundError(f"{ckpt_dir} has no {megatron_io.CONVERSION_FILE}; for a checkpoint saved by the "
+                                "training backend pass --hf-config DIR (the run's HF config / tokenizer directory)")
     hf_config = AutoConfig.from_pretrained(assets)
     spec = get_mapping(metadata["architecture"])
     dims = dims_from_config(spec, hf_config)
@@ -40,8 +54,11 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = D
                          f"checkpoint ({metadata['num_layers']} layers, vocab {metadata['vocab_size']})")
     stored_dtype = torch_dtype_of(metadata["dtype"])
     if metadata["format"] == "torch_dist":
+        language_prefix = metadata.get("language_key_prefix", megatron_io.LANGUAGE_KEY_PREFIX)
+        vision_prefix = metadata.get("vision_key_prefix", megatron_io.VISION_KEY_PREFIX)
         state = megatron_io.load_torch_dist(ckpt_dir, dims, metadata["padded_vocab_size"], metadata["vision_names"],
-                                            stored_dtype, getattr(text_config_of(hf_config), "rms_norm_eps", 1e-6))
+                                            stored_dtype, getattr(text_config_of(hf_config), "rms_norm_eps", 1e-6),
+                                            language_prefix, vision_prefix)
         layout = ParallelLayout(tp=1, pp=1, padded_vocab=metadata["padded_vocab_size"])
         shards = {(0, 0): state}
     elif metadata["format"] == "legacy":
@@ -62,6 +79,22 @@ def convert_megatron_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = D
     return files
 
 
+def _metadata_from_training_checkpoint(ckpt_dir: str, hf_config_dir: str) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from checkpoints_convert import mapping_for_config
+
+    hf_config = AutoConfig.from_pretrained(hf_config_dir)
+    spec = mapping_for_config(hf_config)
+    dims = dims_from_config(spec, hf_config)
+    padded, vision = megatron_io.torch_dist_layout(ckpt_dir)
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    return {"format": "torch_dist", "architecture": spec.name, "padded_vocab_size": padded, "vision_names": vision,
+            "dtype": str(dtype).replace("torch.", ""), "num_layers": dims.num_layers, "vocab_size": dims.vocab_size}
+
+
 def _set_config_dtype(out_dir: str, dtype_name: str) -> None:
     import json
 
@@ -79,11 +112,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output Hugging Face directory")
     parser.add_argument("--max-shard-size-mb", type=int, default=DEFAULT_MAX_SHARD_BYTES >> 20)
     parser.add_argument("--dtype", default=None, help="cast weights (bfloat16, float16, float32); default: as stored")
+    parser.add_argument("--hf-config", default=None,
+                        help="HF config/tokenizer directory (needed for checkpoints saved by the training backend)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         files = convert_megatron_to_hf(args.ckpt, args.out, args.max_shard_size_mb << 20, args.dtype,
-                                       not args.no_progress)
+                                       not args.no_progress, args.hf_config)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
