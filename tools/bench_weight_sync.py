@@ -4,6 +4,7 @@ Measures, in one run on one device, GB/s (1e9 bytes / s) of:
 
 * ``plain_copy``: ``dst.copy_(src)`` tensor by tensor into preallocated tensors of the same shapes on
   the same device: the ceiling any sync path can reach;
+* ``export_only``: the weight source alone (buckets produced and dropped);
 * ``export_update_hf``: the HF-engine path the embedded default runs every step: weights streamed
   out as Hugging-Face-named buckets, then ``HFRolloutEngine.update_weights`` (name mapping, shape
   check, in-place copy into the rollout model);
@@ -12,9 +13,10 @@ Measures, in one run on one device, GB/s (1e9 bytes / s) of:
   copied into the rollout model as SGLang's loader does. The IPC hand-off and SGLang's own loader
   are not included (they need SGLang on a GPU).
 
-The weight source is ``care_megatron.training.megatron.weight_export`` when that module provides
-``iter_hf_weight_buckets(model, bucket_bytes)``; otherwise the trainer model's ``state_dict``
-grouped into buckets (``sglang_engine.bucket_named_tensors``); the output says which.
+The weight source is ``care_megatron.training.megatron.weight_export.export_hf_weights`` run on the
+trainer's weights converted to Megatron layout in this process (TP = PP = 1: the un-fusing of QKV
+and gate/up and the vocab un-padding are timed, the TP / PP collectives are not); when that module
+cannot be imported, the trainer model's ``state_dict`` grouped into buckets. The output says which.
 
 Usage::
 
@@ -34,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from care_megatron.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from care_megatron.rollout.hf_engine import HFRolloutEngine, checkpoint_name_to_module_name  # noqa: E402
 from care_megatron.rollout.sglang_engine import bucket_named_tensors, flatten_bucket, unflatten_bucket  # noqa: E402
 
 
@@ -71,17 +73,41 @@ def build_model(hidden: int, layers: int, vocab: int, dtype: torch.dtype, device
     return model.to(dtype).eval()
 
 
+def module_from_state_dict(state_dict: dict) -> torch.nn.Module:
+    """An ``nn.Module`` tree whose ``named_parameters()`` are ``state_dict`` (the tensors themselves)."""
+    root = torch.nn.Module()
+    for name, tensor in state_dict.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    return root
+
+
 def weight_source(model: torch.nn.Module, bucket_bytes: int):
-    """(description, callable returning an iterator of buckets)."""
+    """(description, callable returning an iterator of HF-named buckets).
+
+    Preferred: the Megatron exporter on the trainer's weights converted to Megatron layout (fused
+    QKV, fused gate/up, padded vocab) in this one process (TP = PP = 1), so the timed path includes
+    un-fusing them back to HF tensors. Fallback: the HF state dict in buckets.
+    """
     try:
-        from care_megatron.training.megatron import weight_export  # noqa: F401
-    except Exception:  # absent or not importable here: fall back, and say so
-        weight_export = None
-    if weight_export is not None and hasattr(weight_export, "iter_hf_weight_buckets"):
-        return ("care_megatron.training.megatron.weight_export.iter_hf_weight_buckets",
-                lambda: weight_export.iter_hf_weight_buckets(model, bucket_bytes))
-    why = "absent" if weight_export is None else "present without iter_hf_weight_buckets(model, bucket_bytes)"
-    return (f"model.state_dict() in buckets (weight_export {why})",
+        from care_megatron.training.megatron.weight_export import export_hf_weights
+        from checkpoints_convert import get_mapping
+        from checkpoints_convert.common import hf_to_megatron_rank_state_dict
+    except Exception as exc:  # absent or not importable here: fall back, and say so
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        config = model.config
+        megatron_state = hf_to_megatron_rank_state_dict(
+            {n: t.detach() for n, t in model.state_dict().items()}, config, 1, 0, spec=get_mapping(config.model_type))
+        megatron_model = module_from_state_dict(megatron_state)
+        return ("care_megatron.training.megatron.weight_export.export_hf_weights (Megatron layout, TP=PP=1)",
+                lambda: export_hf_weights(megatron_model, config, bucket_bytes))
+    return (f"model.state_dict() in buckets (weight_export unavailable: {why})",
             lambda: bucket_named_tensors(((n, t.detach()) for n, t in model.state_dict().items()), bucket_bytes))
 
 
@@ -130,6 +156,10 @@ def main(argv=None) -> dict:
         for d, s in zip(dst, src):
             d.copy_(s)
 
+    def export_only():
+        for bucket in source():
+            del bucket
+
     def export_update_hf():
         engine.update_weights(pair for bucket in source() for pair in bucket)
 
@@ -143,10 +173,11 @@ def main(argv=None) -> dict:
         for bucket in source():
             flat, meta = flatten_bucket(bucket, Meta)
             for name, tensor in unflatten_bucket(flat, meta):
-                rollout_params[name].data.copy_(tensor)
+                rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
 
     results = {}
-    for label, fn in (("plain_copy", plain_copy), ("export_update_hf", export_update_hf), ("flattened_bucket", flattened_bucket)):
+    for label, fn in (("plain_copy", plain_copy), ("export_only", export_only), ("export_update_hf", export_update_hf),
+                      ("flattened_bucket", flattened_bucket)):
         seconds = timed(fn, device, args.repeats)
         results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
     # The sync must actually have synced: rollout == trainer afterwards.
