@@ -40,10 +40,23 @@ def convert(hf_dir, ckpt, hf_out, tp):
     convert_megatron_to_hf(ckpt, hf_out, max_shard_bytes=100_000, show_progress=False)
 
 
+def backend_fixture_checkpoint(hf_dir, ckpt, tp):
+    """Save the Megatron backend's tiny Qwen2.5-VL fixture as an HF dir and convert it (torch_dist)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "megatron"))
+    from _megatron_fixtures import tiny_hf_model
+
+    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+
+    tiny_hf_model(tie=False).save_pretrained(hf_dir)
+    convert_hf_to_megatron(hf_dir, ckpt, tp=int(tp), show_progress=False)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "names":
         names(*args)
+    elif command == "backend_fixture":
+        backend_fixture_checkpoint(*args)
     else:
         for i in range(0, len(args), 4):
             convert(*args[i:i + 4])
