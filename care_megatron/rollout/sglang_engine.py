@@ -604,7 +604,10 @@ class SGLangRolloutEngine:
     def wake(self, tags: list[str] | None = None) -> None:
         """Re-allocate weights and KV cache (``tags`` e.g. ``["weights"]`` then ``["kv_cache"]`` to
         keep the peak low while weights stream in)."""
-        self.engine.resume_memory_occupation(tags) if tags is not None else self.engine.resume_memory_occupation()
+        if tags is None:
+            self.engine.resume_memory_occupation()
+        else:
+            self.engine.resume_memory_occupation(tags)
         if tags is None or "kv_cache" in tags:
             self.asleep = False
 
