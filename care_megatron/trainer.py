@@ -258,10 +258,28 @@ class RLTrainer:
             raise
         finally:
             logger.close()
+        self.save_final_policy()
         from care_megatron.plotting import plot_run
 
         plot_run(self.out / "metrics.jsonl", self.out / "curves.png")
         return last
+
+    def save_final_policy(self) -> None:
+        """The trained policy as a Hugging Face directory (``<output_dir>/final``), loadable by
+        ``from_pretrained``, ``care-eval --checkpoint`` and SGLang; filled through the weight export."""
+        from care_megatron.sft import save_policy
+
+        state = {name: t for bucket in self.backend.export_weights() for name, t in bucket}
+        if not is_main_process():
+            return
+        self.model.load_state_dict(state)
+        save_policy(self.model, self.tokenizer, self.out / "final")
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def policy_model_config(config: RunConfig):

@@ -77,6 +77,12 @@ def test_sft_then_rl_runs_and_learns_something(tmp_path, algorithm):
     assert (tmp_path / "checkpoints" / "step_000002" / "trainer.pt").exists()
     if algorithm == "care":
         assert "rescue/rate" in rows[0] and "kprime/mean" in rows[0]
+    # the final policy is a Hugging Face directory that care-eval scores
+    from care_megatron.evaluation.run import run_evaluation
+
+    report = run_evaluation(config, checkpoint=str(tmp_path / "final"), progress=False)
+    assert report.num_examples == config.data.eval_size and 0 <= report.accuracy <= 1
+    assert json.loads((tmp_path / "eval_report.json").read_text())["num_examples"] == config.data.eval_size
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):

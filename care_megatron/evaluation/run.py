@@ -1,0 +1,69 @@
+"""``care-eval``: single greedy decode per held-out / benchmark question, exact match on the answer span.
+
+The questions are ``data.tasks``' held-out split (synthetic tasks, easy-VQA's test split, or a
+``jsonl:`` benchmark file in the unified schema, e.g. MathVista-mini converted with
+``tools/prepare_data.py``). The policy is ``--checkpoint`` (a Hugging Face directory such as
+``runs/tiny_cpu/final`` or ``runs/tiny_cpu/sft``, or an RL checkpoint ``step_*`` directory), else
+``train.init_from`` / ``model.name``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from care_megatron.config.schema import RunConfig
+from care_megatron.evaluation.scoring import EvalReport, evaluate
+
+
+def _model_config(config: RunConfig, checkpoint: str | None):
+    if checkpoint and (Path(checkpoint) / "config.json").exists():
+        return dataclasses.replace(config.model, name=str(checkpoint), tokenizer=str(checkpoint)), None
+    if checkpoint and (Path(checkpoint) / "backend.pt").exists():
+        return _base_model_config(config), Path(checkpoint) / "backend.pt"
+    if checkpoint:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a Hugging Face directory (config.json) "
+                                "nor an RL checkpoint (backend.pt)")
+    return _base_model_config(config), None
+
+
+def _base_model_config(config: RunConfig):
+    from care_megatron.trainer import policy_model_config
+
+    return policy_model_config(config)
+
+
+def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: bool = True,
+                   progress: bool = True) -> EvalReport:
+    from care_megatron.data.dataset import build_records
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.rewards.registry import get_reward_fn
+    from care_megatron.rewards.verifier import VerifierConfig
+    from care_megatron.rollout.base import SamplingParams
+    from care_megatron.rollout.registry import get_rollout_engine
+
+    model_config, state_path = _model_config(config, checkpoint)
+    model, tokenizer, image_processor = build_model_and_processor(
+        model_config, device="cuda" if torch.cuda.is_available() else "cpu",
+        min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    if state_path is not None:
+        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    engine = get_rollout_engine("hf", model.eval(), tokenizer, batch_size=config.rollout.batch_size)
+    records = build_records(config.data).eval
+    if not records:
+        raise ValueError("config field 'data.eval_size': the held-out set is empty")
+    sampling = SamplingParams(temperature=0.0 if greedy else config.rollout.temperature,
+                              top_p=1.0 if greedy else config.rollout.top_p,
+                              max_new_tokens=config.rollout.max_new_tokens, stop_token_ids=engine.stop_token_ids,
+                              seed=config.train.seed)
+    reward_fn = functools.partial(get_reward_fn("verifier"),
+                                  config=VerifierConfig(format_weight=config.algorithm.format_weight))
+    report = evaluate(engine, records, tokenizer, image_processor, reward_fn, sampling,
+                      batch_size=config.rollout.batch_size, progress=progress, keep_samples=16)
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=float))
+    return report
