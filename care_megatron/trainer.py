@@ -100,10 +100,10 @@ class RLTrainer:
         with s.phase("generate"):
             rollouts = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling,
                                          self.tokenizer, self.reward_fn, step)
+            extra: dict[str, float] = {}
+            if self.method == "dapo":
+                rollouts, extra = self.dapo_dynamic_sampling(rollouts, sampling, step)
         self.trainer_phase(s, "")
-        extra: dict[str, float] = {}
-        if self.method == "dapo":
-            rollouts, extra = self.dapo_shape_and_filter(rollouts)
         sequences = [to_sequence(r, i) for i, r in enumerate(rollouts)]
         with s.phase("logprobs"):
             packed = self.pack(sequences)
@@ -169,19 +169,35 @@ class RLTrainer:
         inputs = AdvantageInputs(**advantage_inputs(rollouts, embeddings))
         return self.advantage_fn(inputs, self.care_config)
 
-    def dapo_shape_and_filter(self, rollouts):
-        """DAPO (spec section 7): soft overlong penalty on the reward, then drop zero-variance groups."""
-        algo = self.config.algorithm
-        lengths = torch.tensor([len(r.completion.token_ids) for r in rollouts])
-        penalty = soft_overlong_penalty(lengths, self.config.rollout.max_new_tokens, algo.dapo_overlong_buffer,
-                                        algo.dapo_overlong_penalty)
-        for r, p in zip(rollouts, penalty.tolist()):
-            r.reward += p
-        keep, info = dynamic_sampling_filter(torch.tensor([r.group for r in rollouts]),
-                                             torch.tensor([r.reward for r in rollouts]))
-        kept = [r for r, k in zip(rollouts, keep.tolist()) if k] or rollouts  # never an empty step
-        return kept, {"dapo/dropped_groups": float(info["num_dropped_groups"]),
-                      "dapo/kept_groups": float(info["num_kept_groups"])}
+    def dapo_dynamic_sampling(self, rollouts, sampling, step: int, max_rounds: int = 2):
+        """DAPO (spec section 7): soft overlong penalty on the reward, drop groups whose rewards have zero
+        variance, refill with fresh prompts (at most ``max_rounds`` extra generations) up to
+        ``data.prompts_per_step`` groups."""
+        algo, target = self.config.algorithm, self.config.data.prompts_per_step
+        kept, dropped, rounds, fresh = [], 0, 0, rollouts
+        while True:
+            lengths = torch.tensor([len(r.completion.token_ids) for r in fresh])
+            penalty = soft_overlong_penalty(lengths, self.config.rollout.max_new_tokens, algo.dapo_overlong_buffer,
+                                            algo.dapo_overlong_penalty)
+            for r, p in zip(fresh, penalty.tolist()):
+                r.reward += p
+            keep, info = dynamic_sampling_filter(torch.tensor([r.group for r in fresh]),
+                                                 torch.tensor([r.reward for r in fresh]))
+            kept += [r for r, k in zip(fresh, keep.tolist()) if k]
+            dropped += info["num_dropped_groups"]
+            missing = target - len({r.group for r in kept})
+            if missing <= 0 or rounds == max_rounds:
+                break
+            rounds += 1
+            records = next(self.prompts)[:missing]
+            prompts = [build_prompt(r.question, r.images, self.tokenizer, self.image_processor) for r in records]
+            offset = 1 + max(r.group for r in rollouts + kept)
+            fresh = generate_rollouts(self.engine, records, prompts, self.config.rollout.group_size, sampling,
+                                      self.tokenizer, self.reward_fn, step, group_offset=offset)
+        groups = sorted({r.group for r in kept})[:target]
+        kept = [r for r in kept if r.group in set(groups)] or rollouts  # never an empty step
+        return kept, {"dapo/dropped_groups": float(dropped), "dapo/kept_groups": float(len(groups)),
+                      "dapo/refill_rounds": float(rounds)}
 
     def step_metrics(self, rollouts, advantages, info, result, extra) -> dict[str, float]:
         f = lambda name: torch.tensor([float(getattr(r, name)) for r in rollouts])  # noqa: E731

@@ -39,6 +39,7 @@ def test_overrides_are_typed_and_nested():
     ("algorithm.care={kk: 2}", "algorithm.care"),
     ("data.image_backend=opencv", "data.image_backend"),
     ("model.dtype=int8", "model.dtype"),
+    ("algorithm.dapo_overlong_buffer=100", "algorithm.dapo_overlong_buffer"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

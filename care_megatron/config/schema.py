@@ -261,3 +261,8 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
+               f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        _check(self.algorithm.dapo_overlong_buffer >= 0, "algorithm.dapo_overlong_buffer", "must be >= 0")

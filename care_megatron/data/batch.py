@@ -82,7 +82,7 @@ class PackedMicroBatch:
     def token_sequence_ids(self) -> torch.Tensor:
         """LongTensor[T]: position in this micro-batch (0..n-1) of each token's sequence; -1 on padding."""
         lengths = self.sequence_lengths()
-        ids = torch.repeat_interleave(torch.arange(self.num_sequences), lengths)
+        ids = torch.repeat_interleave(torch.arange(self.num_sequences, device=lengths.device), lengths)
         if self.num_pad:
             ids = torch.cat([ids, ids.new_full((self.num_pad,), -1)])
         return ids

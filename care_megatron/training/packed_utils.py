@@ -11,10 +11,10 @@ from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.rewards.regions import Region
 
 
-def sequence_start_mask(micro_batch: PackedMicroBatch) -> torch.Tensor:
+def sequence_start_mask(micro_batch: PackedMicroBatch, device: torch.device | None = None) -> torch.Tensor:
     """BoolTensor[T]: True at the first token of every sequence and on padding (no predictor there)."""
     T = micro_batch.num_tokens
-    mask = torch.zeros(T, dtype=torch.bool, device=micro_batch.input_ids.device)
+    mask = torch.zeros(T, dtype=torch.bool, device=device or micro_batch.input_ids.device)
     starts = micro_batch.cu_seqlens[:-1].long().to(mask.device)
     mask[starts] = True
     end = int(micro_batch.cu_seqlens[-1])
@@ -29,7 +29,7 @@ def align_next_token(values: torch.Tensor, micro_batch: PackedMicroBatch) -> tor
     ``input_ids`` (value at t = prediction of token t), with 0 at sequence starts and on padding.
     """
     out = torch.cat([values.new_zeros(1), values])
-    return out.masked_fill(sequence_start_mask(micro_batch), 0.0)
+    return out.masked_fill(sequence_start_mask(micro_batch, values.device), 0.0)
 
 
 def pool_think_hidden(hidden: torch.Tensor, micro_batch: PackedMicroBatch) -> torch.Tensor:

@@ -143,3 +143,20 @@ def test_golden_metrics_of_a_fixed_seed_run(tmp_path):
         assert g.keys() == w.keys()
         for k in w:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["dapo", "gspo", "dr_grpo", "rloo"])
+def test_every_baseline_runs_a_step(tmp_path, algorithm):
+    from care_megatron.trainer import train
+
+    train(small_config(tmp_path, f"algorithm.name={algorithm}", "train.steps=1", "algorithm.dapo_overlong_buffer=4"),
+          progress=False)
+    (row,) = _rl_rows(tmp_path / "metrics.jsonl")
+    _finite([row], ["loss", "grad_norm", "reward/mean", "entropy"])
+    assert "rescue/rate" not in row  # CARE-only diagnostics stay out of baseline runs
+    if algorithm == "dapo":
+        # an untrained model fails every rollout: every group has zero reward variance, is dropped,
+        # and the step refills from fresh prompts twice before giving up
+        assert row["dapo/dropped_groups"] >= 2 and row["dapo/refill_rounds"] == 2
+        assert row["kl"] == 0.0  # DAPO runs without a KL term
