@@ -17,13 +17,72 @@ def build_rollout_engine(config: RunConfig, model, tokenizer):
     if name == "hf":
         return get_rollout_engine("hf", copy.deepcopy(model).eval(), tokenizer, batch_size=config.rollout.batch_size)
     if name == "sglang":
-        from care_megatron.rollout.sglang_engine import SGLangEngineConfig, rollout_placement
-
-        placement = rollout_placement(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                                      config.rollout.tensor_parallel_size)
-        engine_config = SGLangEngineConfig(
-            model_path=config.train.init_from or config.model.name, tp_size=config.rollout.tensor_parallel_size,
-            base_gpu_id=placement.base_gpu_id, mem_fraction_static=config.rollout.mem_fraction_static,
-            dtype=config.model.dtype, random_seed=config.train.seed, weight_bucket_mb=config.rollout.weight_bucket_mb)
-        return get_rollout_engine("sglang", engine_config, tokenizer=tokenizer)
+        return _build_sglang(config, model, tokenizer)
     raise ValueError(f"unknown rollout engine {name!r}")
+
+
+def _hf_model_dir(config: RunConfig, model, tokenizer) -> str:
+    """The HF-format directory SGLang starts from: ``train.init_from`` / ``model.name`` when it is one,
+    else the initial policy written once to ``<output_dir>/hf_init`` (registry models live in memory)."""
+    for candidate in (config.train.init_from, config.model.name):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    from care_megatron.sft import save_policy
+    from care_megatron.trainer import is_main_process
+
+    path = os.path.join(config.train.output_dir, "hf_init")
+    if is_main_process():
+        save_policy(model, tokenizer, __import__("pathlib").Path(path))
+    _barrier()
+    return path
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _build_sglang(config: RunConfig, model, tokenizer):
+    """One SGLang engine per rollout-TP group, started by the group's first local rank; every trainer
+    rank talks to it through a :class:`GroupedRolloutEngine`."""
+    import torch.distributed as dist
+
+    from care_megatron.rollout.grouped import GroupedRolloutEngine, rollout_groups
+    from care_megatron.rollout.sglang_engine import SGLangEngineConfig, rollout_placement
+
+    tp = config.rollout.tensor_parallel_size
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    placement = rollout_placement(local_rank, local_world, tp)
+    model_dir = _hf_model_dir(config, model, tokenizer)
+    engine = None
+    if placement.is_engine_owner:
+        engine_config = SGLangEngineConfig(
+            model_path=model_dir, tp_size=tp, base_gpu_id=placement.base_gpu_id,
+            mem_fraction_static=config.rollout.mem_fraction_static, dtype=config.model.dtype,
+            random_seed=config.train.seed, weight_bucket_mb=config.rollout.weight_bucket_mb)
+        engine = get_rollout_engine("sglang", engine_config, tokenizer=tokenizer)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed:
+        if tp != 1:
+            raise ValueError("config field 'rollout.tensor_parallel_size': > 1 needs a torchrun launch (one rank per GPU)")
+        return engine
+    group, owner = None, None
+    for ranks in rollout_groups(dist.get_world_size(), local_world, tp):  # every rank creates every group
+        g = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            group, owner = g, ranks[0]
+    stops = [None]
+    if engine is not None:
+        stops = [engine.stop_token_ids]
+    dist.broadcast_object_list(stops, src=owner, group=group)
+    return GroupedRolloutEngine(engine, group=group, owner_rank=owner, stop_token_ids=stops[0],
+                                tp_rank=placement.tp_rank, group_size=tp,
+                                sglang_api=engine.api if engine is not None else _sglang_api())
+
+
+def _sglang_api():
+    from care_megatron.rollout.sglang_engine import load_sglang_api
+
+    return load_sglang_api()

@@ -1,0 +1,77 @@
+"""GroupedRolloutEngine: ranks of a rollout-TP group share the owner's engine (2 gloo processes)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
+from care_megatron.rollout.grouped import GroupedRolloutEngine, rollout_groups
+
+
+class EchoEngine:
+    """Deterministic engine: the completion of a request is its prompt reversed; records every call."""
+
+    def __init__(self):
+        self.calls, self.loaded, self.awake = [], {}, True
+
+    def generate(self, requests, sampling):
+        self.calls.append([r.request_id for r in requests])
+        return [Completion(r.request_id, list(reversed(r.prompt_ids)), "", [0.0] * len(r.prompt_ids), "stop")
+                for r in requests]
+
+    def update_weights(self, named):
+        self.loaded.update({n: t.clone() for n, t in named})
+
+    def sleep(self):
+        self.awake = False
+
+    def wake(self):
+        self.awake = True
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    engine = EchoEngine() if rank == 0 else None
+    grouped = GroupedRolloutEngine(engine, group=None, owner_rank=0, stop_token_ids=[7], tp_rank=rank, group_size=2)
+    requests = [GenerationRequest(f"r{rank}-{i}", prompt_ids=[rank, i, 10 + i]) for i in range(2 + rank)]
+    completions = grouped.generate(requests, SamplingParams())
+    grouped.sleep()
+    grouped.wake()
+    grouped.update_weights([("w", torch.full((2,), float(rank)))])
+    result = {"ids": [c.request_id for c in completions], "tokens": [c.token_ids for c in completions]}
+    if engine is not None:
+        result.update(calls=engine.calls, loaded=engine.loaded["w"].tolist(), awake=engine.awake)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_requests_are_gathered_on_the_owner_and_completions_scattered_back(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["ids"] == ["r0-0", "r0-1"] and r1["ids"] == ["r1-0", "r1-1", "r1-2"]
+    assert r1["tokens"] == [[10, 0, 1], [11, 1, 1], [12, 2, 1]]
+    # the owner decoded the whole group's requests in one call, in rank order
+    assert r0["calls"] == [["r0-0", "r0-1", "r1-0", "r1-1", "r1-2"]]
+    assert r0["loaded"] == [0.0, 0.0] and r0["awake"] is True  # the owner loads its own copy
+
+
+def test_rollout_groups_tile_nodes():
+    assert rollout_groups(8, 4, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError):
+        rollout_groups(8, 4, 3)
+
+
+def test_only_the_owner_holds_the_engine():
+    with pytest.raises(ValueError, match="owner"):
+        GroupedRolloutEngine(None, group=None, owner_rank=0, stop_token_ids=[], tp_rank=0, group_size=2)
