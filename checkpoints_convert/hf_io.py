@@ -16,9 +16,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 class LazySafetensors(Mapping):
     """Read-only mapping ``name -> tensor`` over an HF directory's safetensors files.
 
-    Nothing is read until a tensor is requested; each request reads that one tensor from its file
-    (``safe_open`` memory-maps the file), so converting tensor by tensor keeps at most the tensors
-    in flight in memory, never a second copy of the checkpoint.
+    Nothing is read until a tensor is requested; each request opens the file, copies that one
+    tensor out and closes (unmaps) it again, so converting tensor by tensor keeps at most the tensors
+    in flight in memory, never a second copy of the checkpoint (a cached memory map would keep every
+    page read so far resident). Re-opening costs one header parse per tensor.
     """
 
     def __init__(self, directory: str):
@@ -36,19 +37,13 @@ class LazySafetensors(Mapping):
         else:
             raise FileNotFoundError(f"{directory} holds neither model.safetensors nor model.safetensors.index.json "
                                     "(only safetensors checkpoints are supported)")
-        self._handles: dict = {}
-
-    def _handle(self, filename: str):
+    def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        if filename not in self._handles:
-            self._handles[filename] = safe_open(os.path.join(self.directory, filename), "pt")
-        return self._handles[filename]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
             raise KeyError(name)
-        return self._handle(self._file_of[name]).get_tensor(name)
+        with safe_open(os.path.join(self.directory, self._file_of[name]), "pt") as handle:
+            return handle.get_tensor(name).clone()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -58,12 +53,15 @@ class LazySafetensors(Mapping):
 
     def dtype(self) -> torch.dtype:
         """dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
-        for name in self._file_of:
-            handle = self._handle(self._file_of[name])
-            tensor = handle.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(tensor.get_dtype())
-            if dtype is not None:
-                return dtype
+        from safetensors import safe_open
+
+        for filename in sorted(set(self._file_of.values())):
+            with safe_open(os.path.join(self.directory, filename), "pt") as handle:
+                for name in handle.keys():
+                    dtype = {"F32": torch.float32, "BF16": torch.bfloat16,
+                             "F16": torch.float16}.get(handle.get_slice(name).get_dtype())
+                    if dtype is not None:
+                        return dtype
         return torch.float32
 
 
