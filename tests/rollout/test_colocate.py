@@ -72,7 +72,7 @@ class BucketBackend:
 
 
 def test_sync_weights_into_hf_engine(tokenizer):
-    from conftest import build_model
+    from _rollout_helpers import build_model
 
     source, target = build_model(tokenizer, seed=1), build_model(tokenizer, seed=2)
     sent = sync_weights(BucketBackend(source), HFRolloutEngine(target, tokenizer), bucket_bytes=4096)

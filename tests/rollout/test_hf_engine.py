@@ -6,7 +6,7 @@ import torch
 
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
-from conftest import build_model, make_image, make_request
+from _rollout_helpers import build_model, make_image, make_request
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import torch
 
 from care_megatron.rollout.base import GenerationRequest, SamplingParams
 from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
-from conftest import make_image
+from _rollout_helpers import make_image
 
 registry = pytest.importorskip("care_megatron.models.registry")
 prompting = pytest.importorskip("care_megatron.data.prompting")

@@ -11,7 +11,7 @@ from care_megatron.rollout.reflection import (
     reflected_response_text,
     reflection_prefix_text,
 )
-from conftest import make_image, make_request
+from _rollout_helpers import make_image, make_request
 
 
 def test_cue_is_the_spec_text():

@@ -18,7 +18,7 @@ import torch
 
 from care_megatron.rollout import sglang_engine as se
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
-from conftest import make_image, make_request
+from _rollout_helpers import make_image, make_request
 from sglang_fakes import FakeEngine, FakeMetadata, fake_api
 
 

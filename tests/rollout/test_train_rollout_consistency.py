@@ -6,7 +6,7 @@ import torch
 from care_megatron.rollout.base import GenerationRequest, SamplingParams
 from care_megatron.rollout.hf_engine import HFRolloutEngine
 from care_megatron.rollout.mismatch import logprob_temperature, rollout_mismatch
-from conftest import make_image
+from _rollout_helpers import make_image
 
 registry = pytest.importorskip("care_megatron.models.registry")
 prompting = pytest.importorskip("care_megatron.data.prompting")
