@@ -9,6 +9,14 @@ Megatron-Core assumes CUDA in two places that matter for a CPU test run:
    ``torch.cuda.manual_seed``. On CPU we install a tracker whose named states are CPU generator
    states, so ``fork()`` works and stays deterministic per tensor-parallel rank.
 
+3. (checkpointing only) ``dist_checkpointing``'s file writer calls ``torch.cuda.synchronize()``
+   before reading tensors; on a CPU-only build that raises, so it becomes a no-op here.
+
+4. (checkpointing only) the same writer collects results through a ``multiprocessing`` Manager
+   started with the *spawn* method, which re-imports ``__main__`` and hangs or fails inside
+   spawned test workers; :func:`prepare_checkpoint_writer` pre-creates that queue with *fork*
+   (safe here: no CUDA context exists in CPU mode).
+
 Nothing else in the package patches Megatron. :func:`enable_cpu_mode` is idempotent and a no-op
 when CUDA is available (unless ``force=True``, which tests use).
 """
@@ -82,6 +90,8 @@ def enable_cpu_mode(force: bool = False) -> bool:
         return False
     # 1. Device of freshly created Megatron tensors.
     torch.cuda.current_device = _cpu_current_device
+    # 3. dist_checkpointing's writer synchronises CUDA streams; there are none on CPU.
+    torch.cuda.synchronize = lambda device=None: None
     # 2. RNG tracker: install the CPU tracker as Megatron's global one.
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -114,3 +124,15 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def prepare_checkpoint_writer() -> None:
+    """CPU mode: give dist_checkpointing's async file writer a fork-started results queue (item 4)."""
+    if not _ENABLED:
+        return
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()

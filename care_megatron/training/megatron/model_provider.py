@@ -229,7 +229,61 @@ class QwenVLMegatronModel(nn.Module):
 
             self.vision = VisionTower(hf_config.vision_config, facts.arch).to(dtype)
 
+    # --- attributes Megatron's schedules / finalize_model_grads look up on the wrapped model ---
+    @property
+    def pre_process(self) -> bool:
+        return self.language_model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages > 0 receive the previous stage's hidden states here."""
+        self.language_model.set_input_tensor(input_tensor)
+
     def output_weight(self) -> torch.Tensor:
         """This rank's [V_pad/tp, H] output projection (the embedding when tied)."""
         return self.language_model.shared_embedding_or_output_weight() if self.facts.tie_word_embeddings \
             else self.language_model.output_layer.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: the shared mapping (checkpoints_convert) uses bare GPTModel names and ``vision_model.*``;
+# this wrapper nests them under ``language_model.`` / ``vision.``.
+# ---------------------------------------------------------------------------------------------
+
+def from_mapping_name(name: str) -> str:
+    """``decoder.layers.0...`` -> ``language_model.decoder.layers.0...``; ``vision_model.x`` -> ``vision.vision_model.x``."""
+    return "vision." + name if name.startswith("vision_model.") else "language_model." + name
+
+
+def to_mapping_name(name: str) -> str:
+    """Inverse of :func:`from_mapping_name` (the names ``checkpoints_convert`` and weight export use)."""
+    if name.startswith("vision.vision_model."):
+        return name[len("vision."):]
+    if name.startswith("language_model."):
+        return name[len("language_model."):]
+    raise KeyError(f"not a QwenVLMegatronModel parameter name: {name!r}")
+
+
+def shared_mapping_state_dict(hf_state_dict: dict, hf_config, *, tp: int, tp_rank: int, pp: int = 1, pp_rank: int = 0,
+                              vp: int | None = None, vp_stage: int = 0, impl: str = "local") -> dict:
+    """This rank's model state dict through the shared HF->Megatron mapping (``checkpoints_convert``).
+
+    Converts every rank's shard and keeps this rank's (simple; a per-rank converter would save
+    host memory on very large models).
+    """
+    from checkpoints_convert import hf_to_megatron_state_dicts
+
+    shards = hf_to_megatron_state_dicts(hf_state_dict, hf_config, tp=tp, pp=pp, vp=vp,
+                                        layernorm_naming="te" if impl == "transformer_engine" else "local")
+    key = (pp_rank, tp_rank) if vp is None else (pp_rank, tp_rank, vp_stage)
+    return {from_mapping_name(n): t for n, t in shards[key].items()}

@@ -94,17 +94,24 @@ def decoder_input(model, batch: PackedMicroBatch) -> torch.Tensor:
 
 
 def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
-    """Final-norm hidden states of every packed token, [T, H], identical on every TP rank."""
+    """Final-norm hidden states of every packed token, [T, H], identical on every TP rank.
+
+    On a pipeline stage without the output layer, returns the raw stage output [T (/tp), 1, H]
+    instead (what Megatron's schedules send to the next stage); stages after the first read their
+    input from ``model.set_input_tensor``.
+    """
     from megatron.core import tensor_parallel
 
     lm = model.language_model
     if model.config.sequence_parallel and batch.num_tokens % model.config.tensor_model_parallel_size:
         raise ValueError(f"sequence parallelism needs the packed length ({batch.num_tokens}) divisible by "
                          f"tensor_model_parallel_size; pad the micro-batch")
-    hidden = decoder_input(model, batch)
+    hidden = decoder_input(model, batch) if lm.pre_process else None
     rotary = lm.rotary_pos_emb(batch.position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
-    packed = build_packed_seq_params(batch, hidden.device)
+    packed = build_packed_seq_params(batch, batch.input_ids.device)
     hidden = lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
+    if not lm.post_process:
+        return hidden
     if model.config.sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
     return hidden[:, 0, :]
@@ -127,9 +134,14 @@ def think_embeddings(hidden: torch.Tensor, batch: PackedMicroBatch) -> torch.Ten
 
 def packed_forward(model, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
     """Forward one packed micro-batch; differentiable log-probs / entropy aligned with ``input_ids``."""
+    hidden = forward_hidden(model, batch)
+    return logprobs_from_hidden(model, hidden, batch, options)
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
+    """Last-stage half of :func:`packed_forward`: hidden [T, H] -> ForwardOutputs."""
     from megatron.core import parallel_state as mps
 
-    hidden = forward_hidden(model, batch)
     positions = prediction_positions(batch).to(hidden.device)
     targets = batch.input_ids[positions + 1]
     weight = model.output_weight()

@@ -1,8 +1,7 @@
 """Shared helpers of the Megatron backend tests: a tiny random Qwen2.5-VL, packed multi-image batches,
-the HF reference log-probs, and a minimal private HF -> Megatron (local spec) weight loader.
+and the HF reference log-probs / entropy / think embeddings (per sequence, unpacked).
 
-The loader exists only until ``checkpoints_convert`` ships the shared mapping; it follows the layout
-documented in ``care_megatron/training/megatron/model_provider.py``.
+Weights reach Megatron through the shared mapping (``checkpoints_convert``), as in production.
 """
 from __future__ import annotations
 
@@ -151,89 +150,3 @@ def hf_reference(model, batch: PackedMicroBatch, with_grad_weights: torch.Tensor
         chosen = th if th.any() else response
         think[i] = hidden.detach()[chosen].mean(0)
     return logprobs, entropy, think
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
-
-
-def private_hf_to_megatron(hf_state: dict, cfg, tp_size: int, tp_rank: int, padded_vocab: int) -> dict:
-    """HF Qwen2.5-VL state dict -> this TP rank's QwenVLMegatronModel (local spec) state dict."""
-    text = cfg.text_config
-    heads, groups = text.num_attention_heads, text.num_key_value_heads
-    d = text.hidden_size // heads
-    per_group = heads // groups
-    g_lo, g_hi = tp_rank * groups // tp_size, (tp_rank + 1) * groups // tp_size
-
-    def shard(t, dim):
-        return t.chunk(tp_size, dim=dim)[tp_rank].clone()
-
-    out = {}
-    lm = "model.language_model."
-    out["language_model.embedding.word_embeddings.weight"] = shard(_pad_rows(hf_state[lm + "embed_tokens.weight"], padded_vocab), 0)
-    if not cfg.tie_word_embeddings:
-        out["language_model.output_layer.weight"] = shard(_pad_rows(hf_state["lm_head.weight"], padded_vocab), 0)
-    out["language_model.decoder.final_layernorm.weight"] = hf_state[lm + "norm.weight"].clone()
-    for i in range(text.num_hidden_layers):
-        p, m = f"{lm}layers.{i}.", f"language_model.decoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            q = hf_state[p + f"self_attn.q_proj.{kind}"]
-            k = hf_state[p + f"self_attn.k_proj.{kind}"]
-            v = hf_state[p + f"self_attn.v_proj.{kind}"]
-            rest = q.shape[1:]
-            q = q.reshape(groups, per_group * d, *rest)
-            k = k.reshape(groups, d, *rest)
-            v = v.reshape(groups, d, *rest)
-            fused = torch.cat([q, k, v], dim=1)[g_lo:g_hi]
-            out[m + f"self_attention.linear_qkv.{kind}"] = fused.reshape(-1, *rest).clone()
-        out[m + "self_attention.linear_proj.weight"] = shard(hf_state[p + "self_attn.o_proj.weight"], 1)
-        out[m + "input_layernorm.weight"] = hf_state[p + "input_layernorm.weight"].clone()
-        out[m + "pre_mlp_layernorm.weight"] = hf_state[p + "post_attention_layernorm.weight"].clone()
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([shard(hf_state[p + "mlp.gate_proj.weight"], 0),
-                                                     shard(hf_state[p + "mlp.up_proj.weight"], 0)])
-        out[m + "mlp.linear_fc2.weight"] = shard(hf_state[p + "mlp.down_proj.weight"], 1)
-    for name, t in hf_state.items():
-        if name.startswith("model.visual."):
-            out["vision.vision_model." + name[len("model.visual."):]] = t.clone()
-    return out
-
-
-def megatron_grad_to_hf(name: str, grad: torch.Tensor, cfg, tp_size: int, gather) -> dict:
-    """Inverse of the loader for gradients (full HF-shaped tensors); ``gather(t, dim)`` concatenates TP shards."""
-    text = cfg.text_config
-    heads, groups = text.num_attention_heads, text.num_key_value_heads
-    d = text.hidden_size // heads
-    per_group = heads // groups
-    lm = "model.language_model."
-    V = text.vocab_size
-    if name == "language_model.embedding.word_embeddings.weight":
-        return {lm + "embed_tokens.weight": gather(grad, 0)[:V]}
-    if name == "language_model.output_layer.weight":
-        return {"lm_head.weight": gather(grad, 0)[:V]}
-    if name == "language_model.decoder.final_layernorm.weight":
-        return {lm + "norm.weight": grad}
-    if name.startswith("vision.vision_model."):
-        return {"model.visual." + name[len("vision.vision_model."):]: grad}
-    idx = name.split(".")[3]
-    p = f"{lm}layers.{idx}."
-    tail = name.split(f"layers.{idx}.", 1)[1]
-    if tail.startswith("self_attention.linear_qkv."):
-        kind = tail.rsplit(".", 1)[1]
-        full = gather(grad, 0)
-        rest = full.shape[1:]
-        full = full.reshape(groups, (per_group + 2) * d, *rest)
-        q, k, v = full[:, :per_group * d], full[:, per_group * d:(per_group + 1) * d], full[:, (per_group + 1) * d:]
-        return {p + f"self_attn.q_proj.{kind}": q.reshape(-1, *rest), p + f"self_attn.k_proj.{kind}": k.reshape(-1, *rest),
-                p + f"self_attn.v_proj.{kind}": v.reshape(-1, *rest)}
-    if tail == "self_attention.linear_proj.weight":
-        return {p + "self_attn.o_proj.weight": gather(grad, 1)}
-    if tail == "input_layernorm.weight":
-        return {p + "input_layernorm.weight": grad}
-    if tail == "pre_mlp_layernorm.weight":
-        return {p + "post_attention_layernorm.weight": grad}
-    if tail == "mlp.linear_fc1.weight":
-        gate, up = grad.chunk(2, 0)
-        return {p + "mlp.gate_proj.weight": gather(gate.contiguous(), 0), p + "mlp.up_proj.weight": gather(up.contiguous(), 0)}
-    if tail == "mlp.linear_fc2.weight":
-        return {p + "mlp.down_proj.weight": gather(grad, 1)}
-    raise KeyError(name)

@@ -1,0 +1,377 @@
+"""``MegatronBackend``: the ``TrainingBackend`` protocol on Megatron-Core (TP / PP / DP / CP).
+
+Same contract as the plain-PyTorch backend (``care_megatron/training/base.py``), so the RL loop does
+not change. Two execution paths, chosen at start and logged:
+
+* **GPU** - the policy wrapped in Megatron DDP (``calculate_per_token_loss=True`` so gradients are
+  SUMMED over micro-batches and data-parallel ranks, the loss contract), Megatron's (distributed)
+  optimizer, and ``get_forward_backward_func()`` schedules (1F1B / interleaved for PP).
+* **CPU** (gloo) - Megatron's DDP, optimizer and schedules allocate CUDA buffers, so: a manual
+  micro-batch loop, explicit gradient all-reduce over DP (sum) and over TP for the replicated vision
+  tower (mean), ``torch.optim.AdamW`` with a TP-aware global-norm clip. TP (and DP) only.
+
+Weights come from a Hugging Face state dict through the shared mapping
+(``checkpoints_convert.hf_to_megatron_state_dicts``, names documented in ``model_provider.py``), or a
+custom converter ``(hf_state, hf_config, tp_size, tp_rank, padded_vocab) -> rank state dict``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from care_megatron.config.schema import ParallelConfig, TrainConfig
+from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
+from care_megatron.training.megatron import checkpoint as ckpt
+from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, shared_mapping_state_dict, text_facts_from_hf
+from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOptimizerAdapter, learning_rate_at
+from care_megatron.training.megatron.packed_forward import ForwardOptions, forward_hidden, logprobs_from_hidden, packed_forward
+from care_megatron.training.megatron.parallel_state import initialize_parallel
+from care_megatron.training.megatron.vision import allreduce_vision_grads_over_tp
+
+log = logging.getLogger(__name__)
+
+Converter = Callable[[dict, object, int, int, int], dict]
+
+
+@dataclass
+class MegatronBackendOptions:
+    """Backend knobs that are not part of the run config."""
+
+    logprob_chunk_tokens: int = 2048
+    """Tokens per chunk of the fused output-layer log-softmax (fp32 logits memory = chunk * V/tp * 4 B)."""
+    train_with_entropy: bool = True
+    """Compute per-token entropy in ``train_step`` forwards (the loss may use it for an entropy bonus)."""
+    force_cpu: bool = False
+    """Run the CPU path even when CUDA is available (tests)."""
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_tokens < 1:
+            raise ValueError("MegatronBackendOptions.logprob_chunk_tokens must be >= 1")
+
+
+class MegatronBackend:
+    """A Megatron-Core policy + frozen reference implementing ``TrainingBackend``."""
+
+    def __init__(self, hf_config, hf_state_dict: dict, *, parallel: ParallelConfig, train: TrainConfig,
+                 arch: str = "qwen2_5_vl", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 options: MegatronBackendOptions | None = None, state_dict_converter: Converter | None = None,
+                 with_reference: bool = True):
+        if parallel.backend != "megatron":
+            raise ValueError("config field 'parallel.backend': MegatronBackend needs backend=megatron")
+        self.options = options or MegatronBackendOptions()
+        self.parallel, self.train, self.dtype = parallel, train, dtype
+        self.dist = initialize_parallel(parallel, seed=seed, force_cpu=self.options.force_cpu)
+        self.device = self.dist["device"]
+        self.cpu_path = self.dist["cpu"]
+        self.facts = text_facts_from_hf(hf_config, arch)
+        self.policy = self._build_model(hf_config)
+        if state_dict_converter is not None:
+            rank_state = state_dict_converter(hf_state_dict, hf_config, self.dist["tp_size"], self.dist["tp_rank"],
+                                              self.policy.padded_vocab_size)
+        else:  # the shared mapping, one source of truth with weight export
+            rank_state = shared_mapping_state_dict(hf_state_dict, hf_config, tp=self.dist["tp_size"],
+                                                   tp_rank=self.dist["tp_rank"], pp=self.dist["pp_size"],
+                                                   pp_rank=self.dist["pp_rank"], impl=self.policy.impl)
+        missing, unexpected = self.policy.load_state_dict(rank_state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.reference = None
+        if with_reference:
+            # a second instance rather than deepcopy: Megatron modules hold process-group handles
+            self.reference = self._build_model(hf_config).eval()
+            self.reference.load_state_dict(self.policy.state_dict())
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+            if parallel.offload_reference_to_cpu:
+                self.reference.to("cpu")
+        self.step_count = 0
+        self._sleeping = None
+        if self.cpu_path:
+            from megatron.core import parallel_state as mps
+
+            self.model = self.policy
+            self.optimizer = CpuOptimizer(self.policy.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                          clip=train.grad_clip, tp_group=mps.get_tensor_model_parallel_group(),
+                                          tp_rank=self.dist["tp_rank"], dp_group=mps.get_data_parallel_group())
+        else:
+            self.model = self._wrap_ddp(self.policy)
+            self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
+                                                      train.grad_clip, parallel.use_distributed_optimizer)
+        log.info("MegatronBackend: %s path, TP=%d PP=%d DP=%d, layers=%s, optimizer=%s",
+                 "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"],
+                 self.policy.impl, self.optimizer.name)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _build_model(self, hf_config) -> QwenVLMegatronModel:
+        from megatron.core import parallel_state as mps
+
+        return QwenVLMegatronModel(hf_config, self.facts, self.parallel, self.dtype,
+                                   use_cpu_initialization=self.cpu_path,
+                                   pre_process=mps.is_pipeline_first_stage(),
+                                   post_process=mps.is_pipeline_last_stage()).to(self.device)
+
+    def _wrap_ddp(self, model):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        model.config.calculate_per_token_loss = True  # no 1/num_microbatches, no 1/dp: gradients are summed
+        model.config.variable_seq_lengths = True
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=self.parallel.use_distributed_optimizer,
+                                                   average_in_collective=False)
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        model.config.no_sync_func = ddp.no_sync
+        model.config.finalize_model_grads_func = self._finalize_grads_gpu
+        return ddp
+
+    def _finalize_grads_gpu(self, model_chunks, num_tokens=None, *args, **kwargs):
+        from megatron.core import parallel_state as mps
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(model_chunks, num_tokens=None)  # DP sum, SP norms, tied embeddings over PP
+        vision = self.policy.vision
+        if vision is not None:
+            for p in vision.parameters():  # Megatron DDP keeps gradients in main_grad
+                p.grad = getattr(p, "main_grad", p.grad)
+            allreduce_vision_grads_over_tp(vision, mps.get_tensor_model_parallel_group())
+
+    # ------------------------------------------------------------------ protocol: forward
+    def _module(self, name: str):
+        if name == "policy":
+            return self.policy
+        if name == "reference":
+            if self.reference is None:
+                raise ValueError("this MegatronBackend was built with with_reference=False")
+            return self.reference
+        raise ValueError(f"model must be 'policy' or 'reference', got {name!r}")
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batches: list[PackedMicroBatch], *, model: str = "policy",
+                         with_entropy: bool = False, with_think_embeddings: bool = False) -> list[ForwardOutputs]:
+        module = self._module(model)
+        offloaded = model == "reference" and self.parallel.offload_reference_to_cpu
+        if offloaded:
+            module.to(self.device)
+        was_training = module.training
+        module.eval()
+        options = ForwardOptions(with_entropy=with_entropy, with_think_embeddings=with_think_embeddings,
+                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens)
+        try:
+            if self.dist["pp_size"] > 1:
+                outputs = self._pipeline_forward_only(module, micro_batches, options)
+            else:
+                outputs = []
+                for mb in micro_batches:
+                    out = packed_forward(module, mb.to(self.device), options)
+                    outputs.append(_detach_to_cpu(out))
+        finally:
+            module.train(was_training)
+            if offloaded:
+                module.to("cpu")
+        return outputs
+
+    def _pipeline_forward_only(self, module, micro_batches, options):
+        """PP>1 no-grad pass with Megatron's schedule; results broadcast from the last stage."""
+        from megatron.core import parallel_state as mps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        results: list[ForwardOutputs] = []
+        data = iter(micro_batches)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator).to(self.device)
+            hidden = forward_hidden(module, mb)
+            if not module.post_process:
+                return hidden, lambda out: (torch.zeros((), device=self.device), {})
+            results.append(_detach_to_cpu(logprobs_from_hidden(module, hidden, mb, options)))
+            return hidden, lambda out: (torch.zeros((), device=self.device), {})
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[module],
+                                    num_microbatches=len(micro_batches),
+                                    seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
+                                    forward_only=True)
+        holder = [results if mps.is_pipeline_last_stage() else None]
+        last = mps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(holder, src=last, group=mps.get_pipeline_model_parallel_group())
+        return holder[0]
+
+    # ------------------------------------------------------------------ protocol: train
+    def train_step(self, micro_batches: list[PackedMicroBatch], loss_fn: LossFn, normalisers: dict) -> StepResult:
+        if self._sleeping is not None:
+            raise RuntimeError("train_step called while the backend sleeps; call wake() first")
+        lr = learning_rate_at(self.step_count, self.train.lr, self.train.warmup_steps)
+        self.optimizer.set_lr(lr)
+        self.optimizer.zero_grad()
+        self.policy.train()
+        options = ForwardOptions(with_entropy=self.options.train_with_entropy,
+                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens)
+        if self.cpu_path:
+            losses, metric_list = self._cpu_forward_backward(micro_batches, loss_fn, normalisers, options)
+        else:
+            losses, metric_list = self._gpu_forward_backward(micro_batches, loss_fn, normalisers, options)
+        ok, grad_norm = self.optimizer.step()
+        total_loss = torch.tensor(float(sum(losses)), dtype=torch.float64)
+        from megatron.core import parallel_state as mps
+
+        if self.dist["dp_size"] > 1:
+            dist.all_reduce(total_loss, group=mps.get_data_parallel_group())
+        metrics = _mean_metrics(metric_list)
+        if ok:
+            self.step_count += 1
+        else:
+            self.optimizer.zero_grad()
+        return StepResult(loss=float(total_loss), grad_norm=float(grad_norm), learning_rate=lr, skipped=not ok,
+                          metrics=metrics)
+
+    def _cpu_forward_backward(self, micro_batches, loss_fn, normalisers, options):
+        from megatron.core import parallel_state as mps
+
+        losses, metric_list = [], []
+        for mb in micro_batches:
+            mb = mb.to(self.device)
+            outputs = packed_forward(self.policy, mb, options)
+            loss, metrics = loss_fn(outputs, mb, normalisers)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            metric_list.append(metrics)
+        if self.policy.vision is not None:
+            allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
+        self.optimizer.reduce_grads()
+        return losses, metric_list
+
+    def _gpu_forward_backward(self, micro_batches, loss_fn, normalisers, options):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        losses, metric_list = [], []
+        data = iter(micro_batches)
+        policy = self.policy
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator).to(self.device)
+            hidden = forward_hidden(policy, mb)
+            if not policy.post_process:
+                return hidden, lambda out: (out.sum() * 0.0, {})
+            outputs = logprobs_from_hidden(policy, hidden, mb, options)
+
+            def loss_func(_output_tensor):
+                loss, metrics = loss_fn(outputs, mb, normalisers)
+                losses.append(float(loss.detach()))
+                metric_list.append(metrics)
+                # (loss, num_tokens, reporting): with calculate_per_token_loss Megatron does not rescale the loss
+                return loss, torch.ones((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
+
+            return outputs.logprobs, loss_func
+
+        self.model.zero_grad_buffer()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[self.model],
+                                    num_microbatches=len(micro_batches),
+                                    seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
+                                    forward_only=False)
+        return losses, metric_list
+
+    # ------------------------------------------------------------------ protocol: weights / checkpoints
+    def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        try:
+            from care_megatron.training.megatron import weight_export
+        except ImportError as exc:
+            raise NotImplementedError("care_megatron.training.megatron.weight_export is not available yet") from exc
+        return weight_export.export_weights(self, bucket_bytes)
+
+    def state_dict_for_checkpoint(self) -> dict:
+        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step_count}
+
+    def save_checkpoint(self, path: str) -> None:
+        ckpt.save_model(self.policy, f"{path}/model")
+        rank = dist.get_rank()
+        ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
+                                                         "step": self.step_count,
+                                                         "layout": (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])})
+
+    def load_checkpoint(self, path: str) -> None:
+        ckpt.load_model(self.policy, f"{path}/model")
+        state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
+        layout = (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])
+        if state is not None and tuple(state["layout"]) == layout:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step_count = state["step"]
+        elif state is not None:
+            log.warning("checkpoint %s was written at TP/PP/DP %s; weights resharded to %s, optimizer state reset",
+                        path, state["layout"], layout)
+            self.step_count = state["step"]
+
+    # ------------------------------------------------------------------ protocol: memory
+    def sleep(self) -> None:
+        """Move weights, gradients and optimizer state off the accelerator (no-op copy on CPU)."""
+        if self._sleeping is not None:
+            return
+        tensors = [p.data for p in self.policy.parameters()]
+        tensors += [p.grad for p in self.policy.parameters() if p.grad is not None]
+        tensors += [getattr(p, "main_grad") for p in self.policy.parameters() if getattr(p, "main_grad", None) is not None]
+        tensors += _optimizer_tensors(self.optimizer)
+        if self.reference is not None and not self.parallel.offload_reference_to_cpu:
+            tensors += [p.data for p in self.reference.parameters()]
+        self._sleeping = offload_storages(tensors)
+        if torch.cuda.is_available() and not self.cpu_path:
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self._sleeping is None:
+            return
+        restore_storages(self._sleeping)
+        self._sleeping = None
+
+
+def offload_storages(tensors) -> list:
+    """Copy each distinct storage to CPU and free it on its device (views stay valid after restore)."""
+    saved, seen = [], set()
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        backup = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu",
+                             pin_memory=storage.device.type == "cuda")
+        backup.untyped_storage().copy_(storage)
+        saved.append((storage, backup))
+        storage.resize_(0)
+    return saved
+
+
+def restore_storages(saved: list) -> None:
+    for storage, backup in saved:
+        storage.resize_(backup.numel())
+        storage.copy_(backup.untyped_storage())
+
+
+def _optimizer_tensors(optimizer) -> list:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    out = []
+    for opt in getattr(inner, "chained_optimizers", [inner]):
+        base = getattr(opt, "optimizer", opt)
+        for state in getattr(base, "state", {}).values():
+            out += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return out
+
+
+def _detach_to_cpu(out: ForwardOutputs) -> ForwardOutputs:
+    return ForwardOutputs(
+        logprobs=out.logprobs.detach().float().cpu(),
+        entropy=None if out.entropy is None else out.entropy.detach().float().cpu(),
+        think_embeddings=None if out.think_embeddings is None else out.think_embeddings.detach().float().cpu(),
+    )
+
+
+def _mean_metrics(metric_list: list[dict]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for metrics in metric_list:
+        for k, v in (metrics or {}).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: v / max(len(metric_list), 1) for k, v in sums.items()}

@@ -1,0 +1,59 @@
+"""Distributed checkpoints through ``megatron.core.dist_checkpointing``, reshardable on load.
+
+Model weights are saved as ShardedTensors with global shapes (Megatron's ``sharded_state_dict`` of
+the GPTModel; the replicated vision tower through ``make_sharded_tensors_for_checkpoint``), so a
+checkpoint written at TP=2 loads at TP=1 (or any TP dividing the heads) and vice versa. The
+optimizer state: on GPU Megatron's optimizer ``sharded_state_dict`` (same resharding); on CPU the
+plain AdamW state is saved per rank (``optim_rank{r}.pt``) and only reloads at the same layout.
+Step counters go to ``trainer_state.pt``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def model_sharded_state_dict(model) -> dict:
+    """ShardedStateDict of :class:`QwenVLMegatronModel` (language model + replicated vision)."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    sharded = model.language_model.sharded_state_dict(prefix="language_model.")
+    if model.vision is not None:
+        vision_state = model.vision.state_dict(prefix="", keep_vars=True)
+        sharded.update(make_sharded_tensors_for_checkpoint(vision_state, "vision."))
+    return sharded
+
+
+def save_model(model, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    from care_megatron.training.megatron.cpu_compat import prepare_checkpoint_writer
+
+    os.makedirs(path, exist_ok=True)
+    prepare_checkpoint_writer()
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(model), path)
+
+
+def load_model(model, path: str) -> None:
+    """Load weights saved at any TP layout into ``model`` (resharding)."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model), path)
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    real_missing = [k for k in missing if not k.endswith("_extra_state")]
+    if real_missing:
+        raise RuntimeError(f"checkpoint {path} lacks {len(real_missing)} parameters, e.g. {real_missing[:3]}")
+
+
+def save_rank_state(path: str, rank: int, state: dict) -> None:
+    os.makedirs(path, exist_ok=True)
+    torch.save(state, os.path.join(path, f"optim_rank{rank}.pt"))
+
+
+def load_rank_state(path: str, rank: int) -> dict | None:
+    file = os.path.join(path, f"optim_rank{rank}.pt")
+    return torch.load(file, map_location="cpu", weights_only=False) if os.path.exists(file) else None

@@ -1,0 +1,149 @@
+"""Optimizer adapter: one object with ``zero_grad / step -> (ok, grad_norm) / set_lr / state_dict``.
+
+* GPU: Megatron's optimizer from ``get_megatron_optimizer`` (distributed optimizer when
+  ``parallel.use_distributed_optimizer``) over a Megatron-DDP-wrapped model. Megatron itself picks
+  apex's / TE's fused Adam when they import; :func:`fused_adam_provider` reports which (the only
+  place in the package that imports apex).
+* CPU: ``torch.optim.AdamW`` with an explicit data-parallel gradient all-reduce (SUM, per the loss
+  contract of ``care_megatron/training/base.py``) and a TP-aware global-norm clip, because Megatron's
+  DDP and optimizers allocate CUDA buffers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def fused_adam_provider() -> str:
+    """Which fused Adam Megatron will use on GPU: ``apex``, ``transformer_engine`` or ``torch``."""
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+
+        return "apex"
+    except Exception:
+        pass
+    from care_megatron.training.megatron.te import transformer_engine_available
+
+    return "transformer_engine" if transformer_engine_available() else "torch"
+
+
+def param_is_tp_duplicate(param: torch.nn.Parameter, tp_rank: int) -> bool:
+    """True for replicated parameters on TP ranks > 0 (counted once in the global norm)."""
+    return not getattr(param, "tensor_model_parallel", False) and tp_rank > 0
+
+
+def global_grad_norm(params, tp_group, tp_rank: int, grad_attr: str = "grad") -> float:
+    """L2 norm of all gradients of the model-parallel model (TP shards summed, replicas once)."""
+    device = None
+    total = None
+    for p in params:
+        g = getattr(p, grad_attr, None)
+        if g is None or param_is_tp_duplicate(p, tp_rank):
+            continue
+        sq = g.detach().float().pow(2).sum()
+        total = sq if total is None else total + sq
+        device = g.device
+    if total is None:
+        total = torch.zeros((), device=device or "cpu")
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(total, group=tp_group)
+    return float(total.sqrt())
+
+
+class CpuOptimizer:
+    """AdamW + DP all-reduce (sum) + clip; used where Megatron's CUDA optimizer cannot run."""
+
+    name = "torch.optim.AdamW (CPU, explicit all-reduce)"
+
+    def __init__(self, params, lr: float, weight_decay: float, clip: float, tp_group, tp_rank: int, dp_group):
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        self.clip, self.tp_group, self.tp_rank, self.dp_group = clip, tp_group, tp_rank, dp_group
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reduce_grads(self) -> None:
+        """Sum gradients over data-parallel replicas (one flat all-reduce)."""
+        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def step(self) -> tuple[bool, float]:
+        """Clip and step; skip (return False) on a non-finite norm. Grads must already be reduced."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        norm = global_grad_norm(self.params, self.tp_group, self.tp_rank)
+        if not math.isfinite(norm):
+            return False, norm
+        if self.clip and self.clip > 0 and norm > self.clip:
+            scale = self.clip / (norm + 1e-6)
+            for p in self.params:
+                p.grad.mul_(scale)
+        self.optimizer.step()
+        return True, norm
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class MegatronOptimizerAdapter:
+    """Megatron (distributed) optimizer over a Megatron-DDP model (GPU)."""
+
+    def __init__(self, ddp_model, dtype: torch.dtype, lr: float, weight_decay: float, clip: float,
+                 use_distributed_optimizer: bool):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, adam_beta1=0.9,
+                                 adam_beta2=0.999, adam_eps=1e-8, clip_grad=clip, bf16=dtype == torch.bfloat16,
+                                 fp16=dtype == torch.float16, params_dtype=dtype,
+                                 use_distributed_optimizer=use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(config, [ddp_model])
+        self.name = f"megatron {'distributed ' if use_distributed_optimizer else ''}adam (fused kernels: {fused_adam_provider()})"
+        log.info("optimizer: %s", self.name)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> tuple[bool, float]:
+        ok, grad_norm, _ = self.optimizer.step()
+        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then constant (TrainConfig semantics)."""
+    if warmup_steps <= 0:
+        return peak
+    return peak * min(1.0, (step + 1) / warmup_steps)

@@ -1,0 +1,138 @@
+"""Worker bodies of the distributed Megatron tests (run under torch.multiprocessing spawn, gloo, CPU).
+
+Each worker builds the tiny HF Qwen2.5-VL (same seed in every process), a MegatronBackend at the
+requested TP from the same weights, and writes what it measured to ``out_dir`` for the test to assert.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from _megatron_fixtures import hf_reference, standard_batches, tiny_hf_model
+
+LR = 1e-2
+
+
+def loss_fn(outputs, mb, normalisers):
+    """Region-weighted log-prob objective + entropy bonus, divided by the global token count."""
+    mask = mb.loss_mask.float()
+    weight = torch.linspace(-1.0, 1.0, mb.num_tokens)
+    loss = -(outputs.logprobs * weight * mask).sum() / normalisers["tokens"]
+    if outputs.entropy is not None:
+        loss = loss - 0.05 * (outputs.entropy * mask).sum() / normalisers["tokens"]
+    return loss, {"masked_tokens": float(mask.sum())}
+
+
+def hf_loss_and_grads(hf, batches, normalisers):
+    hf.zero_grad()
+    total = 0.0
+    for mb in batches:
+        lp, ent, _ = hf_reference_with_grad(hf, mb)
+        outputs = type("O", (), {"logprobs": lp, "entropy": ent})
+        loss, _ = loss_fn(outputs, mb, normalisers)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}
+
+
+def hf_reference_with_grad(hf, mb):
+    with torch.enable_grad():
+        return hf_reference(hf, mb)
+
+
+def _setup(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _backend(hf, tp, tie=False):
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+
+    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, transformer_impl="local")
+    train = TrainConfig(lr=LR, grad_clip=1.0, weight_decay=0.0)
+    return MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=train, dtype=torch.float32,
+                           options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17))
+
+
+def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir):
+    """Forward / gradient / optimizer-step parity vs transformers, then checkpoint save or load."""
+    _setup(rank, world, port)
+    from megatron.core import parallel_state as mps
+
+    hf = tiny_hf_model(tie=False)
+    batches = standard_batches(hf)
+    backend = _backend(hf, tp)
+    result = {}
+    # 1. forward parity (policy and reference), entropy, think embeddings
+    outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+    refs = backend.forward_logprobs(batches, model="reference")
+    with torch.no_grad():
+        expected = [hf_reference(hf, mb) for mb in batches]
+    result["lp_err"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(outs, expected))
+    result["ent_err"] = max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, expected))
+    result["think_err"] = max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected))
+    result["ref_err"] = max(float((o.logprobs - r.logprobs).abs().max()) for o, r in zip(outs, refs))
+    result["lp_scale"] = float(expected[0][0].abs().mean())
+    # 2. gradient parity: megatron grads (before the optimizer) vs HF grads, in HF names
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    from care_megatron.training.megatron.packed_forward import ForwardOptions
+
+    backend.optimizer.zero_grad()
+    backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
+    hf_loss, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
+    # every rank's gradient shards -> HF names through the shared mapping's inverse
+    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
+
+    from care_megatron.training.megatron.model_provider import to_mapping_name
+
+    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
+    gathered = [None] * tp
+    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
+    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
+    spec = mapping_for_config(hf.config)
+    hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
+    grad_err, grad_scale = 0.0, 0.0
+    assert set(mg_grads) == set(hf_grads), set(mg_grads) ^ set(hf_grads)
+    for name, g in mg_grads.items():
+        grad_err = max(grad_err, float((g - hf_grads[name]).abs().max()))
+        grad_scale = max(grad_scale, float(hf_grads[name].abs().max()))
+    result["grad_err"], result["grad_scale"] = grad_err, grad_scale
+    # 3. one optimizer step parity: MegatronBackend.train_step vs HF + AdamW with the same clip
+    step = backend.train_step(batches, loss_fn, normalisers)
+    hf_loss, _ = hf_loss_and_grads(hf, batches, normalisers)
+    hf_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0))
+    torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0).step()
+    result["loss_err"] = abs(step.loss - hf_loss)
+    result["norm_err"] = abs(step.grad_norm - hf_norm)
+    result["grad_norm"] = step.grad_norm
+    after = backend.forward_logprobs(batches)
+    with torch.no_grad():
+        expected_after = [hf_reference(hf, mb)[0] for mb in batches]
+    result["step_lp_err"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_after))
+    result["step_lp_change"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(after, expected))
+    # 4. checkpoint: save here, or load one written at another TP and compare log-probs
+    if ckpt_dir:
+        backend.save_checkpoint(ckpt_dir)
+        if rank == 0:
+            torch.save([o.logprobs for o in after], os.path.join(out_dir, "after_step_logprobs.pt"))
+    if load_dir:
+        fresh = _backend(tiny_hf_model(tie=False, seed=123), tp)  # different weights, then load
+        fresh.load_checkpoint(load_dir)
+        loaded = fresh.forward_logprobs(batches)
+        saved = torch.load(os.path.join(out_dir, "after_step_logprobs.pt"))
+        result["ckpt_err"] = max(float((o.logprobs - s).abs().max()) for o, s in zip(loaded, saved))
+    # 5. sleep / wake round trip keeps weights and optimizer state bit-exact
+    before = {n: p.detach().clone() for n, p in backend.policy.named_parameters()}
+    backend.sleep()
+    result["sleep_freed"] = all(p.untyped_storage().nbytes() == 0 for p in backend.policy.parameters())
+    backend.wake()
+    result["wake_exact"] = all(torch.equal(before[n], p) for n, p in backend.policy.named_parameters())
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"result_tp{tp}.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()
