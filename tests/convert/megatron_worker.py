@@ -1,7 +1,9 @@
 """Run in a fresh process by the tests: needs a gloo world of one and Megatron's parallel state.
 
-    python megatron_worker.py names OUT.json            # GPTModel state_dict names/shapes vs the mapping
-    python megatron_worker.py convert HF_DIR CKPT HF_OUT TP   # torch_dist round trip through the CLIs' functions
+    python megatron_worker.py names OUT.json [HF_DIR CKPT HF_OUT TP]...  # GPTModel names/shapes vs the mapping,
+                                                                         # then torch_dist round trips
+    python megatron_worker.py convert [HF_DIR CKPT HF_OUT TP]...         # torch_dist round trips only
+    python megatron_worker.py backend_fixture HF_DIR CKPT TP             # the backend tests' tiny model
 """
 import json
 import os
@@ -54,7 +56,10 @@ def backend_fixture_checkpoint(hf_dir, ckpt, tp):
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "names":
-        names(*args)
+        names(args[0])
+        args = args[1:]
+        for i in range(0, len(args), 4):
+            convert(*args[i:i + 4])
     elif command == "backend_fixture":
         backend_fixture_checkpoint(*args)
     else:

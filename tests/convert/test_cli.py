@@ -1,6 +1,7 @@
 """The converters end to end: HF dir -> Megatron checkpoint -> HF dir, bit-exact, loadable, same logits."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,13 +61,21 @@ def test_legacy_tp2_pp2_round_trip_loads_in_transformers(saved_model_dirs, tmp_p
 
 
 def test_legacy_virtual_pipeline_and_te_names(saved_model_dirs, tmp_path):
-    source = saved_model_dirs("qwen3_vl", False)
+    source = str(tmp_path / "source")
+    shutil.copytree(saved_model_dirs("qwen3_vl", False), source)
+    assets = {"preprocessor_config.json": '{"patch_size": 16}', "chat_template.jinja": "{{ messages }}",
+              "tokenizer_config.json": "{}"}
+    for name, text in assets.items():
+        with open(os.path.join(source, name), "w") as handle:
+            handle.write(text)
     convert_hf_to_megatron(source, str(tmp_path / "mg"), tp=1, pp=2, vp=2, fmt="legacy", layernorm_naming="te",
                            show_progress=False)
     payload = torch.load(tmp_path / "mg" / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=True)
     assert sorted(k for k in payload if k.startswith("model")) == ["model0", "model1"]
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in payload["model1"]
     convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "hf"), show_progress=False)
+    for name, text in assets.items():  # tokenizer / processor files travel with the checkpoint
+        assert open(tmp_path / "hf" / name).read() == text
     _assert_same_model(source, str(tmp_path / "hf"), "qwen3_vl")
 
 
@@ -84,23 +93,30 @@ def _run_worker(*args, timeout=300):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_mapping_names_match_megatron_gpt_model(tmp_path):
+@pytest.fixture(scope="module")
+def megatron_worker_run(saved_model_dirs, tmp_path_factory):
+    """One worker process (one Megatron import) for the names check and every torch_dist round trip."""
+    root = tmp_path_factory.mktemp("torch_dist")
+    args = ["names", str(root / "names.json")]
+    for arch, tie in ARCH_VARIANTS:
+        args += [saved_model_dirs(arch, tie), str(root / f"{arch}_{tie}_mg"), str(root / f"{arch}_{tie}_hf"), "2"]
+    _run_worker(*args)
+    return root
+
+
+def test_mapping_names_match_megatron_gpt_model(megatron_worker_run):
     """Our TP=1 names and shapes == megatron-core 0.16.1 GPTModel (local spec) state_dict, per architecture."""
-    out = tmp_path / "names.json"
-    _run_worker("names", str(out))
-    report = json.loads(out.read_text())
+    report = json.loads((megatron_worker_run / "names.json").read_text())
+    assert len(report) == 4
     for variant, sides in report.items():
         assert sides["ours"] == sides["megatron"], variant
 
 
-def test_torch_dist_round_trip(saved_model_dirs, tmp_path):
-    """hf_to_megatron (torch_dist, TP=2 padding) -> megatron_to_hf for every architecture, one worker process."""
-    args = []
+def test_torch_dist_round_trip(saved_model_dirs, megatron_worker_run):
+    """hf_to_megatron (torch_dist, TP=2 padding) -> megatron_to_hf for every architecture."""
+    root = megatron_worker_run
     for arch, tie in ARCH_VARIANTS:
-        args += [saved_model_dirs(arch, tie), str(tmp_path / f"{arch}_{tie}_mg"), str(tmp_path / f"{arch}_{tie}_hf"), "2"]
-    _run_worker("convert", *args)
-    for arch, tie in ARCH_VARIANTS:
-        assert os.path.exists(tmp_path / f"{arch}_{tie}_mg" / "release" / "metadata.json")
-        meta = json.loads((tmp_path / f"{arch}_{tie}_mg" / "conversion.json").read_text())
+        assert os.path.exists(root / f"{arch}_{tie}_mg" / "release" / "metadata.json")
+        meta = json.loads((root / f"{arch}_{tie}_mg" / "conversion.json").read_text())
         assert meta["format"] == "torch_dist" and meta["padded_vocab_size"] == 512
-        _assert_same_model(saved_model_dirs(arch, tie), str(tmp_path / f"{arch}_{tie}_hf"), arch)
+        _assert_same_model(saved_model_dirs(arch, tie), str(root / f"{arch}_{tie}_hf"), arch)
