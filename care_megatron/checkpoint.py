@@ -1,7 +1,7 @@
 """Resumable checkpoints: written atomically (temp dir + rename), newest N kept, newest found on resume.
 
-A checkpoint directory ``step_000123/`` holds ``backend.pt`` (model, optimizer, scheduler: whatever the
-training backend saves) and ``trainer.pt`` (step, RNG states, data-iterator position, counters). A
+A checkpoint directory ``step_000123/`` holds ``backend`` (model, optimizer, scheduler: a file for the
+plain-PyTorch backend, a distributed-checkpoint directory for Megatron) and ``trainer.pt`` (step, RNG states, data-iterator position, counters). A
 run killed at any moment leaves either the previous complete checkpoint or the new one, never a
 half-written directory under a final name.
 """
@@ -48,29 +48,51 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _barrier() -> None:
+    if (dist := _dist()) is not None:
+        dist.barrier()
+
+
 def save_checkpoint(root: str | Path, step: int, backend, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``root/step_{step}`` atomically, then delete all but the newest ``keep_last``."""
+    """Write ``root/step_{step}`` atomically, then delete all but the newest ``keep_last``.
+
+    Collective under torch.distributed: every rank calls it; the backend writes its own shards (a
+    Megatron distributed checkpoint is collective), rank 0 writes the trainer state and renames.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    dist = _dist()
+    main = dist is None or dist.get_rank() == 0
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    backend.save_checkpoint(str(tmp / "backend.pt"))
-    torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp_step_{step:06d}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    backend.save_checkpoint(str(tmp / "backend"))
+    _barrier()
+    if main:
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
 def load_checkpoint(path: str | Path, backend) -> dict[str, Any]:
     """Restore the backend from ``path`` and return the trainer state (RNG states already restored)."""
     path = Path(path)
-    backend.load_checkpoint(str(path / "backend.pt"))
+    backend.load_checkpoint(str(path / "backend"))
     state = torch.load(path / "trainer.pt", weights_only=False)
     set_rng_state(state["rng"])
     return state

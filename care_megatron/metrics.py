@@ -28,7 +28,10 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, desc: str = "rl",
                  filename: str = "metrics.jsonl", tensorboard: bool = True, progress: bool = True,
-                 resumed: bool = False) -> None:
+                 resumed: bool = False, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:  # non-zero ranks of a distributed run log nothing
+            return
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / filename
@@ -60,6 +63,8 @@ class MetricsLogger:
         self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
@@ -72,6 +77,8 @@ class MetricsLogger:
             self._bar.update(1)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._bar.close()
         self._file.close()
         if self._tb is not None:

@@ -64,8 +64,10 @@ class RLTrainer:
         self.config, cfg = config, config
         seed_everything(cfg.train.seed, cfg.train.threads)
         self.out = Path(cfg.train.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        self.main = is_main_process()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         self.model, self.tokenizer, self.image_processor = build_model_and_processor(
             policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         self.mrope = MRopeSpec.from_hf_config(self.model.config)
@@ -88,14 +90,19 @@ class RLTrainer:
         self.progress = progress
         self.bad_steps = 0
         self.start_step = 0
+        self.skipped_records = 0
+        self.dp_rank = int(getattr(self.backend, "data_parallel_rank", 0))
+        self.dp_size = int(getattr(self.backend, "data_parallel_size", 1))
+        if cfg.data.prompts_per_step % self.dp_size:
+            raise ValueError(f"config field 'data.prompts_per_step': {cfg.data.prompts_per_step} is not divisible by "
+                             f"the data-parallel size {self.dp_size}")
 
     # ---------------------------------------------------------------- one RL step
     def step(self, step: int) -> dict[str, float]:
         cfg, s = self.config, self.schedule
         sampling = SamplingParams(**self.sampling, seed=cfg.train.seed * 1_000_003 + step)
         s.begin_step()
-        records = next(self.prompts)
-        prompts = [build_prompt(r.question, r.images, self.tokenizer, self.image_processor) for r in records]
+        records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size])
         self.rollout_phase(s, "")
         with s.phase("generate"):
             rollouts = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling,
@@ -139,6 +146,7 @@ class RLTrainer:
             with s.phase("reference_logprobs"):
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
                     mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
+        normalisers = reduce_normalisers(normalisers, getattr(self.backend, "data_parallel_group", None))
         with s.phase("train"):
             result = self.backend.train_step(packed, self.loss_fn, normalisers)
         with s.phase("sleep_trainer"):
@@ -160,6 +168,20 @@ class RLTrainer:
             self.engine.sleep()
         with s.phase("wake_trainer" + suffix):
             self.backend.wake()
+
+    def build_prompts(self, records):
+        """Prompts of ``records``; a record whose image cannot be decoded is skipped and counted."""
+        kept, prompts = [], []
+        for record in records:
+            try:
+                prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor))
+                kept.append(record)
+            except (OSError, ValueError, TypeError) as exc:
+                self.skipped_records += 1
+                log.warning("skipping record %s: %s", record.id, exc)
+        if not kept:
+            raise RuntimeError("every record of this step was unreadable; check the data (see the warnings above)")
+        return kept, prompts
 
     def pack(self, sequences):
         return pack_sequences(sequences, self.config.train.micro_batch_tokens, mrope=self.mrope,
@@ -189,8 +211,7 @@ class RLTrainer:
             if missing <= 0 or rounds == max_rounds:
                 break
             rounds += 1
-            records = next(self.prompts)[:missing]
-            prompts = [build_prompt(r.question, r.images, self.tokenizer, self.image_processor) for r in records]
+            records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size][:missing])
             offset = 1 + max(r.group for r in rollouts + kept)
             fresh = generate_rollouts(self.engine, records, prompts, self.config.rollout.group_size, sampling,
                                       self.tokenizer, self.reward_fn, step, group_offset=offset)
@@ -213,9 +234,12 @@ class RLTrainer:
         metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate,
                        skipped=float(result.skipped), **extra)
         metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))
+        metrics["data/skipped_records"] = float(self.skipped_records)
         return metrics
 
     def write_samples(self, step: int, rollouts, keep: int = 4) -> None:
+        if not self.main:
+            return
         with (self.out / "samples.jsonl").open("a") as fh:
             for r in rollouts[:keep] + [r for r in rollouts if r.reflected_from >= 0][:2]:
                 fh.write(json.dumps({"step": step, "id": r.record.id, "answer": r.record.answer, "response": r.response_text,
@@ -250,7 +274,7 @@ class RLTrainer:
     def run(self) -> dict[str, float]:
         cfg = self.config.train
         logger = MetricsLogger(self.out, total_steps=cfg.steps, start_step=self.start_step, desc=self.method,
-                               progress=self.progress, resumed=self.start_step > 0)
+                               progress=self.progress and self.main, resumed=self.start_step > 0, enabled=self.main)
         last: dict[str, float] = {}
         step = self.start_step
         try:
@@ -277,7 +301,8 @@ class RLTrainer:
         self.save_final_policy()
         from care_megatron.plotting import plot_run
 
-        plot_run(self.out / "metrics.jsonl", self.out / "curves.png")
+        if self.main:
+            plot_run(self.out / "metrics.jsonl", self.out / "curves.png")
         return last
 
     def save_final_policy(self) -> None:
@@ -290,6 +315,20 @@ class RLTrainer:
             return
         self.model.load_state_dict(state)
         save_policy(self.model, self.tokenizer, self.out / "final")
+
+
+def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, float]:
+    """Global loss normalisers over data-parallel ranks: counts summed, the length cap maximised."""
+    import torch.distributed as dist
+
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return normalisers
+    counts = torch.tensor([normalisers["num_sequences"], normalisers["num_tokens"]], dtype=torch.float64)
+    longest = torch.tensor([normalisers["max_response_length"]], dtype=torch.float64)
+    dist.all_reduce(counts, group=group)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    return {**normalisers, "num_sequences": float(counts[0]), "num_tokens": float(counts[1]),
+            "max_response_length": float(longest[0])}
 
 
 def is_main_process() -> bool:

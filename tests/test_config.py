@@ -39,11 +39,11 @@ def test_overrides_are_typed_and_nested():
     ("algorithm.care={kk: 2}", "algorithm.care"),
     ("data.image_backend=opencv", "data.image_backend"),
     ("model.dtype=int8", "model.dtype"),
-    ("algorithm.dapo_overlong_buffer=100", "algorithm.dapo_overlong_buffer"),
+    (("algorithm.name=dapo", "algorithm.dapo_overlong_buffer=100"), "algorithm.dapo_overlong_buffer"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, list(override) if isinstance(override, tuple) else [override])
 
 
 def test_cli_rejects_a_bad_config_with_exit_code_2(capsys):

@@ -263,6 +263,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
-               f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.algorithm.name == "dapo":
+            _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
+                   f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         _check(self.algorithm.dapo_overlong_buffer >= 0, "algorithm.dapo_overlong_buffer", "must be >= 0")

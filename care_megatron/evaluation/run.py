@@ -22,11 +22,11 @@ from care_megatron.evaluation.scoring import EvalReport, evaluate
 def _model_config(config: RunConfig, checkpoint: str | None):
     if checkpoint and (Path(checkpoint) / "config.json").exists():
         return dataclasses.replace(config.model, name=str(checkpoint), tokenizer=str(checkpoint)), None
-    if checkpoint and (Path(checkpoint) / "backend.pt").exists():
-        return _base_model_config(config), Path(checkpoint) / "backend.pt"
+    if checkpoint and (Path(checkpoint) / "backend").is_file():
+        return _base_model_config(config), Path(checkpoint) / "backend"
     if checkpoint:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a Hugging Face directory (config.json) "
-                                "nor an RL checkpoint (backend.pt)")
+                                "nor a plain-PyTorch RL checkpoint (step_*/backend)")
     return _base_model_config(config), None
 
 
