@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 
 from checkpoints_convert.common import (ArchitectureSpec, LanguageModelDims, ParallelLayout, TensorRule,
-                                        dims_from_config, hf_to_megatron_state_dicts, layer_placement,
-                                        layers_per_stage, megatron_to_hf_state_dict, padded_vocab_size,
-                                        tensor_rules)
+                                        dims_from_config, hf_to_megatron_rank_state_dict, hf_to_megatron_state_dicts,
+                                        iter_megatron_to_hf, layer_placement, layers_per_stage,
+                                        megatron_to_hf_state_dict, padded_vocab_size, rule_to_hf_tensors,
+                                        rule_to_megatron_shards, tensor_rules)
 
 ARCHITECTURE_MODULES = ("qwen2", "qwen3", "qwen2_5_vl", "qwen3_vl")
 
@@ -41,5 +42,7 @@ def mapping_for_config(hf_config) -> ArchitectureSpec:
 
 
 __all__ = ["ARCHITECTURE_MODULES", "ArchitectureSpec", "LanguageModelDims", "ParallelLayout", "TensorRule",
-           "dims_from_config", "get_mapping", "hf_to_megatron_state_dicts", "layer_placement", "layers_per_stage",
-           "mapping_for_config", "megatron_to_hf_state_dict", "padded_vocab_size", "tensor_rules"]
+           "dims_from_config", "get_mapping", "hf_to_megatron_rank_state_dict", "hf_to_megatron_state_dicts",
+           "iter_megatron_to_hf", "layer_placement", "layers_per_stage", "mapping_for_config",
+           "megatron_to_hf_state_dict", "padded_vocab_size", "rule_to_hf_tensors", "rule_to_megatron_shards",
+           "tensor_rules"]

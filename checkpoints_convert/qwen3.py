@@ -18,3 +18,11 @@ def hf_to_megatron(hf_state_dict, hf_config, tp_size: int, tp_rank: int, padded_
     from checkpoints_convert.common import hf_to_megatron_rank_state_dict
 
     return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab, spec=SPEC, **kwargs)
+
+
+def megatron_to_hf(shards, hf_config, **kwargs):
+    """``{(pp, tp[, vp]): state_dict}`` of this architecture -> HF on-disk names (see
+    :func:`checkpoints_convert.common.megatron_to_hf_state_dict`)."""
+    from checkpoints_convert.common import megatron_to_hf_state_dict
+
+    return megatron_to_hf_state_dict(shards, hf_config, spec=SPEC, **kwargs)

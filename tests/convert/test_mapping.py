@@ -140,3 +140,23 @@ def test_clear_errors(saved_model_dirs):
     wrong.intermediate_size = 96
     with pytest.raises(ValueError, match="mismatched config"):
         hf_to_megatron_state_dicts(hf, wrong)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen2_5_vl", "qwen3_vl"])
+def test_per_architecture_adapters(saved_model_dirs, arch):
+    """Each mapping module's hf_to_megatron (one rank, backend prefixes) / megatron_to_hf agree with the
+    whole-model functions."""
+    import importlib
+
+    module = importlib.import_module(f"checkpoints_convert.{arch}")
+    config, hf = _load_dir(saved_model_dirs(arch, False))
+    full = hf_to_megatron_state_dicts(hf, config, tp=2, pp=2)
+    for pp_rank in range(2):
+        for tp_rank in range(2):
+            rank = module.hf_to_megatron(hf, config, 2, tp_rank, None, pp_size=2, pp_rank=pp_rank)
+            stripped = {k.split("language_model.", 1)[-1] if k.startswith("language_model.") else k[len("vision."):]: v
+                        for k, v in rank.items()}
+            assert sorted(stripped) == sorted(full[(pp_rank, tp_rank)])
+            assert all(torch.equal(v, full[(pp_rank, tp_rank)][k]) for k, v in stripped.items())
+    back = module.megatron_to_hf(full, config)
+    assert all(torch.equal(back[k], v) for k, v in hf.items())

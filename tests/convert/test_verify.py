@@ -34,3 +34,22 @@ def test_perturbed_model_fails(saved_model_dirs, tmp_path):
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     assert verify_main(["--hf-dir", source, "--other", str(broken), "--atol", "1e-5"]) == 1
     assert verify_main(["--hf-dir", source, "--other", source, "--atol", "0"]) == 0
+
+
+def test_verify_with_tokenizer_and_image_processor(tmp_path):
+    """The project's tiny Qwen2.5-VL with its real tokenizer and image processor: the processor batch
+    path (chat prompt + image through Qwen2VLImageProcessorPil) and a TP=2 / PP=2 checkpoint."""
+    from care_megatron.config.schema import ModelConfig
+    from care_megatron.models.registry import build_model_and_processor
+    from checkpoints_convert.verify import build_batch
+
+    model, tokenizer, image_processor = build_model_and_processor(ModelConfig())
+    source = str(tmp_path / "tiny")
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    image_processor.save_pretrained(source)
+    batch = build_batch(model.eval(), source)
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == int(batch["image_grid_thw"].prod()) // 4
+    convert_hf_to_megatron(source, str(tmp_path / "mg"), tp=2, pp=2, fmt="legacy", show_progress=False)
+    report = verify(source, str(tmp_path / "mg"), atol=0.0)
+    assert report.passed and report.max_abs_logit_diff == 0.0
