@@ -136,3 +136,42 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir):
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()
+
+
+def gpu_bf16_worker(rank, world, port, out_dir):
+    """GPU: MegatronBackend (DDP + Megatron optimizer path) in bf16 vs transformers bf16 and fp32."""
+    _setup(rank, world, port)
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+
+    hf32 = tiny_hf_model(tie=False)
+    batches = standard_batches(hf32)
+    with torch.no_grad():
+        exact = [hf_reference(hf32, mb) for mb in batches]
+    hf16 = tiny_hf_model(tie=False).to(torch.bfloat16)
+    with torch.no_grad():
+        hf_bf16 = [hf_reference(hf16, mb) for mb in batches]
+    parallel = ParallelConfig(backend="megatron", transformer_impl="local")
+    backend = MegatronBackend(hf32.config, hf32.state_dict(), parallel=parallel, train=TrainConfig(lr=1e-3),
+                              dtype=torch.bfloat16, options=MegatronBackendOptions(logprob_chunk_tokens=32))
+    outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+    result = {
+        "megatron_err": max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(outs, exact)),
+        "hf_bf16_err": max(float((h[0] - e[0]).abs().max()) for h, e in zip(hf_bf16, exact)),
+        "megatron_mean_err": sum(float((o.logprobs - e[0]).abs().mean()) for o, e in zip(outs, exact)) / len(outs),
+        "hf_bf16_mean_err": sum(float((h[0] - e[0]).abs().mean()) for h, e in zip(hf_bf16, exact)) / len(outs),
+        "entropy_err": max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, exact)),
+        "cpu_path": backend.cpu_path,
+        "optimizer": backend.optimizer.name,
+    }
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    steps = [backend.train_step(batches, loss_fn, normalisers) for _ in range(3)]
+    hf_loss, _ = hf_loss_and_grads(hf32, batches, normalisers)
+    result["first_loss_err"] = abs(steps[0].loss - hf_loss)
+    result["losses"] = [s.loss for s in steps]
+    result["grad_norms"] = [s.grad_norm for s in steps]
+    result["skipped"] = [s.skipped for s in steps]
+    torch.save(result, os.path.join(out_dir, "gpu_result.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()
