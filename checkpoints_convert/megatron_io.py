@@ -74,6 +74,11 @@ def ensure_single_process_group() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+    elif (parallel_state.get_tensor_model_parallel_world_size() != 1
+          or parallel_state.get_pipeline_model_parallel_world_size() != 1):
+        # The template model must hold whole tensors; inside a TP/PP job it would be sharded.
+        raise RuntimeError("checkpoint conversion builds a TP = PP = 1 template model; run it in its own process, "
+                           "not inside a model-parallel job")
 
 
 def build_template_gpt(dims: LanguageModelDims, padded_vocab: int, dtype: torch.dtype = torch.float32,
