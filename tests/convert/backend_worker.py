@@ -51,6 +51,8 @@ def main(rank: int, world: int, port: str, ckpt_dir: str, out_path: str) -> None
     for bucket in export_hf_weights(backend.policy, hf.config, bucket_bytes=64 << 10):
         exported.update(bucket)
     export_exact = sorted(exported) == sorted(reference) and all(torch.equal(exported[n], reference[n]) for n in reference)
+    # The backend's own checkpoint writer (what a training run leaves behind), for megatron_to_hf.
+    backend_checkpoint.save_model(backend.policy, os.path.join(ckpt_dir, "backend_saved"))
     if rank == 0:
         torch.save({"lp_err": lp_err, "lp_scale": lp_scale, "export_exact": export_exact,
                     "n_exported": len(exported), "n_reference": len(reference)}, out_path)

@@ -4,6 +4,7 @@
                                                                          # then torch_dist round trips
     python megatron_worker.py convert [HF_DIR CKPT HF_OUT TP]...         # torch_dist round trips only
     python megatron_worker.py backend_fixture HF_DIR CKPT TP             # the backend tests' tiny model
+    python megatron_worker.py to_hf CKPT HF_CONFIG_DIR OUT                # megatron_to_hf CLI, backend-saved ckpt
 """
 import json
 import os
@@ -60,6 +61,10 @@ if __name__ == "__main__":
         args = args[1:]
         for i in range(0, len(args), 4):
             convert(*args[i:i + 4])
+    elif command == "to_hf":
+        from checkpoints_convert.megatron_to_hf import main as to_hf_main
+
+        sys.exit(to_hf_main(["--ckpt", args[0], "--hf-config", args[1], "--out", args[2], "--no-progress"]))
     elif command == "backend_fixture":
         backend_fixture_checkpoint(*args)
     else:
