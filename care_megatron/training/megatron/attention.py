@@ -78,13 +78,40 @@ def packed_causal_attention_loop(q, k, v, cu_seqlens, scale):
     return out
 
 
-def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset:
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
+    """Flash varlen. Adapts to the torch version's signature: ``is_causal`` (2.10) or
+    ``window_size=(-1, 0)`` (2.11+); ``scale`` when accepted (else the default 1/sqrt(d), checked);
+    ``enable_gqa`` when accepted, else KV heads repeated to the query heads."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_parameters()
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0),
-                       enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("this torch's varlen_attn has no scale argument; use the flex or loop backend")
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
 @functools.lru_cache(maxsize=1)

@@ -147,3 +147,41 @@ def test_offload_and_restore_storages_round_trip_views():
     assert len(saved) == 1 and base.untyped_storage().nbytes() == 0
     restore_storages(saved)
     assert torch.equal(base, expected) and torch.equal(view, expected[2:5])
+
+
+@pytest.mark.parametrize("flavour", ["torch_2_10", "torch_2_11", "torch_2_12"])
+def test_varlen_adapter_follows_each_torch_signature(monkeypatch, flavour):
+    """The flash-varlen call is built from the installed signature; a fake with each torch
+    version's signature (computing with the loop reference) must give the loop's result."""
+    import torch.nn.attention.varlen as varlen_module
+
+    def compute(q, k, v, cu, causal, scale):
+        assert causal, "causal mask not requested"
+        if k.shape[1] != q.shape[1]:
+            raise AssertionError("GQA heads passed to a kernel without enable_gqa")
+        return attention.packed_causal_attention_loop(q, k, v, cu, scale)
+
+    if flavour == "torch_2_10":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return compute(query, key, value, cu_seq_q, is_causal, query.shape[-1] ** -0.5)
+    elif flavour == "torch_2_11":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+            return compute(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False):
+            rep = query.shape[1] // key.shape[1]
+            assert enable_gqa == (rep > 1)
+            return compute(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), cu_seq_q,
+                           window_size == (-1, 0), scale)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+    attention._varlen_parameters.cache_clear()
+    try:
+        torch.manual_seed(2)
+        cu = torch.tensor([0, 3, 11, 16], dtype=torch.int32)
+        q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+        out = attention.packed_causal_attention(q, k, v, cu, 8 ** -0.5, backend="varlen")
+        torch.testing.assert_close(out, attention.packed_causal_attention_loop(q, k, v, cu, 8 ** -0.5))
+    finally:
+        attention._varlen_parameters.cache_clear()
