@@ -24,6 +24,7 @@ CORE = [
 EXTRAS = {
     # megatron-core 0.16.1 is the newest release for Python 3.11; 0.17+ needs Python 3.12.
     "megatron": [
+        "psutil>=5.9",  # megatron-core's torch_dist writer needs it in its worker processes
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
     ],
