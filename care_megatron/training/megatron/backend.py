@@ -241,6 +241,7 @@ class MegatronBackend:
             metric_list.append(metrics)
         if self.policy.vision is not None:
             allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
+        allreduce_sequence_parallel_grads(self.policy, mps.get_tensor_model_parallel_group())
         self.optimizer.reduce_grads()
         return losses, metric_list
 
@@ -324,6 +325,15 @@ class MegatronBackend:
             return
         restore_storages(self._sleeping)
         self._sleeping = None
+
+
+def allreduce_sequence_parallel_grads(model, group) -> None:
+    """Sum over TP the gradients of parameters that saw only this rank's token slice (SP norms)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
 
 
 def offload_storages(tensors) -> list:

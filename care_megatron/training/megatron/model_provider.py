@@ -182,8 +182,27 @@ def transformer_config_from_hf(facts: TextModelFacts, parallel: ParallelConfig, 
     )
 
 
-def build_layer_spec(impl: str, qk_layernorm: bool):
-    """``ModuleSpec`` of one decoder layer for ``impl`` (``transformer_engine`` | ``local``)."""
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with Megatron's norm constructor, usable under sequence parallelism.
+
+    Megatron's ``WrappedTorchNorm`` refuses sequence parallelism because each TP rank then sees only
+    its slice of the tokens, so the norm weight's gradient is partial; this norm marks its weight
+    ``sequence_parallel`` so the gradient is summed over TP (``finalize_model_grads`` on GPU, the
+    CPU path's explicit all-reduce).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def build_layer_spec(impl: str, qk_layernorm: bool, config=None):
+    """Layer spec for ``impl`` (``transformer_engine`` | ``local``).
+
+    The local spec is Megatron's with its core attention swapped for :class:`TorchCoreAttention`
+    and, when ``config.sequence_parallel``, its norms for :class:`SequenceParallelRMSNorm` (returned
+    as a whole-block spec so the final norm is covered too).
+    """
     if impl == "transformer_engine":
         return te_module.te_layer_spec(qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -192,7 +211,17 @@ def build_layer_spec(impl: str, qk_layernorm: bool):
 
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = TorchCoreAttention
-    return spec
+    if config is None or not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_layernorm:
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 class QwenVLMegatronModel(nn.Module):
@@ -213,7 +242,7 @@ class QwenVLMegatronModel(nn.Module):
         self.padded_vocab_size = padded_vocab_size(facts.vocab_size, parallel.tensor_model_parallel_size)
         self.language_model = GPTModel(
             config=self.config,
-            transformer_layer_spec=build_layer_spec(self.impl, facts.qk_layernorm),
+            transformer_layer_spec=build_layer_spec(self.impl, facts.qk_layernorm, self.config),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=facts.max_position_embeddings,
             pre_process=pre_process,

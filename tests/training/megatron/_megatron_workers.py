@@ -48,24 +48,28 @@ def _setup(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _backend(hf, tp, tie=False):
+def _backend(hf, tp, sp=False):
     from care_megatron.config.schema import ParallelConfig, TrainConfig
     from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
 
-    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, transformer_impl="local")
+    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, sequence_parallel=sp,
+                              transformer_impl="local")
     train = TrainConfig(lr=LR, grad_clip=1.0, weight_decay=0.0)
     return MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=train, dtype=torch.float32,
                            options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17))
 
 
-def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir):
+def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
     """Forward / gradient / optimizer-step parity vs transformers, then checkpoint save or load."""
     _setup(rank, world, port)
     from megatron.core import parallel_state as mps
 
     hf = tiny_hf_model(tie=False)
     batches = standard_batches(hf)
-    backend = _backend(hf, tp)
+    backend = _backend(hf, tp, sp)
+    from care_megatron.training.base import TrainingBackend
+
+    assert isinstance(backend, TrainingBackend)
     result = {}
     # 1. forward parity (policy and reference), entropy, think embeddings
     outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
@@ -132,7 +136,7 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir):
     backend.wake()
     result["wake_exact"] = all(torch.equal(before[n], p) for n, p in backend.policy.named_parameters())
     if rank == 0:
-        torch.save(result, os.path.join(out_dir, f"result_tp{tp}.pt"))
+        torch.save(result, os.path.join(out_dir, f"result_tp{tp}{'_sp' if sp else ''}.pt"))
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()

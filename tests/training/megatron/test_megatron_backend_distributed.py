@@ -4,7 +4,7 @@ Same tiny random Qwen2.5-VL weights on both sides, packed multi-image batches (T
 per-token log-probs, entropy and think embeddings equal within 1e-5 (fp32), gradients of a
 region-weighted objective equal, one AdamW step gives the same model, the frozen reference equals the
 initial policy, a TP=2 distributed checkpoint loads at TP=1 with identical log-probs, and
-sleep / wake round-trips exactly.
+sleep / wake round-trips exactly. TP=2 with sequence parallelism passes the same checks.
 """
 import os
 import socket
@@ -26,10 +26,10 @@ def _port():
         return s.getsockname()[1]
 
 
-def _run(tp, out_dir, ckpt_dir=None, load_dir=None):
-    mp.start_processes(workers.parity_worker, args=(tp, _port(), tp, str(out_dir), ckpt_dir, load_dir), nprocs=tp,
+def _run(tp, out_dir, ckpt_dir=None, load_dir=None, sp=False):
+    mp.start_processes(workers.parity_worker, args=(tp, _port(), tp, str(out_dir), ckpt_dir, load_dir, sp), nprocs=tp,
                        join=True, start_method="spawn")
-    return torch.load(os.path.join(out_dir, f"result_tp{tp}.pt"))
+    return torch.load(os.path.join(out_dir, f"result_tp{tp}{'_sp' if sp else ''}.pt"))
 
 
 def _check_parity(result):
@@ -58,3 +58,10 @@ def test_tp2_parity_then_tp1_parity_and_reshard_checkpoint(tmp_path):
     _check_parity(tp1)
     # TP=2 checkpoint (after one step) loaded at TP=1 reproduces the TP=2 log-probs
     assert tp1["ckpt_err"] < 1e-5, tp1
+
+
+def test_tp2_sequence_parallel_parity(tmp_path):
+    """TP=2 with sequence parallelism (norm weights see half the tokens; their grads are summed over TP)."""
+    result = _run(2, tmp_path, sp=True)
+    print("TP=2 SP", result)
+    _check_parity(result)
