@@ -48,10 +48,14 @@ class MegatronBackendOptions:
     """Compute per-token entropy in ``train_step`` forwards (the loss may use it for an entropy bonus)."""
     force_cpu: bool = False
     """Run the CPU path even when CUDA is available (tests)."""
+    temperature: float = 1.0
+    """Log-probs are of softmax(logits / temperature) (the rollout sampling temperature, as the torch backend)."""
 
     def __post_init__(self) -> None:
         if self.logprob_chunk_tokens < 1:
             raise ValueError("MegatronBackendOptions.logprob_chunk_tokens must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError("MegatronBackendOptions.temperature must be > 0 (greedy rollouts: use 1.0)")
 
 
 class MegatronBackend:
@@ -107,6 +111,24 @@ class MegatronBackend:
                  "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"],
                  self.policy.impl, self.optimizer.name)
 
+    @classmethod
+    def from_run_config(cls, config, model, *, lr: float | None = None, keep_reference: bool = True,
+                        state_dict_converter: Converter | None = None) -> "MegatronBackend":
+        """Build from a :class:`RunConfig` and a transformers Qwen-VL model (weights copied, model not kept).
+
+        ``lr`` overrides ``config.train.lr`` (SFT); the log-prob temperature is ``config.rollout.temperature``
+        (0 = greedy is treated as 1.0, as sampling at temperature 0 has no proper distribution).
+        """
+        import dataclasses
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        train = config.train if lr is None else dataclasses.replace(config.train, lr=lr)
+        temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
+        return cls(model.config, model.state_dict(), parallel=config.parallel, train=train, arch=config.model.arch,
+                   dtype=dtypes[config.model.dtype], seed=config.train.seed,
+                   options=MegatronBackendOptions(temperature=temperature),
+                   state_dict_converter=state_dict_converter, with_reference=keep_reference)
+
     # ------------------------------------------------------------------ construction helpers
     def _build_model(self, hf_config) -> QwenVLMegatronModel:
         from megatron.core import parallel_state as mps
@@ -160,7 +182,8 @@ class MegatronBackend:
         was_training = module.training
         module.eval()
         options = ForwardOptions(with_entropy=with_entropy, with_think_embeddings=with_think_embeddings,
-                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens)
+                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens,
+                                 temperature=self.options.temperature)
         try:
             if self.dist["pp_size"] > 1:
                 outputs = self._pipeline_forward_only(module, micro_batches, options)
@@ -209,7 +232,8 @@ class MegatronBackend:
         self.optimizer.zero_grad()
         self.policy.train()
         options = ForwardOptions(with_entropy=self.options.train_with_entropy,
-                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens)
+                                 logprob_chunk_tokens=self.options.logprob_chunk_tokens,
+                                 temperature=self.options.temperature)
         if self.cpu_path:
             losses, metric_list = self._cpu_forward_backward(micro_batches, loss_fn, normalisers, options)
         else:

@@ -30,7 +30,8 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input):
+    def forward(ctx, hidden, weight, targets, vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input,
+                inv_temperature):
         n = hidden.shape[0]
         w = weight[:valid_rows]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -38,7 +39,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            z = (hidden[start:end] @ w.t()).float()                       # [c, V_local]
+            z = (hidden[start:end] @ w.t()).float() * inv_temperature     # [c, V_local]
             if valid_rows > 0:
                 chunk_max = z.max(dim=-1).values
             else:
@@ -57,13 +58,13 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             if with_entropy:
                 entropy[start:end] = lz - sums[2] / sums[0]
         ctx.save_for_backward(hidden, weight, targets, log_norm, entropy)
-        ctx.config = (vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input)
+        ctx.config = (vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input, inv_temperature)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, log_norm, entropy = ctx.saved_tensors
-        vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input = ctx.config
+        vocab_start, valid_rows, group, chunk_size, with_entropy, reduce_grad_input, inv_temperature = ctx.config
         n = hidden.shape[0]
         w = weight[:valid_rows]
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
@@ -73,7 +74,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 h = hidden[start:end]
-                z = (h @ w.t()).float()
+                z = (h @ w.t()).float() * inv_temperature
                 logp = z - log_norm[start:end, None]
                 p = torch.exp(logp)
                 g_lp = grad_logprobs[start:end] if grad_logprobs is not None else torch.zeros(end - start, device=z.device)
@@ -84,6 +85,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                 grad_z[rows, local[rows]] += g_lp[rows]
                 if use_entropy:
                     grad_z -= grad_entropy[start:end, None] * p * (logp + entropy[start:end, None])
+                if inv_temperature != 1.0:
+                    grad_z = grad_z * inv_temperature  # chain rule through z = (h W^T) / temperature
                 grad_z = grad_z.to(w.dtype)  # matmuls in the parameter dtype (bf16 tensor cores on GPU)
                 grad_hidden[start:end] = grad_z @ w
                 grad_w += grad_z.t() @ h
@@ -91,13 +94,13 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
         full_grad_w = torch.zeros_like(weight)
         full_grad_w[:valid_rows] = grad_w.to(weight.dtype)
-        return grad_hidden.to(hidden.dtype), full_grad_w, None, None, None, None, None, None, None
+        return grad_hidden.to(hidden.dtype), full_grad_w, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                             vocab_start: int, vocab_size: int, group=None, chunk_size: int = 2048,
-                            with_entropy: bool = False, reduce_grad_input: bool = True):
-    """Log-prob of ``targets`` and (optionally) entropy under ``softmax(hidden @ W^T)`` over the full vocab.
+                            with_entropy: bool = False, reduce_grad_input: bool = True, temperature: float = 1.0):
+    """Log-prob of ``targets`` and (optionally) entropy under ``softmax(hidden @ W^T / temperature)`` over the full vocab.
 
     hidden [N, H] (identical on every TP rank); weight [V_local, H] this rank's rows starting at
     global row ``vocab_start``; rows at global index >= ``vocab_size`` are padding and excluded;
@@ -109,14 +112,17 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
         raise ValueError(f"hidden [N, H] and weight [V_local, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     valid_rows = max(0, min(weight.shape[0], vocab_size - vocab_start))
     logprobs, entropy = _VocabParallelLogprobEntropy.apply(hidden, weight, targets, vocab_start, valid_rows, group,
-                                                           chunk_size, with_entropy, reduce_grad_input)
+                                                           chunk_size, with_entropy, reduce_grad_input, 1.0 / float(temperature))
     return logprobs, (entropy if with_entropy else None)
 
 
-def reference_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int):
-    """Full-vocabulary reference: (log_softmax(h W^T)[y], entropy), fp32, for tests."""
-    logits = (hidden @ weight[:vocab_size].t()).float()
+def reference_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                       temperature: float = 1.0):
+    """Full-vocabulary reference: (log_softmax(h W^T / temperature)[y], entropy), fp32, for tests."""
+    logits = (hidden @ weight[:vocab_size].t()).float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)

@@ -38,6 +38,8 @@ class ForwardOptions:
     """Also return mean-pooled THINK hidden states [n, H]."""
     logprob_chunk_tokens: int = 2048
     """Tokens per chunk of the fused output-layer + log-softmax (bounds fp32 logits memory)."""
+    temperature: float = 1.0
+    """Log-probs / entropy of softmax(logits / temperature): the rollout sampling temperature."""
 
     def __post_init__(self) -> None:
         if self.logprob_chunk_tokens < 1:
@@ -150,7 +152,8 @@ def logprobs_from_hidden(model, hidden: torch.Tensor, batch: PackedMicroBatch, o
         hidden.index_select(0, positions), weight, targets,
         vocab_start=tp_rank * weight.shape[0], vocab_size=model.facts.vocab_size,
         group=mps.get_tensor_model_parallel_group(), chunk_size=options.logprob_chunk_tokens,
-        with_entropy=options.with_entropy, reduce_grad_input=not model.config.sequence_parallel)
+        with_entropy=options.with_entropy, reduce_grad_input=not model.config.sequence_parallel,
+        temperature=options.temperature)
     total = batch.num_tokens
     logprobs = torch.zeros(total, dtype=torch.float32, device=hidden.device).index_put((positions + 1,), lp)
     entropy = None

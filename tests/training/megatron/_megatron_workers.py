@@ -42,6 +42,12 @@ def hf_reference_with_grad(hf, mb):
         return hf_reference(hf, mb)
 
 
+def MegatronBackend_from_run_config(cfg, hf):
+    from care_megatron.training.megatron.backend import MegatronBackend
+
+    return MegatronBackend.from_run_config(cfg, hf, keep_reference=False)
+
+
 def _setup(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -129,7 +135,23 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
         loaded = fresh.forward_logprobs(batches)
         saved = torch.load(os.path.join(out_dir, "after_step_logprobs.pt"))
         result["ckpt_err"] = max(float((o.logprobs - s).abs().max()) for o, s in zip(loaded, saved))
-    # 5. sleep / wake round trip keeps weights and optimizer state bit-exact
+    # 5. cross-backend: MegatronBackend.from_run_config vs the plain-PyTorch backend, temperature 0.7
+    if tp == 1 and not sp:
+        from care_megatron.config.schema import ParallelConfig, RolloutConfig, RunConfig
+        from care_megatron.training.torch_backend import TorchBackend
+
+        hf_fresh = tiny_hf_model(tie=False)
+        cfg = RunConfig(parallel=ParallelConfig(backend="megatron", transformer_impl="local"),
+                        rollout=RolloutConfig(temperature=0.7))
+        mg = MegatronBackend_from_run_config(cfg, hf_fresh)
+        tb = TorchBackend(hf_fresh, lr=1e-3, temperature=0.7, keep_reference=False)
+        a = mg.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+        b = tb.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+        result["torch_backend_lp_err"] = max(float((x.logprobs - y.logprobs).abs().max()) for x, y in zip(a, b))
+        result["torch_backend_ent_err"] = max(float((x.entropy - y.entropy).abs().max()) for x, y in zip(a, b))
+        result["torch_backend_think_err"] = max(float((x.think_embeddings - y.think_embeddings).abs().max())
+                                                for x, y in zip(a, b))
+    # 6. sleep / wake round trip keeps weights and optimizer state bit-exact
     before = {n: p.detach().clone() for n, p in backend.policy.named_parameters()}
     backend.sleep()
     result["sleep_freed"] = all(p.untyped_storage().nbytes() == 0 for p in backend.policy.parameters())

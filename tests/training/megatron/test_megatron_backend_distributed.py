@@ -58,6 +58,9 @@ def test_tp2_parity_then_tp1_parity_and_reshard_checkpoint(tmp_path):
     _check_parity(tp1)
     # TP=2 checkpoint (after one step) loaded at TP=1 reproduces the TP=2 log-probs
     assert tp1["ckpt_err"] < 1e-5, tp1
+    # MegatronBackend.from_run_config agrees with the plain-PyTorch backend (temperature 0.7)
+    assert tp1["torch_backend_lp_err"] < 1e-5 and tp1["torch_backend_ent_err"] < 1e-5, tp1
+    assert tp1["torch_backend_think_err"] < 1e-5, tp1
 
 
 def test_tp2_sequence_parallel_parity(tmp_path):

@@ -11,8 +11,8 @@ from care_megatron.training.megatron.cpu_compat import CpuRngStatesTracker  # no
 
 
 # ----------------------------------------------------------------------------- log-probs
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_fused_logprobs_match_full_softmax_values_and_grads(chunk):
+@pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (5, 1.0), (64, 1.0), (5, 0.7)])
+def test_fused_logprobs_match_full_softmax_values_and_grads(chunk, temperature):
     torch.manual_seed(0)
     n, h, vocab, padded = 23, 16, 37, 48  # rows 37..47 are padding and must not enter the softmax
     hidden = torch.randn(n, h, requires_grad=True)
@@ -20,11 +20,11 @@ def test_fused_logprobs_match_full_softmax_values_and_grads(chunk):
     targets = torch.randint(0, vocab, (n,))
     g_lp, g_ent = torch.randn(n), torch.randn(n)
     lp, ent = logprobs.vocab_parallel_logprobs(hidden, weight, targets, vocab_start=0, vocab_size=vocab,
-                                               chunk_size=chunk, with_entropy=True)
+                                               chunk_size=chunk, with_entropy=True, temperature=temperature)
     (lp * g_lp + ent * g_ent).sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    ref_lp, ref_ent = logprobs.reference_logprobs(hidden, weight, targets, vocab)
+    ref_lp, ref_ent = logprobs.reference_logprobs(hidden, weight, targets, vocab, temperature)
     torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
     (ref_lp * g_lp + ref_ent * g_ent).sum().backward()
