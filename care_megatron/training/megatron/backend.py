@@ -265,7 +265,7 @@ class MegatronBackend:
             metric_list.append(metrics)
         if self.policy.vision is not None:
             allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
-        allreduce_sequence_parallel_grads(self.policy, mps.get_tensor_model_parallel_group())
+        allreduce_tp_partial_grads(self.policy, mps.get_tensor_model_parallel_group())
         self.optimizer.reduce_grads()
         return losses, metric_list
 
@@ -351,12 +351,15 @@ class MegatronBackend:
         self._sleeping = None
 
 
-def allreduce_sequence_parallel_grads(model, group) -> None:
-    """Sum over TP the gradients of parameters that saw only this rank's token slice (SP norms)."""
+def allreduce_tp_partial_grads(model, group) -> None:
+    """Sum over TP the gradients that each TP rank holds only a part of (what Megatron's
+    ``finalize_model_grads`` does on GPU): sequence-parallel norms (this rank's token slice) and the
+    per-head QK-norm weights (this rank's heads)."""
     if group is None or dist.get_world_size(group) == 1:
         return
-    for p in model.parameters():
-        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+    for name, p in model.named_parameters():
+        partial = getattr(p, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name
+        if partial and p.grad is not None:
             dist.all_reduce(p.grad, group=group)
 
 

@@ -233,9 +233,6 @@ class QwenVLMegatronModel(nn.Module):
         from megatron.core.models.gpt import GPTModel
 
         validate_parallel_layout(parallel, facts.shape())
-        if facts.mrope_interleaved:
-            raise ValueError("config field 'model.arch': interleaved M-RoPE (Qwen3-VL) is not implemented in the "
-                             "Megatron backend yet; use the torch backend for qwen3_vl")
         self.facts = facts
         self.impl = resolve_transformer_impl(parallel)
         self.config = transformer_config_from_hf(facts, parallel, dtype, use_cpu_initialization, self.impl)

@@ -71,28 +71,81 @@ def prediction_positions(batch: PackedMicroBatch) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
-def decoder_input(model, batch: PackedMicroBatch) -> torch.Tensor:
-    """Token embeddings with image features in the pad rows: [T (/tp under SP), 1, H]."""
+def _image_rows_tensor(model, batch: PackedMicroBatch, features: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[T, 1, H] zeros with ``features`` in the image-pad rows (sequence-parallel slice when SP)."""
     from megatron.core import tensor_parallel
 
+    ids = batch.input_ids
+    mask = ids == model.facts.image_token_id
+    full = torch.zeros(ids.numel(), 1, like.shape[-1], dtype=like.dtype, device=like.device)
+    full = full.index_put((mask.nonzero(as_tuple=True)[0],), features.to(like.dtype)[:, None, :])
+    if model.config.sequence_parallel:
+        # scatter's backward all-gathers, so every TP rank's tower receives the full feature gradient
+        full = tensor_parallel.scatter_to_sequence_parallel_region(full)
+    return full
+
+
+def image_mask(model, batch: PackedMicroBatch, like: torch.Tensor) -> torch.Tensor:
+    """Bool [T (/tp under SP), 1, 1]: the image-pad rows this rank holds."""
+    mask = (batch.input_ids == model.facts.image_token_id)[:, None, None]
+    if model.config.sequence_parallel:
+        tp = model.config.tensor_model_parallel_size
+        from megatron.core import parallel_state as mps
+
+        mask = mask.chunk(tp, dim=0)[mps.get_tensor_model_parallel_rank()]
+    return mask
+
+
+def decoder_input(model, batch: PackedMicroBatch):
+    """Token embeddings with image features in the pad rows: ([T (/tp under SP), 1, H], DeepStack list).
+
+    The DeepStack list holds, per early decoder layer, a [T (/tp), 1, H] tensor that is zero outside
+    the image rows (Qwen3-VL; empty for Qwen2.5-VL).
+    """
     lm = model.language_model
     ids = batch.input_ids
     embeddings = lm.embedding(input_ids=ids[None], position_ids=None)          # [T(/tp), 1, H]
     if batch.pixel_values is None or model.vision is None:
-        return embeddings
-    features = model.vision(batch.pixel_values, batch.image_grid_thw)          # [N_pad, H]
-    mask = ids == model.facts.image_token_id
-    if int(mask.sum()) != features.shape[0]:
-        raise ValueError(f"{int(mask.sum())} <|image_pad|> tokens but {features.shape[0]} image features in the "
+        return embeddings, []
+    features, deepstack = model.vision(batch.pixel_values, batch.image_grid_thw)   # [N_pad, H]
+    count = int((ids == model.facts.image_token_id).sum())
+    if count != features.shape[0]:
+        raise ValueError(f"{count} <|image_pad|> tokens but {features.shape[0]} image features in the "
                          "micro-batch; an image was truncated or image_grid_thw does not match the prompt")
-    full = torch.zeros(ids.numel(), 1, embeddings.shape[-1], dtype=embeddings.dtype, device=embeddings.device)
-    full = full.index_put((mask.nonzero(as_tuple=True)[0],), features.to(embeddings.dtype)[:, None, :])
-    mask = mask[:, None, None]
-    if model.config.sequence_parallel:
-        # scatter's backward all-gathers, so every TP rank's tower receives the full feature gradient
-        full = tensor_parallel.scatter_to_sequence_parallel_region(full)
-        mask = tensor_parallel.scatter_to_sequence_parallel_region(mask.to(embeddings.dtype)).bool()
-    return torch.where(mask, full, embeddings)
+    rows = _image_rows_tensor(model, batch, features, embeddings)
+    merged = torch.where(image_mask(model, batch, embeddings), rows, embeddings)
+    return merged, [_image_rows_tensor(model, batch, f, embeddings) for f in deepstack]
+
+
+def interleaved_mrope_frequencies(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> torch.Tensor:
+    """Qwen3-VL interleaved M-RoPE angles in Megatron's layout: position_ids [3, T] -> [T, 1, 1, d].
+
+    Frequency j uses the temporal position, except j = 1, 4, 7, ... (< 3 * section[1]) which use the
+    height and j = 2, 5, 8, ... (< 3 * section[2]) the width position; then duplicated for the two
+    rotated halves (non-interleaved rotary application).
+    """
+    angles = position_ids.float()[:, :, None] * inv_freq.float()[None, None, :]   # [3, T, d/2]
+    combined = angles[0].clone()
+    for axis, offset in ((1, 1), (2, 2)):
+        index = slice(offset, mrope_section[axis] * 3, 3)
+        combined[:, index] = angles[axis][:, index]
+    return torch.cat([combined, combined], dim=-1)[:, None, None, :]
+
+
+def _add_deepstack_hooks(model, deepstack: list):
+    """Decoder hook (not a fork): after decoder layer i, add DeepStack feature i at the image rows."""
+    layers = model.language_model.decoder.layers
+    if len(deepstack) > len(layers):
+        raise ValueError(f"{len(deepstack)} DeepStack taps but the first pipeline stage holds {len(layers)} layers")
+    handles = []
+    for layer, extra in zip(layers, deepstack):
+        def hook(module, inputs, output, extra=extra):
+            if isinstance(output, tuple):
+                return (output[0] + extra,) + tuple(output[1:])
+            return output + extra
+
+        handles.append(layer.register_forward_hook(hook))
+    return handles
 
 
 def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
@@ -108,10 +161,18 @@ def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
     if model.config.sequence_parallel and batch.num_tokens % model.config.tensor_model_parallel_size:
         raise ValueError(f"sequence parallelism needs the packed length ({batch.num_tokens}) divisible by "
                          f"tensor_model_parallel_size; pad the micro-batch")
-    hidden = decoder_input(model, batch) if lm.pre_process else None
-    rotary = lm.rotary_pos_emb(batch.position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
+    hidden, deepstack = decoder_input(model, batch) if lm.pre_process else (None, [])
+    if model.facts.mrope_interleaved:
+        rotary = interleaved_mrope_frequencies(batch.position_ids, lm.rotary_pos_emb.inv_freq, lm.mrope_section)
+    else:
+        rotary = lm.rotary_pos_emb(batch.position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
     packed = build_packed_seq_params(batch, batch.input_ids.device)
-    hidden = lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
+    handles = _add_deepstack_hooks(model, deepstack)
+    try:
+        hidden = lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
+    finally:
+        for handle in handles:
+            handle.remove()
     if not lm.post_process:
         return hidden
     if model.config.sequence_parallel:

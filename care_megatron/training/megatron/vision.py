@@ -17,7 +17,12 @@ from torch import nn
 
 
 class VisionTower(nn.Module):
-    """Wraps the HF vision tower. Parameter names: ``vision_model.<HF name under model.visual>``."""
+    """Wraps the HF vision tower. Parameter names: ``vision_model.<HF name under model.visual>``.
+
+    ``qwen2_5_vl``: ``Qwen2_5_VisionTransformerPretrainedModel``; ``qwen3_vl``: ``Qwen3VLVisionModel``,
+    whose DeepStack taps (features of intermediate vision blocks, one per early decoder layer) are
+    returned beside the merged features.
+    """
 
     def __init__(self, hf_vision_config, arch: str = "qwen2_5_vl"):
         super().__init__()
@@ -25,16 +30,22 @@ class VisionTower(nn.Module):
             from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
             self.vision_model = Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_vision_config)
+        elif arch == "qwen3_vl":
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+            self.vision_model = Qwen3VLVisionModel._from_config(hf_vision_config)
         else:
-            raise ValueError(f"config field 'model.arch': the Megatron backend's vision tower supports qwen2_5_vl; "
-                             f"got {arch!r} (Qwen3-VL DeepStack is not wired yet)")
+            raise ValueError(f"config field 'model.arch': unknown vision tower {arch!r}; valid: qwen2_5_vl, qwen3_vl")
         self.spatial_merge_size = hf_vision_config.spatial_merge_size
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values [P, C], image_grid_thw [n_images, 3] -> merged features [P / merge^2, D_lm]."""
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """pixel_values [P, C], image_grid_thw [n_images, 3] -> (merged features [P / merge^2, D_lm],
+        DeepStack features: list of [P / merge^2, D_lm], empty for Qwen2.5-VL)."""
         dtype = next(self.vision_model.parameters()).dtype
         out = self.vision_model(pixel_values.to(dtype), grid_thw=image_grid_thw)
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        deepstack = list(getattr(out, "deepstack_features", None) or [])
+        return features, deepstack
 
 
 def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor,

@@ -34,13 +34,35 @@ def tiny_hf_config(tie: bool = False, vocab: int = VOCAB):
     return cfg
 
 
-def tiny_hf_model(tie: bool = False, seed: int = 0):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def tiny_qwen3_vl_config():
+    from transformers import Qwen3VLConfig
+
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=1024,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         pad_token_id=2, tie_word_embeddings=False),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False)
+    return cfg
+
+
+def tiny_hf_model(tie: bool = False, seed: int = 0, arch: str = "qwen2_5_vl"):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = tiny_hf_config(tie)
-    cfg._attn_implementation = "eager"
-    model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
+    if arch == "qwen3_vl":
+        cfg = tiny_qwen3_vl_config()
+        cfg._attn_implementation = "eager"
+        model = Qwen3VLForConditionalGeneration(cfg).float().eval()
+    else:
+        cfg = tiny_hf_config(tie)
+        cfg._attn_implementation = "eager"
+        model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
     # larger-than-default init so log-probs are not all ~ -log V (a stronger parity test)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,7 +77,7 @@ def make_sequence(model, generator, n_images: int, text_len: int, response_len: 
     """One sequence: [text, (vision_start, pads, vision_end) * n_images, text, response]."""
     vcfg = model.config.vision_config
     merge = vcfg.spatial_merge_size
-    patch_dim = 3 * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    patch_dim = getattr(vcfg, "in_channels", 3) * vcfg.temporal_patch_size * vcfg.patch_size ** 2
     ids, pixels, grids = [], [], []
     ids += torch.randint(3, 280, (text_len,), generator=generator).tolist()
     for _ in range(n_images):
@@ -122,6 +144,7 @@ def hf_reference(model, batch: PackedMicroBatch, with_grad_weights: torch.Tensor
     logprobs = torch.zeros(total)
     entropy = torch.zeros(total)
     think = torch.zeros(batch.num_sequences, model.config.text_config.hidden_size)
+    merge = model.config.vision_config.spatial_merge_size ** 2
     bounds = batch.cu_seqlens.tolist()
     image_offset, patch_offset = 0, 0
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -131,7 +154,7 @@ def hf_reference(model, batch: PackedMicroBatch, with_grad_weights: torch.Tensor
         if n_img_tokens:
             n_images, tokens = 0, 0
             while tokens < n_img_tokens:
-                tokens += int(batch.image_grid_thw[image_offset + n_images].prod()) // 4
+                tokens += int(batch.image_grid_thw[image_offset + n_images].prod()) // merge
                 n_images += 1
             grid = batch.image_grid_thw[image_offset:image_offset + n_images]
             n_patches = int(grid.prod(-1).sum())

@@ -201,3 +201,53 @@ def gpu_bf16_worker(rank, world, port, out_dir):
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()
+
+
+def qwen3_vl_worker(rank, world, port, out_dir):
+    """Qwen3-VL (interleaved M-RoPE, QK-norm, DeepStack) at TP=world: forward and gradient parity."""
+    _setup(rank, world, port)
+    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
+    from megatron.core import parallel_state as mps
+
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+    from care_megatron.training.megatron.model_provider import to_mapping_name
+    from care_megatron.training.megatron.packed_forward import ForwardOptions
+
+    hf = tiny_hf_model(arch="qwen3_vl")
+    batches = standard_batches(hf)
+    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=world, transformer_impl="local")
+    backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR), arch="qwen3_vl",
+                              options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17), with_reference=False)
+    outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+    with torch.no_grad():
+        expected = [hf_reference(hf, mb) for mb in batches]
+    result = {
+        "lp_err": max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(outs, expected)),
+        "ent_err": max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, expected)),
+        "think_err": max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected)),
+        "lp_scale": float(expected[0][0].abs().mean()),
+    }
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    backend.optimizer.zero_grad()
+    backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
+    _, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
+    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
+    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
+    spec = mapping_for_config(hf.config)
+    hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
+    common = set(mg_grads) & set(hf_grads)
+    result["missing_grads"] = sorted(set(hf_grads) - set(mg_grads))
+    errors = {n: float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common}
+    result["grad_err"] = max(errors.values())
+    result["worst_grads"] = sorted(errors, key=errors.get)[-3:]
+    result["grad_scale"] = max(float(hf_grads[n].abs().max()) for n in common)
+    deepstack = [n for n in common if "deepstack" in n]
+    result["deepstack_grad_scale"] = max(float(hf_grads[n].abs().max()) for n in deepstack) if deepstack else 0.0
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "qwen3_vl.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()
