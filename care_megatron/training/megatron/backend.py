@@ -69,6 +69,7 @@ class MegatronBackend:
             raise ValueError("config field 'parallel.backend': MegatronBackend needs backend=megatron")
         self.options = options or MegatronBackendOptions()
         self.parallel, self.train, self.dtype = parallel, train, dtype
+        self.hf_config = hf_config  # weight export reads the architecture / dims from it
         self.dist = initialize_parallel(parallel, seed=seed, force_cpu=self.options.force_cpu)
         self.device = self.dist["device"]
         self.cpu_path = self.dist["cpu"]
@@ -128,6 +129,21 @@ class MegatronBackend:
                    dtype=dtypes[config.model.dtype], seed=config.train.seed,
                    options=MegatronBackendOptions(temperature=temperature),
                    state_dict_converter=state_dict_converter, with_reference=keep_reference)
+
+    # ------------------------------------------------------------------ data parallelism (read by trainer.py)
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.dist["dp_rank"]
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.dist["dp_size"]
+
+    @property
+    def data_parallel_group(self):
+        from megatron.core import parallel_state as mps
+
+        return mps.get_data_parallel_group()
 
     # ------------------------------------------------------------------ construction helpers
     def _build_model(self, hf_config) -> QwenVLMegatronModel:

@@ -87,6 +87,13 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
     result["think_err"] = max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected))
     result["ref_err"] = max(float((o.logprobs - r.logprobs).abs().max()) for o, r in zip(outs, refs))
     result["lp_scale"] = float(expected[0][0].abs().mean())
+    # 1b. weight export (weight_export.py through the shared mapping) returns the HF weights exactly
+    from checkpoints_convert import mapping_for_config as _mapping
+
+    canonical = {_mapping(hf.config).canonical_hf_name(n): t for n, t in hf.state_dict().items()}
+    exported = {_mapping(hf.config).canonical_hf_name(n): t for bucket in backend.export_weights() for n, t in bucket}
+    result["export_exact"] = set(exported) == set(canonical) and all(torch.equal(exported[n], canonical[n])
+                                                                      for n in canonical)
     # 2. gradient parity: megatron grads (before the optimizer) vs HF grads, in HF names
     normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
     from care_megatron.training.megatron.packed_forward import ForwardOptions

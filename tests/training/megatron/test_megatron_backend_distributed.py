@@ -46,6 +46,7 @@ def _check_parity(result):
     # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads)
     assert result["step_lp_err"] < 5e-4, result
     assert result["sleep_freed"] and result["wake_exact"], result
+    assert result["export_exact"], result  # export_weights -> the HF weights the backend was built from
 
 
 def test_tp2_parity_then_tp1_parity_and_reshard_checkpoint(tmp_path):
