@@ -16,6 +16,7 @@ custom converter ``(hf_state, hf_config, tp_size, tp_rank, padded_vocab) -> rank
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -317,23 +318,34 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ protocol: weights / checkpoints
     def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        try:
-            from care_megatron.training.megatron import weight_export
-        except ImportError as exc:
-            raise NotImplementedError("care_megatron.training.megatron.weight_export is not available yet") from exc
-        return weight_export.export_weights(self, bucket_bytes)
+        """HF-named full tensors in buckets, through ``weight_export`` (the shared mapping)."""
+        from care_megatron.training.megatron import weight_export
+
+        with self._temporarily_awake():
+            yield from weight_export.export_weights(self, bucket_bytes)
 
     def state_dict_for_checkpoint(self) -> dict:
-        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step_count}
+        with self._temporarily_awake():
+            return {"model": {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()
+                              if torch.is_tensor(v)},
+                    "optimizer": self.optimizer.state_dict(), "step": self.step_count}
 
     def save_checkpoint(self, path: str) -> None:
+        with self._temporarily_awake():
+            self._save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        with self._temporarily_awake():
+            self._load_checkpoint(path)
+
+    def _save_checkpoint(self, path: str) -> None:
         ckpt.save_model(self.policy, f"{path}/model")
         rank = dist.get_rank()
         ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
                                                          "step": self.step_count,
                                                          "layout": (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])})
 
-    def load_checkpoint(self, path: str) -> None:
+    def _load_checkpoint(self, path: str) -> None:
         ckpt.load_model(self.policy, f"{path}/model")
         state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
         layout = (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])
@@ -347,9 +359,13 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ protocol: memory
     def sleep(self) -> None:
-        """Move weights, gradients and optimizer state off the accelerator (no-op copy on CPU)."""
-        if self._sleeping is not None:
+        """Move weights, gradients and optimizer state off the accelerator to host memory (views
+        stay valid). A no-op on the CPU path: there is no accelerator memory to free."""
+        if self._sleeping is not None or self.cpu_path:
             return
+        self._offload()
+
+    def _offload(self) -> None:
         tensors = [p.data for p in self.policy.parameters()]
         tensors += [p.grad for p in self.policy.parameters() if p.grad is not None]
         tensors += [getattr(p, "main_grad") for p in self.policy.parameters() if getattr(p, "main_grad", None) is not None]
@@ -365,6 +381,18 @@ class MegatronBackend:
             return
         restore_storages(self._sleeping)
         self._sleeping = None
+
+    @contextlib.contextmanager
+    def _temporarily_awake(self):
+        """Checkpointing / export while asleep: restore the tensors, then offload them again."""
+        asleep = self._sleeping is not None
+        if asleep:
+            self.wake()
+        try:
+            yield
+        finally:
+            if asleep:
+                self._offload()
 
 
 def allreduce_tp_partial_grads(model, group) -> None:

@@ -45,7 +45,7 @@ def _check_parity(result):
     assert result["step_lp_change"] > 1e-3, result  # the step really moved the model ...
     # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads)
     assert result["step_lp_err"] < 5e-4, result
-    assert result["sleep_freed"] and result["wake_exact"], result
+    assert result["cpu_sleep_noop"] and result["sleep_freed"] and result["still_asleep"] and result["wake_exact"], result
     assert result["export_exact"], result  # export_weights -> the HF weights the backend was built from
 
 
