@@ -174,10 +174,8 @@ class MegatronBackend:
 
         finalize_model_grads(model_chunks, num_tokens=None)  # DP sum, SP norms, tied embeddings over PP
         vision = self.policy.vision
-        if vision is not None:
-            for p in vision.parameters():  # Megatron DDP keeps gradients in main_grad
-                p.grad = getattr(p, "main_grad", p.grad)
-            allreduce_vision_grads_over_tp(vision, mps.get_tensor_model_parallel_group())
+        if vision is not None:  # Megatron DDP keeps gradients in the fp32 main_grad buffers
+            allreduce_vision_grads_over_tp(vision, mps.get_tensor_model_parallel_group(), grad_attr="main_grad")
 
     # ------------------------------------------------------------------ protocol: forward
     def _module(self, name: str):
@@ -439,6 +437,8 @@ def _optimizer_tensors(optimizer) -> list:
         base = getattr(opt, "optimizer", opt)
         for state in getattr(base, "state", {}).values():
             out += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        for group in getattr(base, "param_groups", []):  # fp32 master copies of bf16 weights (Megatron)
+            out += [p.data for p in group["params"]]
     return out
 
 

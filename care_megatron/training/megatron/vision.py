@@ -64,11 +64,14 @@ def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, im
     return embeddings.index_put((index,), image_features.to(embeddings.dtype))
 
 
-def allreduce_vision_grads_over_tp(vision: nn.Module, group) -> None:
-    """Average the replicated tower's gradients over the TP group (no-op for a 1-rank group)."""
+def allreduce_vision_grads_over_tp(vision: nn.Module, group, grad_attr: str = "grad") -> None:
+    """Average the replicated tower's gradients over the TP group (no-op for a 1-rank group).
+
+    ``grad_attr``: ``grad`` (CPU path) or ``main_grad`` (Megatron DDP's fp32 gradient buffer)."""
     if group is None or dist.get_world_size(group) == 1:
         return
-    grads = [p.grad for p in vision.parameters() if p.grad is not None]
+    grads = [getattr(p, grad_attr, None) for p in vision.parameters()]
+    grads = [g for g in grads if g is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
