@@ -160,7 +160,10 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
     single process without them gets a one-rank gloo group on a free port. Returns
     ``{"device", "tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "dp_size", "cpu"}``.
     """
-    from megatron.core import parallel_state as mps
+    try:
+        from megatron.core import parallel_state as mps
+    except ImportError as exc:
+        raise ImportError(f"parallel.backend=megatron needs megatron-core: pip install 'care_megatron[megatron]' ({exc})") from exc
 
     from care_megatron.training.megatron import cpu_compat
 
