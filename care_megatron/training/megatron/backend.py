@@ -82,7 +82,8 @@ class MegatronBackend:
         else:  # the shared mapping, one source of truth with weight export
             rank_state = shared_mapping_state_dict(hf_state_dict, hf_config, tp=self.dist["tp_size"],
                                                    tp_rank=self.dist["tp_rank"], pp=self.dist["pp_size"],
-                                                   pp_rank=self.dist["pp_rank"], impl=self.policy.impl)
+                                                   pp_rank=self.dist["pp_rank"], impl=self.policy.impl,
+                                                   padded_vocab=self.policy.padded_vocab_size)
         missing, unexpected = self.policy.load_state_dict(rank_state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:

@@ -301,15 +301,13 @@ def to_mapping_name(name: str) -> str:
 
 
 def shared_mapping_state_dict(hf_state_dict: dict, hf_config, *, tp: int, tp_rank: int, pp: int = 1, pp_rank: int = 0,
-                              vp: int | None = None, vp_stage: int = 0, impl: str = "local") -> dict:
-    """This rank's model state dict through the shared HF->Megatron mapping (``checkpoints_convert``).
+                              vp: int | None = None, vp_stage: int = 0, impl: str = "local",
+                              padded_vocab: int | None = None) -> dict:
+    """This rank's :class:`QwenVLMegatronModel` state dict through the shared HF->Megatron mapping
+    (``checkpoints_convert.common.hf_to_megatron_rank_state_dict``: one rank's stage converted, rule by rule)."""
+    from checkpoints_convert.common import hf_to_megatron_rank_state_dict
 
-    Converts every rank's shard and keeps this rank's (simple; a per-rank converter would save
-    host memory on very large models).
-    """
-    from checkpoints_convert import hf_to_megatron_state_dicts
-
-    shards = hf_to_megatron_state_dicts(hf_state_dict, hf_config, tp=tp, pp=pp, vp=vp,
-                                        layernorm_naming="te" if impl == "transformer_engine" else "local")
-    key = (pp_rank, tp_rank) if vp is None else (pp_rank, tp_rank, vp_stage)
-    return {from_mapping_name(n): t for n, t in shards[key].items()}
+    return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp, tp_rank, padded_vocab, pp_size=pp,
+                                          pp_rank=pp_rank, vp_size=vp, vp_stage=vp_stage,
+                                          language_prefix="language_model.", vision_prefix="vision.",
+                                          layernorm_naming="te" if impl == "transformer_engine" else "local")
