@@ -56,6 +56,20 @@ def save_policy(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def save_backend_policy(backend, hf_model, tokenizer, out: Path) -> None:
+    """Write the backend's current policy as a Hugging Face directory, through the weight export
+    (the path rollouts use), so it works for any backend (Megatron shards are gathered). Collective
+    under torch.distributed; rank 0 writes."""
+    from care_megatron.rollout.hf_engine import checkpoint_name_to_module_name
+    from care_megatron.trainer import is_main_process
+
+    names = set(hf_model.state_dict())
+    state = {checkpoint_name_to_module_name(name, names): t for bucket in backend.export_weights() for name, t in bucket}
+    if is_main_process():
+        hf_model.load_state_dict(state)
+        save_policy(hf_model, tokenizer, Path(out))
+
+
 def run_sft(config: RunConfig, progress: bool = True) -> Path:
     """Train ``config.train.sft_steps`` steps of SFT; save the policy under ``<output_dir>/sft``; return that path."""
     from care_megatron.data.dataset import PromptIterator, build_datasets
@@ -74,7 +88,10 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     if not records:
         raise ValueError("no training record has a reference rationale: SFT needs the synthetic tasks or rationales")
     batches = PromptIterator(records, config.train.sft_batch_size, seed=config.train.seed)
-    logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress)
+    from care_megatron.trainer import is_main_process
+
+    main = is_main_process()
+    logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress and main, enabled=main)
     for step in range(config.train.sft_steps):
         batch = next(batches)
         seqs = [sft_sequence(r, tokenizer, image_processor, i) for i, r in enumerate(batch)]
@@ -85,6 +102,6 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
         logger.log(step, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
                           "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped})
     logger.close()
-    save_policy(backend.model, tokenizer, out)
+    save_backend_policy(backend, model, tokenizer, out)
     log.info("SFT done: policy saved to %s", out)
     return out

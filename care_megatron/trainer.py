@@ -64,15 +64,15 @@ class RLTrainer:
         self.config, cfg = config, config
         seed_everything(cfg.train.seed, cfg.train.threads)
         self.out = Path(cfg.train.output_dir)
+        self.model, self.tokenizer, self.image_processor = build_model_and_processor(
+            policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        self.mrope = MRopeSpec.from_hf_config(self.model.config)
+        self.backend = build_backend(cfg, self.model)  # initialises torch.distributed for Megatron
         self.main = is_main_process()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        self.model, self.tokenizer, self.image_processor = build_model_and_processor(
-            policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        self.mrope = MRopeSpec.from_hf_config(self.model.config)
         self.engine = build_rollout_engine(cfg, self.model, self.tokenizer)
-        self.backend = build_backend(cfg, self.model)
         self.data = build_records(cfg.data)
         self.prompts = PromptIterator(self.data.train, cfg.data.prompts_per_step, seed=cfg.data.seed)
         algo = cfg.algorithm
@@ -308,13 +308,9 @@ class RLTrainer:
     def save_final_policy(self) -> None:
         """The trained policy as a Hugging Face directory (``<output_dir>/final``), loadable by
         ``from_pretrained``, ``care-eval --checkpoint`` and SGLang; filled through the weight export."""
-        from care_megatron.sft import save_policy
+        from care_megatron.sft import save_backend_policy
 
-        state = {name: t for bucket in self.backend.export_weights() for name, t in bucket}
-        if not is_main_process():
-            return
-        self.model.load_state_dict(state)
-        save_policy(self.model, self.tokenizer, self.out / "final")
+        save_backend_policy(self.backend, self.model, self.tokenizer, self.out / "final")
 
 
 def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, float]:

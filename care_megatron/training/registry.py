@@ -17,11 +17,13 @@ def build_backend(config: RunConfig, model, *, lr: float | None = None, keep_ref
     if name == "torch":
         import torch
 
+        from care_megatron.rollout.mismatch import logprob_temperature
         from care_megatron.training.torch_backend import TorchBackend
 
         return TorchBackend(model, lr=lr, weight_decay=config.train.weight_decay,
                             warmup_steps=config.train.warmup_steps, grad_clip=config.train.grad_clip,
-                            temperature=config.rollout.temperature, keep_reference=keep_reference,
+                            temperature=logprob_temperature(config.rollout.temperature),
+                            keep_reference=keep_reference,
                             device="cuda" if torch.cuda.is_available() else "cpu")
     if name == "megatron":
         try:

@@ -260,7 +260,7 @@ class MegatronBackend:
 
         if self.dist["dp_size"] > 1:
             dist.all_reduce(total_loss, group=mps.get_data_parallel_group())
-        metrics = _mean_metrics(metric_list)
+        metrics = _sum_metrics(metric_list, mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)
         if ok:
             self.step_count += 1
         else:
@@ -451,9 +451,21 @@ def _detach_to_cpu(out: ForwardOutputs) -> ForwardOutputs:
     )
 
 
-def _mean_metrics(metric_list: list[dict]) -> dict[str, float]:
+def _sum_metrics(metric_list: list[dict], dp_group=None) -> dict[str, float]:
+    """Loss metrics summed over micro-batches and data-parallel ranks, plus ``micro_batches``.
+
+    Same contract as the plain-PyTorch backend: the losses' metrics are globally normalised (so
+    their sum is the step's value) or additive counts; per-micro-batch means are divided by
+    ``micro_batches`` by the caller.
+    """
     sums: dict[str, float] = {}
     for metrics in metric_list:
         for k, v in (metrics or {}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / max(len(metric_list), 1) for k, v in sums.items()}
+    sums["micro_batches"] = float(len(metric_list))
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=dp_group)
+        sums = dict(zip(keys, values.tolist()))
+    return sums
