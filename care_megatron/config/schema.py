@@ -161,14 +161,9 @@ class AlgorithmConfig:
 
     def defaults(self) -> dict[str, float]:
         """Clip / KL values in force, the method's defaults filled in (spec section 7)."""
-        table = {
-            "care": (0.2, 0.28, 0.02),
-            "grpo": (0.2, 0.2, 0.02),
-            "dapo": (0.2, 0.28, 0.0),
-            "gspo": (3e-4, 4e-4, 0.0),
-            "dr_grpo": (0.2, 0.2, 0.02),
-            "rloo": (0.2, 0.2, 0.02),
-        }[self.name]
+        from care_megatron.algorithm.policy_losses import METHOD_DEFAULTS
+
+        table = METHOD_DEFAULTS[self.name]
         return {
             "clip_low": table[0] if self.clip_low is None else self.clip_low,
             "clip_high": table[1] if self.clip_high is None else self.clip_high,

@@ -6,7 +6,7 @@ Implementations: ``hf_engine.HFRolloutEngine`` (transformers ``generate``; CPU a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -86,3 +86,22 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a (name, tensor) stream into buckets of at most ``bucket_bytes`` and one dtype each (a
+    flattened bucket is one tensor); a tensor larger than the limit travels alone."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > bucket_bytes or tensor.dtype != bucket[0][1].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
+from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams, bucket_named_tensors  # noqa: F401 (bucketing re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -229,26 +229,6 @@ def sglang_sampling_params(sampling: SamplingParams, stop_token_ids: Iterable[in
         # Keep <think> / <answer> and friends in the text: the verifier reads the tags.
         "skip_special_tokens": False,
     }
-
-
-def bucket_named_tensors(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a stream into buckets of at most ``bucket_bytes`` and a single dtype (a flattened
-    bucket is one tensor). A tensor larger than the limit travels alone."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and (size + nbytes > bucket_bytes or tensor.dtype != bucket[0][1].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], metadata_cls: Callable[..., Any]):

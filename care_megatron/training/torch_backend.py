@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.rollout.base import bucket_named_tensors
 from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
 from care_megatron.training.packed_utils import align_next_token, pool_think_hidden
 
@@ -27,21 +28,6 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     from care_megatron.kernels.logprobs import linear_logprobs
 
     return linear_logprobs(hidden, weight, labels, temperature=temperature, with_entropy=with_entropy)
-
-
-def bucket_named_tensors(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of at most ``bucket_bytes`` (a larger tensor travels alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 class TorchBackend:
