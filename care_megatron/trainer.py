@@ -81,7 +81,8 @@ class RLTrainer:
         self.advantage_fn = get_advantage_fn(algo.name)
         self.loss_config = PolicyLossConfig.for_method(algo.name, algo.clip_low, algo.clip_high, algo.kl_coef,
                                                        algo.kl_estimator, algo.entropy_coef)
-        self.loss_fn = step_inputs.make_loss_fn(get_policy_loss(algo.name), self.loss_config)
+        self.loss_fn = step_inputs.make_loss_fn(get_policy_loss(algo.name), self.loss_config, algo.name,
+                                                self.care_config.think_weight_pos)
         self.reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(format_weight=algo.format_weight))
         stops = list(getattr(self.engine, "stop_token_ids", []))
         self.sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,

@@ -33,6 +33,11 @@ step gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 step bench_kernels 90 python3 tools/bench_kernels.py
 step bench_advantages 60 python3 tools/bench_advantages.py --device cuda --skip-loop
 step bench_weight_sync 60 python3 tools/bench_weight_sync.py --device cuda --dtype bfloat16
+if python3 -c "import sglang" >/dev/null 2>&1; then
+  step sglang_check 240 python3 tools/sglang_check.py
+else
+  echo "=== sglang_check: skipped (sglang does not import here)"
+fi
 if [ -f tools/bench_train.py ]; then
   step bench_train 240 python3 tools/bench_train.py
 fi

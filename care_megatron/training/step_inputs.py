@@ -58,6 +58,9 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
                 tis.append(tm["rollout/tis_weight_mean"])
         mb.token_fields["token_weights"] = weights
         mb.token_fields["token_advantages"] = token_adv
+        if method == "care":  # per-token inputs of the fused region-weighted loss (kernels.region_loss)
+            add_fused_region_fields(mb, seq_ids, sequence_advantages[index], positive[index], weights,
+                                    tis=tis_cap is not None)
     if counts and sum(counts):
         metrics["rollout/mismatch_abs_mean"] = sum(gaps) / sum(counts)
     if tis:
@@ -68,10 +71,74 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
     return normalisers, metrics
 
 
-def make_loss_fn(policy_loss, loss_config: PolicyLossConfig):
-    """Adapt a registered policy loss to the backend loss contract ``loss_fn(outputs, micro_batch, normalisers)``."""
+def add_fused_region_fields(mb: PackedMicroBatch, seq_ids: torch.Tensor, sequence_advantages: torch.Tensor,
+                            positive: torch.Tensor, weights: torch.Tensor, tis: bool) -> None:
+    """Per-token broadcasts the fused CARE loss reads: A_i, is_positive, has_answer and the weight
+    sum of the token's whole sequence (so micro-batching cannot change it)."""
+    from care_megatron.rewards.regions import Region
+
+    valid = seq_ids >= 0
+    safe = seq_ids.clamp(min=0)
+    n = mb.num_sequences
+    answer = (mb.region_ids == int(Region.ANSWER)) & mb.loss_mask & valid
+    has_answer = torch.zeros(n).index_add_(0, safe[valid], answer[valid].float()) > 0
+    sums = torch.zeros(n).index_add_(0, safe[valid], weights[valid].float())
+    zero = torch.zeros_like(weights)
+    mb.token_fields["sequence_advantages"] = torch.where(valid, sequence_advantages.float()[safe], zero)
+    mb.token_fields["is_positive"] = valid & positive.bool()[safe]
+    mb.token_fields["has_answer"] = valid & has_answer[safe]
+    mb.token_fields["weight_sums"] = torch.where(valid, sums[safe], zero)
+    if tis:  # truncated importance weights live in token_advantages only: the fused op cannot apply them
+        mb.token_fields["fused_region_loss_unsupported"] = torch.ones_like(weights)
+
+
+def fused_region_loss_applies(method: str, loss_config: PolicyLossConfig, mb: PackedMicroBatch) -> bool:
+    """The fused op computes exactly CARE's loss: k3 KL, no entropy bonus, no TIS re-weighting."""
+    return (method == "care" and loss_config.kl_estimator == "k3" and loss_config.entropy_coef == 0
+            and "weight_sums" in mb.token_fields and "fused_region_loss_unsupported" not in mb.token_fields)
+
+
+def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: dict, loss_config: PolicyLossConfig,
+                    think_weight_pos: float):
+    """CARE's spec-section-6 loss through ``kernels.region_loss`` (one Triton kernel each way on CUDA).
+
+    Same value and gradient as the ``care`` policy loss (tested); its clip statistics are bucketed by
+    correctness x region (``count/{clipped,tokens}/{positive,negative}_{answer,think}``).
+    """
+    from care_megatron.kernels.region_loss import RegionLossConfig, region_policy_loss
+
+    f = mb.token_fields
+    config = RegionLossConfig(gamma_pos=think_weight_pos, clip_low=loss_config.clip_low,
+                              clip_high=loss_config.clip_high, kl_coef=loss_config.kl_coef)
+    ref = f.get("ref_logprobs") if loss_config.kl_coef > 0 else None
+    loss, stats = region_policy_loss(
+        outputs.logprobs, f["old_logprobs"], f["sequence_advantages"], mb.region_ids, f["is_positive"],
+        f["has_answer"], mb.loss_mask, f["weight_sums"], max(float(normalisers["num_sequences"]), 1.0),
+        max(float(normalisers["num_tokens"]), 1.0), ref_logprobs=ref, config=config)
+    raw = stats.to_metrics()
+    metrics = {"loss": float(loss.detach()), "pg_loss": raw["pg_loss"], "kl": raw["kl"],
+               "kl_loss": loss_config.kl_coef * raw["kl"] if ref is not None else 0.0}
+    for key, value in raw.items():
+        if key.startswith(("clipped_high/", "clipped_low/")):
+            bucket = key.split("/", 1)[1]
+            metrics[f"count/clipped/{bucket}"] = metrics.get(f"count/clipped/{bucket}", 0.0) + value
+        elif key.startswith("active/"):
+            metrics[f"count/tokens/{key.split('/', 1)[1]}"] = value
+    return loss, metrics
+
+
+def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", think_weight_pos: float = 0.005,
+                 fused: bool | None = None):
+    """Adapt a registered policy loss to the backend loss contract ``loss_fn(outputs, micro_batch, normalisers)``.
+
+    ``fused``: use the fused CARE kernel (``kernels.region_loss``) when it computes the same loss;
+    None = on CUDA tensors only (the kernel's torch reference is not faster than the plain loss on CPU).
+    """
 
     def loss_fn(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: dict[str, Any]):
+        use_fused = outputs.logprobs.is_cuda if fused is None else fused
+        if use_fused and fused_region_loss_applies(method, loss_config, mb):
+            return fused_care_loss(outputs, mb, normalisers, loss_config, think_weight_pos)
         return policy_loss(outputs.logprobs, mb.token_fields["old_logprobs"], mb.token_fields["token_advantages"],
                            mb.loss_mask, mb.token_sequence_ids().to(outputs.logprobs.device), normalisers, loss_config,
                            ref_logprobs=mb.token_fields.get("ref_logprobs"), entropy=outputs.entropy,
