@@ -36,7 +36,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(command: str, argv: list[str] | None = None) -> int:
-    args = _parser(command).parse_args(argv)
+    args = _parser(command).parse_intermixed_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -58,3 +58,14 @@ def test_cli_help(script):
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout and "section.field=value" in out.stdout
+
+
+def test_cli_accepts_overrides_around_options(monkeypatch):
+    """Overrides may come before and after flags (argparse's intermixed parsing)."""
+    import care_megatron.cli as cli
+
+    seen = {}
+    monkeypatch.setattr("care_megatron.trainer.train", lambda config, resume, progress: seen.update(
+        steps=config.train.steps, name=config.algorithm.name, resume=resume, progress=progress))
+    assert cli.main("train", ["train.steps=3", "--no-progress", "algorithm.name=rloo", "--resume"]) == 0
+    assert seen == {"steps": 3, "name": "rloo", "resume": True, "progress": False}
