@@ -35,9 +35,17 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     for ax, (key, label) in zip(axes.flat, panels):
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, markersize=3, label=name)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if key.startswith("eval/") or len(ys) < 8:
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            else:  # per-step values are noisy: faint raw curve, bold trailing mean over ~10% of the run
+                line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+                window = max(3, len(ys) // 10)
+                smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
+                          for i in range(len(ys))]
+                ax.plot(xs, smooth, color=line.get_color(), linewidth=2, label=name)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
