@@ -345,6 +345,16 @@ def load_virl39k(path: PathLike, image_root: Optional[PathLike] = None, check_im
 
 
 # -------------------------------------------------------------------------------------- easy-vqa
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_rationale(answer: str) -> str:
+    """A short cold-start rationale in the synthetic tasks' style: what kind of answer it is, then the
+    answer (``shape: circle``, ``colour: teal``, ``check: yes``)."""
+    kind = "check" if answer in ("yes", "no") else "shape" if answer in EASY_VQA_SHAPES else "colour"
+    return f"{kind}: {answer}"
+
+
 def load_easy_vqa(split: str = "train", limit: Optional[int] = None,
                   check_images: bool = False) -> tuple[list[Record], LoadReport]:
     """The ``easy_vqa`` package's questions (``train`` 38,575 / ``test`` 9,673) over its 64x64 PNG shapes.
@@ -374,9 +384,11 @@ def load_easy_vqa(split: str = "train", limit: Optional[int] = None,
             continue
         question = text.strip()
         question = question[0].upper() + question[1:] if question else question
+        answer = str(answer).strip()
         record = Record(id=f"easy_vqa/{split}/{index}", source="easy_vqa", images=[image_paths[image_id]],
-                        question=question, answer=str(answer).strip(), answer_type="text",
-                        metadata={"split": split, "image_id": int(image_id)})
+                        question=question, answer=answer, answer_type="text",
+                        metadata={"split": split, "image_id": int(image_id)},
+                        rationale=easy_vqa_rationale(answer))
         _keep(record, records, report, check_images)
     return records, report
 

@@ -113,3 +113,16 @@ def test_helpers():
     assert get_loader("chartqa") is load_chartqa
     with pytest.raises(ValueError, match="valid"):
         get_loader("coco")
+
+
+def test_easy_vqa_records_carry_a_cold_start_rationale_that_scores_full_marks():
+    from care_megatron.data.sources import easy_vqa_rationale, load_easy_vqa
+    from care_megatron.rewards.verifier import score
+
+    records, _ = load_easy_vqa("train", limit=60)
+    kinds = {r.rationale.split(":")[0] for r in records}
+    assert kinds <= {"shape", "colour", "check"} and len(kinds) >= 2
+    for r in records:
+        assert r.rationale == easy_vqa_rationale(r.answer) and r.rationale.endswith(r.answer)
+        verdict = score(f"<think>{r.rationale}</think><answer>{r.answer}</answer>", r.answer, r.answer_type)
+        assert verdict.accuracy == 1.0 and verdict.format == 1.0
