@@ -160,3 +160,38 @@ def test_every_baseline_runs_a_step(tmp_path, algorithm):
         # and the step refills from fresh prompts twice before giving up
         assert row["dapo/dropped_groups"] >= 2 and row["dapo/refill_rounds"] == 2
         assert row["kl"] == 0.0  # DAPO runs without a KL term
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    """Each NaN step is skipped (metrics say so); N in a row stop the run with a clear error."""
+    from care_megatron.trainer import RLTrainer
+    from care_megatron.training.base import StepResult
+
+    trainer = RLTrainer(small_config(tmp_path, "train.steps=5", "train.max_consecutive_bad_steps=2"), progress=False)
+    trainer.backend.train_step = lambda *a, **k: StepResult(loss=float("nan"), grad_norm=float("nan"),
+                                                            learning_rate=0.0, skipped=True)
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        trainer.run()
+    rows = _rl_rows(tmp_path / "metrics.jsonl")
+    assert [r["skipped"] for r in rows] == [1.0]  # step 1 logged as skipped, step 2 stopped the run
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tmp_path):
+    from care_megatron import checkpoint as ckpt
+    from care_megatron.trainer import RLTrainer, train
+
+    trainer = RLTrainer(small_config(tmp_path, "train.steps=4", "train.save_every=10"), progress=False)
+    real_step = trainer.step
+
+    def interrupted(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    trainer.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and latest.name == "step_000002"
+    train(small_config(tmp_path, "train.steps=4", "train.save_every=10"), resume=True, progress=False)
+    assert [r["step"] for r in _rl_rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
