@@ -139,3 +139,30 @@ def reflect_hard_negatives(engine, rollouts: list[Rollout], targets: list[int], 
     return [make_rollout(rollouts[t].group, rollouts[t].record, rollouts[t].prompt, c, tokenizer, reward_fn,
                          stop_ids, prefix_ids=req.prefix_ids, reflected_from=t)
             for t, req, c in zip(targets, requests, completions)]
+
+
+def dapo_dynamic_sampling(rollouts: list[Rollout], more_rollouts: Callable[[int, int], list[Rollout]], target_groups: int,
+                          max_new_tokens: int, overlong_buffer: int, overlong_penalty: float,
+                          max_rounds: int = 2) -> tuple[list[Rollout], dict[str, float]]:
+    """DAPO (spec section 7): soft overlong penalty on the reward, drop groups whose rewards have zero
+    variance, refill with ``more_rollouts(num_prompts, group_offset)`` (at most ``max_rounds`` extra
+    generations) up to ``target_groups`` groups. Never returns an empty step."""
+    from care_megatron.algorithm.dapo import dynamic_sampling_filter, soft_overlong_penalty
+
+    kept, dropped, rounds, fresh = [], 0, 0, rollouts
+    while True:
+        lengths = torch.tensor([len(r.completion.token_ids) for r in fresh])
+        for r, p in zip(fresh, soft_overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_penalty).tolist()):
+            r.reward += p
+        keep, info = dynamic_sampling_filter(torch.tensor([r.group for r in fresh]), torch.tensor([r.reward for r in fresh]))
+        kept += [r for r, k in zip(fresh, keep.tolist()) if k]
+        dropped += info["num_dropped_groups"]
+        missing = target_groups - len({r.group for r in kept})
+        if missing <= 0 or rounds == max_rounds:
+            break
+        rounds += 1
+        fresh = more_rollouts(missing, 1 + max(r.group for r in rollouts + kept))
+    groups = set(sorted({r.group for r in kept})[:target_groups])
+    kept = [r for r in kept if r.group in groups] or rollouts
+    return kept, {"dapo/dropped_groups": float(dropped), "dapo/kept_groups": float(len(groups)),
+                  "dapo/refill_rounds": float(rounds)}

@@ -87,3 +87,34 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def rl_step_metrics(rollouts, advantages, info: dict | None, result) -> dict[str, float]:
+    """One RL step's metrics: spec section 8 diagnostics from the rollouts and advantages, plus the
+    update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
+    fractions are rebuilt from summed counts; per-micro-batch means are averaged."""
+    import numpy as np
+    import torch
+
+    from care_megatron.algorithm.diagnostics import advantage_diagnostics, clip_fractions
+
+    def field(name):
+        return torch.tensor([float(getattr(r, name)) for r in rollouts])
+
+    metrics = advantage_diagnostics(field("reward"), field("accuracy"), advantages, field("format"),
+                                    field("think_length"), field("answer_length"), info)
+    metrics.update({k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "ratio_"))})
+    metrics.update(clip_fractions(result.metrics))
+    parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
+    metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
+    metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate, skipped=float(result.skipped))
+    metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))
+    return metrics
+
+
+def write_samples(path: str | Path, step: int, rollouts, keep: int = 4) -> None:
+    """Append a few rollouts (and up to two RGR samples) with their verifier reasons to ``samples.jsonl``."""
+    with Path(path).open("a") as fh:
+        for r in rollouts[:keep] + [r for r in rollouts if r.reflected_from >= 0][:2]:
+            fh.write(json.dumps({"step": step, "id": r.record.id, "answer": r.record.answer, "response": r.response_text,
+                                 "reward": r.reward, "reason": r.reason, "reflected": r.reflected_from >= 0}) + "\n")

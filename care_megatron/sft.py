@@ -61,7 +61,7 @@ def save_backend_policy(backend, hf_model, tokenizer, out: Path) -> None:
     (the path rollouts use), so it works for any backend (Megatron shards are gathered). Collective
     under torch.distributed; rank 0 writes."""
     from care_megatron.rollout.hf_engine import checkpoint_name_to_module_name
-    from care_megatron.trainer import is_main_process
+    from care_megatron.runtime import is_main_process
 
     names = set(hf_model.state_dict())
     state = {checkpoint_name_to_module_name(name, names): t for bucket in backend.export_weights() for name, t in bucket}
@@ -76,7 +76,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     from care_megatron.data.packing import MRopeSpec
     from care_megatron.models import build_model_and_processor
     from care_megatron.training.registry import build_backend
-    from care_megatron.trainer import seed_everything
+    from care_megatron.runtime import seed_everything
 
     seed_everything(config.train.seed, config.train.threads)
     out = Path(config.train.output_dir) / "sft"
@@ -88,7 +88,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     if not records:
         raise ValueError("no training record has a reference rationale: SFT needs the synthetic tasks or rationales")
     batches = PromptIterator(records, config.train.sft_batch_size, seed=config.train.seed)
-    from care_megatron.trainer import is_main_process
+    from care_megatron.runtime import is_main_process
 
     main = is_main_process()
     logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress and main, enabled=main)

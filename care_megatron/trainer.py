@@ -10,32 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from care_megatron import checkpoint as ckpt
 from care_megatron.algorithm.advantages import AdvantageInputs, get_advantage_fn
 from care_megatron.algorithm.care import CareConfig
-from care_megatron.algorithm.dapo import dynamic_sampling_filter, soft_overlong_penalty
-from care_megatron.algorithm.diagnostics import advantage_diagnostics, clip_fractions
 from care_megatron.algorithm.policy_losses import PolicyLossConfig, get_policy_loss
 from care_megatron.config.schema import RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
 from care_megatron.data.packing import MRopeSpec, pack_sequences
 from care_megatron.data.prompting import build_prompt
 from care_megatron.evaluation.scoring import evaluate
-from care_megatron.experience import advantage_inputs, generate_rollouts, reflect_hard_negatives, to_sequence
-from care_megatron.metrics import MetricsLogger
+from care_megatron.experience import (advantage_inputs, dapo_dynamic_sampling, generate_rollouts,
+                                     reflect_hard_negatives, to_sequence)
+from care_megatron.metrics import MetricsLogger, rl_step_metrics, write_samples
 from care_megatron.rewards.registry import get_reward_fn
 from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
+from care_megatron.runtime import is_main_process, policy_model_config, seed_everything
 from care_megatron.training import step_inputs
 
 log = logging.getLogger(__name__)
@@ -45,14 +42,6 @@ RL_PHASES = ("wake_rollout", "update_weights", "generate", "sleep_rollout", "wak
              "logprobs_rgr", "reference_logprobs", "train", "sleep_trainer")
 """Colocated step order (issue 7), with CARE's RGR round trip (the engine is needed again after the
 trainer's embedding pass picks the hard negatives) spelled out as its own phases."""
-
-
-def seed_everything(seed: int, threads: int = 0) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
 
 
 class RLTrainer:
@@ -110,7 +99,7 @@ class RLTrainer:
                                          self.tokenizer, self.reward_fn, step)
             extra: dict[str, float] = {}
             if self.method == "dapo":
-                rollouts, extra = self.dapo_dynamic_sampling(rollouts, sampling, step)
+                rollouts, extra = self.dapo_refill(rollouts, sampling, step)
         self.trainer_phase(s, "")
         sequences = [to_sequence(r, i) for i, r in enumerate(rollouts)]
         with s.phase("logprobs"):
@@ -147,14 +136,27 @@ class RLTrainer:
             with s.phase("reference_logprobs"):
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
                     mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
-        normalisers = reduce_normalisers(normalisers, getattr(self.backend, "data_parallel_group", None))
+        normalisers = step_inputs.reduce_normalisers(normalisers, getattr(self.backend, "data_parallel_group", None))
         with s.phase("train"):
             result = self.backend.train_step(packed, self.loss_fn, normalisers)
         with s.phase("sleep_trainer"):
             self.backend.sleep()
         timings = s.end_step()
-        self.write_samples(step, rollouts)
-        return self.step_metrics(rollouts, advantages, info, result, {**extra, **mismatch, **timings})
+        if self.main:
+            write_samples(self.out / "samples.jsonl", step, rollouts)
+        metrics = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result)
+        return {**metrics, **extra, **mismatch, **timings, "data/skipped_records": float(self.skipped_records)}
+
+    def dapo_refill(self, rollouts, sampling, step: int):
+        cfg = self.config
+
+        def more(num_prompts: int, group_offset: int):
+            records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size][:num_prompts])
+            return generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling, self.tokenizer,
+                                     self.reward_fn, step, group_offset=group_offset)
+
+        return dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step, cfg.rollout.max_new_tokens,
+                                     cfg.algorithm.dapo_overlong_buffer, cfg.algorithm.dapo_overlong_penalty)
 
     def rollout_phase(self, s: StepSchedule, suffix: str, sync: bool = True) -> None:
         """Wake the engine and give it the trainer's current weights (colocated order, issue 7)."""
@@ -191,60 +193,6 @@ class RLTrainer:
     def advantages(self, rollouts, embeddings):
         inputs = AdvantageInputs(**advantage_inputs(rollouts, embeddings))
         return self.advantage_fn(inputs, self.care_config)
-
-    def dapo_dynamic_sampling(self, rollouts, sampling, step: int, max_rounds: int = 2):
-        """DAPO (spec section 7): soft overlong penalty on the reward, drop groups whose rewards have zero
-        variance, refill with fresh prompts (at most ``max_rounds`` extra generations) up to
-        ``data.prompts_per_step`` groups."""
-        algo, target = self.config.algorithm, self.config.data.prompts_per_step
-        kept, dropped, rounds, fresh = [], 0, 0, rollouts
-        while True:
-            lengths = torch.tensor([len(r.completion.token_ids) for r in fresh])
-            penalty = soft_overlong_penalty(lengths, self.config.rollout.max_new_tokens, algo.dapo_overlong_buffer,
-                                            algo.dapo_overlong_penalty)
-            for r, p in zip(fresh, penalty.tolist()):
-                r.reward += p
-            keep, info = dynamic_sampling_filter(torch.tensor([r.group for r in fresh]),
-                                                 torch.tensor([r.reward for r in fresh]))
-            kept += [r for r, k in zip(fresh, keep.tolist()) if k]
-            dropped += info["num_dropped_groups"]
-            missing = target - len({r.group for r in kept})
-            if missing <= 0 or rounds == max_rounds:
-                break
-            rounds += 1
-            records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size][:missing])
-            offset = 1 + max(r.group for r in rollouts + kept)
-            fresh = generate_rollouts(self.engine, records, prompts, self.config.rollout.group_size, sampling,
-                                      self.tokenizer, self.reward_fn, step, group_offset=offset)
-        groups = sorted({r.group for r in kept})[:target]
-        kept = [r for r in kept if r.group in set(groups)] or rollouts  # never an empty step
-        return kept, {"dapo/dropped_groups": float(dropped), "dapo/kept_groups": float(len(groups)),
-                      "dapo/refill_rounds": float(rounds)}
-
-    def step_metrics(self, rollouts, advantages, info, result, extra) -> dict[str, float]:
-        f = lambda name: torch.tensor([float(getattr(r, name)) for r in rollouts])  # noqa: E731
-        metrics = advantage_diagnostics(f("reward"), f("accuracy"), advantages, f("format"), f("think_length"),
-                                        f("answer_length"), info if self.method == "care" else None)
-        # Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
-        # fractions are rebuilt from summed counts, and per-micro-batch means are averaged.
-        summed = {k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "ratio_"))}
-        metrics.update(summed)
-        metrics.update(clip_fractions(result.metrics))
-        parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
-        metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
-        metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate,
-                       skipped=float(result.skipped), **extra)
-        metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))
-        metrics["data/skipped_records"] = float(self.skipped_records)
-        return metrics
-
-    def write_samples(self, step: int, rollouts, keep: int = 4) -> None:
-        if not self.main:
-            return
-        with (self.out / "samples.jsonl").open("a") as fh:
-            for r in rollouts[:keep] + [r for r in rollouts if r.reflected_from >= 0][:2]:
-                fh.write(json.dumps({"step": step, "id": r.record.id, "answer": r.record.answer, "response": r.response_text,
-                                     "reward": r.reward, "reason": r.reason, "reflected": r.reflected_from >= 0}) + "\n")
 
     # ---------------------------------------------------------------- evaluation / checkpoints
     def evaluate(self) -> dict[str, float]:
@@ -312,37 +260,6 @@ class RLTrainer:
         from care_megatron.sft import save_backend_policy
 
         save_backend_policy(self.backend, self.model, self.tokenizer, self.out / "final")
-
-
-def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, float]:
-    """Global loss normalisers over data-parallel ranks: counts summed, the length cap maximised."""
-    import torch.distributed as dist
-
-    if group is None or not (dist.is_available() and dist.is_initialized()):
-        return normalisers
-    counts = torch.tensor([normalisers["num_sequences"], normalisers["num_tokens"]], dtype=torch.float64)
-    longest = torch.tensor([normalisers["max_response_length"]], dtype=torch.float64)
-    dist.all_reduce(counts, group=group)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
-    return {**normalisers, "num_sequences": float(counts[0]), "num_tokens": float(counts[1]),
-            "max_response_length": float(longest[0])}
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def policy_model_config(config: RunConfig):
-    """The model to start RL from: ``train.init_from`` (an SFT output directory) when set, else ``model.name``."""
-    init = config.train.init_from
-    if not init:
-        return config.model
-    if not Path(init).is_dir():
-        raise FileNotFoundError(f"config field 'train.init_from': {init} does not exist; run care-sft first "
-                                f"(or set train.init_from=null to start from model.name)")
-    return dataclasses.replace(config.model, name=str(init), tokenizer=str(init))
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:

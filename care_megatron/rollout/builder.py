@@ -28,7 +28,7 @@ def _hf_model_dir(config: RunConfig, model, tokenizer) -> str:
         if candidate and os.path.isdir(candidate):
             return candidate
     from care_megatron.sft import save_policy
-    from care_megatron.trainer import is_main_process
+    from care_megatron.runtime import is_main_process
 
     path = os.path.join(config.train.output_dir, "hf_init")
     if is_main_process():

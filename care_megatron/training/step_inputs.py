@@ -145,3 +145,17 @@ def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", t
                            region_ids=mb.region_ids)
 
     return loss_fn
+
+
+def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, float]:
+    """Global loss normalisers over data-parallel ranks: counts summed, the length cap maximised."""
+    import torch.distributed as dist
+
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return normalisers
+    counts = torch.tensor([normalisers["num_sequences"], normalisers["num_tokens"]], dtype=torch.float64)
+    longest = torch.tensor([normalisers["max_response_length"]], dtype=torch.float64)
+    dist.all_reduce(counts, group=group)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    return {**normalisers, "num_sequences": float(counts[0]), "num_tokens": float(counts[1]),
+            "max_response_length": float(longest[0])}
