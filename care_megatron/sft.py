@@ -103,5 +103,6 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
                           "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped})
     logger.close()
     save_backend_policy(backend, model, tokenizer, out)
-    log.info("SFT done: policy saved to %s", out)
+    if main:
+        log.info("SFT done: policy saved to %s", out)
     return out
