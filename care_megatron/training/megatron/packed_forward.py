@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from care_megatron.data.batch import PackedMicroBatch
-from care_megatron.rewards.regions import Region
 from care_megatron.training.base import ForwardOutputs
+from care_megatron.training.packed_utils import pool_think_hidden
 from care_megatron.training.megatron.logprobs import vocab_parallel_logprobs
 
 
@@ -182,17 +182,9 @@ def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
 
 def think_embeddings(hidden: torch.Tensor, batch: PackedMicroBatch) -> torch.Tensor:
     """Mean of final hidden states over each sequence's THINK response tokens (all response tokens
-    when it has none; zeros when it has no response). hidden [T, H] -> [n, H] fp32, no grad."""
-    hidden = hidden.detach().float()
-    out = torch.zeros(batch.num_sequences, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    bounds = batch.cu_seqlens.tolist()
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        response = batch.loss_mask[s:e].bool()
-        think = response & (batch.region_ids[s:e] == int(Region.THINK))
-        chosen = think if bool(think.any()) else response
-        if bool(chosen.any()):
-            out[i] = hidden[s:e][chosen].mean(0)
-    return out
+    when it has none; zeros when it has no response). hidden [T, H] -> [n, H] fp32, no grad.
+    The same pooling as the plain-PyTorch backend (one vectorised pass, no per-sequence sync)."""
+    return pool_think_hidden(hidden.detach().float(), batch)
 
 
 def packed_forward(model, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
