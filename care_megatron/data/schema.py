@@ -313,15 +313,21 @@ def read_jsonl(path: Union[str, os.PathLike], check_images: bool = True,
     return records, report
 
 
+def keep_if_valid(record: Record, kept: list[Record], report: LoadReport, check_images: bool = True) -> bool:
+    """Append ``record`` to ``kept`` when it passes :func:`validate_record`, else count it in ``report``."""
+    try:
+        validate_record(record, check_images=check_images)
+    except RecordError as exc:
+        report.skip(exc.reason, str(exc))
+        return False
+    kept.append(record)
+    report.loaded += 1
+    return True
+
+
 def filter_valid(records: Iterable[Record], report: LoadReport, check_images: bool = True) -> list[Record]:
     """Keep the records that pass :func:`validate_record`, counting the others in ``report``."""
-    kept = []
+    kept: list[Record] = []
     for record in records:
-        try:
-            validate_record(record, check_images=check_images)
-        except RecordError as exc:
-            report.skip(exc.reason, str(exc))
-            continue
-        kept.append(record)
-        report.loaded += 1
+        keep_if_valid(record, kept, report, check_images)
     return kept

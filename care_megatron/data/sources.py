@@ -34,23 +34,13 @@ from care_megatron.data.schema import (
     Record,
     RecordError,
     infer_answer_type,
-    validate_record,
+    keep_if_valid,
 )
 
 PathLike = Union[str, os.PathLike]
 IMAGE_PLACEHOLDER = re.compile(r"<image>\s*")
 _BOXED = "\\boxed{"
 _INLINE_OPTION = re.compile(r"^\s*\(?([A-H])\s*[\.\):：]\s*(.+?)\s*$")
-
-
-def _keep(record: Record, records: list[Record], report: LoadReport, check_images: bool) -> None:
-    try:
-        validate_record(record, check_images=check_images)
-    except RecordError as exc:
-        report.skip(exc.reason, str(exc))
-        return
-    records.append(record)
-    report.loaded += 1
 
 
 def strip_boxed(answer: str) -> str:
@@ -111,7 +101,7 @@ def load_chartqa(root: PathLike, split: str = "train", subsets: tuple[str, ...] 
                 images=[str(split_dir / "png" / entry["imgname"])], question=str(entry["query"]).strip(),
                 answer=answer, answer_type=infer_answer_type(answer) if answer else None,
                 metadata={"split": split, "subset": subset, "imgname": entry["imgname"]})
-            _keep(record, records, report, check_images)
+            keep_if_valid(record, records, report, check_images)
     return records, report
 
 
@@ -153,7 +143,7 @@ def load_geometry3k(root: PathLike, split: str = "train", check_images: bool = T
         except ValueError as exc:
             report.skip("bad_field", f"{data_file}: {exc}")
             continue
-        _keep(record, records, report, check_images)
+        keep_if_valid(record, records, report, check_images)
     return records, report
 
 
@@ -271,7 +261,7 @@ def _load_rows(rows: Iterator[dict[str, Any]], mapping: ColumnMapping, source: s
         except RecordError as exc:
             report.skip(exc.reason, str(exc))
             continue
-        _keep(record, records, report, check_images)
+        keep_if_valid(record, records, report, check_images)
     return records
 
 
@@ -389,7 +379,7 @@ def load_easy_vqa(split: str = "train", limit: Optional[int] = None,
                         question=question, answer=answer, answer_type="text",
                         metadata={"split": split, "image_id": int(image_id)},
                         rationale=easy_vqa_rationale(answer))
-        _keep(record, records, report, check_images)
+        keep_if_valid(record, records, report, check_images)
     return records, report
 
 
