@@ -16,6 +16,10 @@ replaces it in the ``ModuleSpec`` with:
 
   None of them builds a dense [T x T] mask.
 
+* context parallelism (``context_parallel_size > 1``, THD only): keys / values all-gathered over the
+  CP group, this rank's query chunks attend to their documents' prefixes
+  (``context_parallel.context_parallel_attention``).
+
 The backend is chosen per call from the device / dtype; :func:`force_packed_backend` pins one
 (tests, benchmarks).
 """
@@ -155,6 +159,15 @@ def packed_causal_attention(q, k, v, cu_seqlens, scale, backend: str | None = No
     return packed_causal_attention_loop(q, k, v, cu_seqlens, scale)
 
 
+def _cp_backend(query: torch.Tensor) -> str:
+    """Context-parallel attention backend: ``flex`` on CUDA, ``loop`` elsewhere; a forced ``flex`` /
+    ``loop`` applies, a forced ``varlen`` maps to ``flex`` (flash varlen's causal alignment for
+    query chunks shorter than their key prefix is not relied on)."""
+    if _FORCED_BACKEND in ("flex", "loop"):
+        return _FORCED_BACKEND
+    return "flex" if query.is_cuda else "loop"
+
+
 class TorchCoreAttention(MegatronModule):
     """Megatron core-attention module (same constructor / forward as ``DotProductAttention``).
 
@@ -170,14 +183,20 @@ class TorchCoreAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("TorchCoreAttention: attention_dropout must be 0 (config field attention_dropout)")
-        if config.context_parallel_size > 1:
-            raise ValueError("config field 'parallel.context_parallel_size': context parallelism needs the "
-                             "Transformer Engine spec (transformer_impl=transformer_engine)")
+        self.cp_size = config.context_parallel_size
+        self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         if config.apply_query_key_layer_scaling:
             raise ValueError("TorchCoreAttention does not implement apply_query_key_layer_scaling")
+
+    def _context_parallel_group(self):
+        if self.cp_group is None:
+            from megatron.core import parallel_state as mps
+
+            self.cp_group = mps.get_context_parallel_group()
+        return self.cp_group
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **unused):
@@ -190,8 +209,16 @@ class TorchCoreAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
-            out = packed_causal_attention(query, key, value, cu, self.softmax_scale)
+            if self.cp_size > 1:
+                from care_megatron.training.megatron.context_parallel import context_parallel_attention
+
+                out = context_parallel_attention(query, key, value, cu, self._context_parallel_group(),
+                                                 self.softmax_scale, backend=_cp_backend(query))
+            else:
+                out = packed_causal_attention(query, key, value, cu, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
+        if self.cp_size > 1:
+            raise ValueError("context parallelism with the local spec runs on THD-packed micro-batches only")
         # sbhd -> b h s d for SDPA
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,

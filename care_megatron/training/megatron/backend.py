@@ -7,8 +7,13 @@ not change. Two execution paths, chosen at start and logged:
   SUMMED over micro-batches and data-parallel ranks, the loss contract), Megatron's (distributed)
   optimizer, and ``get_forward_backward_func()`` schedules (1F1B / interleaved for PP).
 * **CPU** (gloo) - Megatron's DDP, optimizer and schedules allocate CUDA buffers, so: a manual
-  micro-batch loop, explicit gradient all-reduce over DP (sum) and over TP for the replicated vision
-  tower (mean), ``torch.optim.AdamW`` with a TP-aware global-norm clip. TP (and DP) only.
+  micro-batch loop, explicit gradient all-reduce over DP x CP (sum) and over TP for the replicated
+  vision tower (mean), ``torch.optim.AdamW`` with a TP-aware global-norm clip. TP, CP and DP (no PP).
+
+Context parallelism (``parallel.context_parallel_size``): the ranks of a CP group read the same
+micro-batches; each runs its load-balanced chunks of every sequence through the decoder
+(``context_parallel.py``), the log-probs are all-gathered so every CP rank evaluates the same loss,
+and gradients are summed over DP x CP (Megatron DDP's ``dp_cp`` group on GPU).
 
 Weights come from a Hugging Face state dict through the shared mapping
 (``checkpoints_convert.hf_to_megatron_state_dicts``, names documented in ``model_provider.py``), or a
@@ -30,7 +35,8 @@ from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
 from care_megatron.training.megatron import checkpoint as ckpt
 from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, shared_mapping_state_dict, text_facts_from_hf
 from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOptimizerAdapter, learning_rate_at
-from care_megatron.training.megatron.packed_forward import ForwardOptions, forward_hidden, logprobs_from_hidden, packed_forward
+from care_megatron.training.megatron.packed_forward import (ForwardOptions, context_parallel_layout, forward_hidden,
+                                                            logprobs_from_hidden, packed_forward)
 from care_megatron.training.megatron.parallel_state import initialize_parallel
 from care_megatron.training.megatron.vision import allreduce_vision_grads_over_tp
 
@@ -105,14 +111,15 @@ class MegatronBackend:
             self.model = self.policy
             self.optimizer = CpuOptimizer(self.policy.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                           clip=train.grad_clip, tp_group=mps.get_tensor_model_parallel_group(),
-                                          tp_rank=self.dist["tp_rank"], dp_group=mps.get_data_parallel_group())
+                                          tp_rank=self.dist["tp_rank"],
+                                          dp_group=mps.get_data_parallel_group(with_context_parallel=True))
         else:
             self.model = self._wrap_ddp(self.policy)
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
                                                       train.grad_clip, parallel.use_distributed_optimizer)
-        log.info("MegatronBackend: %s path, TP=%d PP=%d DP=%d, layers=%s, optimizer=%s",
-                 "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"],
-                 self.policy.impl, self.optimizer.name)
+        log.info("MegatronBackend: %s path, TP=%d PP=%d CP=%d DP=%d, layers=%s, optimizer=%s",
+                 "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"], self.dist["cp_size"],
+                 self.dist["dp_size"], self.policy.impl, self.optimizer.name)
 
     @classmethod
     def from_run_config(cls, config, model, *, lr: float | None = None, keep_reference: bool = True,
@@ -224,10 +231,11 @@ class MegatronBackend:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(self.device)
-            hidden = forward_hidden(module, mb)
+            layout = context_parallel_layout(module, mb)
+            hidden = forward_hidden(module, mb, layout)
             if not module.post_process:
                 return hidden, lambda out: (torch.zeros((), device=self.device), {})
-            results.append(_detach_to_cpu(logprobs_from_hidden(module, hidden, mb, options)))
+            results.append(_detach_to_cpu(logprobs_from_hidden(module, hidden, mb, options, layout)))
             return hidden, lambda out: (torch.zeros((), device=self.device), {})
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[module],
@@ -294,10 +302,11 @@ class MegatronBackend:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(self.device)
-            hidden = forward_hidden(policy, mb)
+            layout = context_parallel_layout(policy, mb)
+            hidden = forward_hidden(policy, mb, layout)
             if not policy.post_process:
                 return hidden, lambda out: (out.sum() * 0.0, {})
-            outputs = logprobs_from_hidden(policy, hidden, mb, options)
+            outputs = logprobs_from_hidden(policy, hidden, mb, options, layout)
 
             def loss_func(_output_tensor):
                 loss, metrics = loss_fn(outputs, mb, normalisers)
@@ -342,19 +351,23 @@ class MegatronBackend:
         rank = dist.get_rank()
         ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
                                                          "step": self.step_count,
-                                                         "layout": (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])})
+                                                         "layout": self._layout()})
 
     def _load_checkpoint(self, path: str) -> None:
         ckpt.load_model(self.policy, f"{path}/model")
         state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
-        layout = (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"])
-        if state is not None and tuple(state["layout"]) == layout:
+        layout = self._layout()
+        saved = tuple(state["layout"]) + (1,) * (4 - len(state["layout"])) if state is not None else None
+        if state is not None and saved == layout:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step_count = state["step"]
         elif state is not None:
-            log.warning("checkpoint %s was written at TP/PP/DP %s; weights resharded to %s, optimizer state reset",
-                        path, state["layout"], layout)
+            log.warning("checkpoint %s was written at TP/PP/DP/CP %s; weights resharded to %s, optimizer state reset",
+                        path, saved, layout)
             self.step_count = state["step"]
+
+    def _layout(self) -> tuple:
+        return (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"], self.dist["cp_size"])
 
     # ------------------------------------------------------------------ protocol: memory
     def sleep(self) -> None:

@@ -74,10 +74,16 @@ class CpuOptimizer:
             group["lr"] = lr
 
     def reduce_grads(self) -> None:
-        """Sum gradients over data-parallel replicas (one flat all-reduce)."""
+        """Sum gradients over data-parallel (x context-parallel) replicas (one flat all-reduce).
+
+        A parameter without a gradient on this rank (e.g. the vision tower when its micro-batches held
+        no image) contributes zeros, so every rank reduces the same flat layout."""
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return
-        grads = [p.grad for p in self.params if p.grad is not None]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])

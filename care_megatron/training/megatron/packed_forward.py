@@ -25,6 +25,8 @@ import torch
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.training.base import ForwardOutputs
 from care_megatron.training.packed_utils import pool_think_hidden
+from care_megatron.training.megatron.context_parallel import (ContextParallelLayout, build_layout,
+                                                               gather_from_context_parallel)
 from care_megatron.training.megatron.logprobs import vocab_parallel_logprobs
 
 
@@ -55,10 +57,27 @@ def segment_boundaries(batch: PackedMicroBatch) -> torch.Tensor:
     return cu
 
 
-def build_packed_seq_params(batch: PackedMicroBatch, device):
+def context_parallel_layout(model, batch: PackedMicroBatch) -> ContextParallelLayout | None:
+    """The CP layout of ``batch`` on this rank (None without context parallelism).
+
+    Under sequence parallelism the per-rank length must also divide by TP, so the padded total is a
+    multiple of ``2 * cp * tp``."""
+    cp = model.config.context_parallel_size
+    if cp == 1:
+        return None
+    from megatron.core import parallel_state as mps
+
+    multiple = 2 * cp * (model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1)
+    pad_id = 0 if model.facts.image_token_id != 0 else 1
+    return build_layout(batch.cu_seqlens, batch.input_ids, batch.position_ids, cp_size=cp,
+                        cp_rank=mps.get_context_parallel_rank(), total_multiple=multiple, pad_id=pad_id)
+
+
+def build_packed_seq_params(batch: PackedMicroBatch, device, layout: ContextParallelLayout | None = None):
+    """THD params; under CP the *global* padded boundaries (Megatron's RoPE and TE slice per rank)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = segment_boundaries(batch).to(device)
+    cu = (segment_boundaries(batch) if layout is None else layout.padded_cu_seqlens).to(device)
     max_len = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
@@ -71,23 +90,34 @@ def prediction_positions(batch: PackedMicroBatch) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
-def _image_rows_tensor(model, batch: PackedMicroBatch, features: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[T, 1, H] zeros with ``features`` in the image-pad rows (sequence-parallel slice when SP)."""
+def _row_view(model, batch: PackedMicroBatch, layout: ContextParallelLayout | None):
+    """(token ids of the rows this rank embeds, feature index per row or -1): all T tokens, or under
+    CP this rank's chunks of the padded layout. Features are numbered in packed-token order."""
+    image_id = model.facts.image_token_id
+    ids = batch.input_ids if layout is None else layout.input_ids
+    mask = ids == image_id
+    feature = torch.where(mask, torch.cumsum(mask.long(), 0) - 1, torch.full_like(ids, -1, dtype=torch.long))
+    if layout is None:
+        return ids, feature
+    return ids.index_select(0, layout.local_index), feature.index_select(0, layout.local_index)
+
+
+def _image_rows_tensor(model, row_feature: torch.Tensor, features: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, H] zeros with ``features`` in the image-pad rows (sequence-parallel slice when SP)."""
     from megatron.core import tensor_parallel
 
-    ids = batch.input_ids
-    mask = ids == model.facts.image_token_id
-    full = torch.zeros(ids.numel(), 1, like.shape[-1], dtype=like.dtype, device=like.device)
-    full = full.index_put((mask.nonzero(as_tuple=True)[0],), features.to(like.dtype)[:, None, :])
+    rows = (row_feature >= 0).nonzero(as_tuple=True)[0]
+    full = torch.zeros(row_feature.numel(), 1, like.shape[-1], dtype=like.dtype, device=like.device)
+    full = full.index_put((rows,), features.to(like.dtype).index_select(0, row_feature[rows])[:, None, :])
     if model.config.sequence_parallel:
         # scatter's backward all-gathers, so every TP rank's tower receives the full feature gradient
         full = tensor_parallel.scatter_to_sequence_parallel_region(full)
     return full
 
 
-def image_mask(model, batch: PackedMicroBatch, like: torch.Tensor) -> torch.Tensor:
-    """Bool [T (/tp under SP), 1, 1]: the image-pad rows this rank holds."""
-    mask = (batch.input_ids == model.facts.image_token_id)[:, None, None]
+def image_mask(model, row_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [rows (/tp under SP), 1, 1]: the image-pad rows this rank holds."""
+    mask = (row_ids == model.facts.image_token_id)[:, None, None]
     if model.config.sequence_parallel:
         tp = model.config.tensor_model_parallel_size
         from megatron.core import parallel_state as mps
@@ -96,25 +126,40 @@ def image_mask(model, batch: PackedMicroBatch, like: torch.Tensor) -> torch.Tens
     return mask
 
 
-def decoder_input(model, batch: PackedMicroBatch):
-    """Token embeddings with image features in the pad rows: ([T (/tp under SP), 1, H], DeepStack list).
+def decoder_input(model, batch: PackedMicroBatch, layout: ContextParallelLayout | None = None):
+    """Token embeddings with image features in the pad rows: ([rows (/tp under SP), 1, H], DeepStack list).
 
-    The DeepStack list holds, per early decoder layer, a [T (/tp), 1, H] tensor that is zero outside
+    ``rows`` is T, or under CP this rank's T_pad / cp tokens. The vision tower runs on every image of
+    the micro-batch on every CP rank (replicated like over TP; its gradients are summed over DP x CP).
+    The DeepStack list holds, per early decoder layer, a [rows (/tp), 1, H] tensor that is zero outside
     the image rows (Qwen3-VL; empty for Qwen2.5-VL).
     """
     lm = model.language_model
-    ids = batch.input_ids
-    embeddings = lm.embedding(input_ids=ids[None], position_ids=None)          # [T(/tp), 1, H]
+    row_ids, row_feature = _row_view(model, batch, layout)
+    embeddings = lm.embedding(input_ids=row_ids[None], position_ids=None)          # [rows(/tp), 1, H]
     if batch.pixel_values is None or model.vision is None:
         return embeddings, []
     features, deepstack = model.vision(batch.pixel_values, batch.image_grid_thw)   # [N_pad, H]
-    count = int((ids == model.facts.image_token_id).sum())
+    count = int((batch.input_ids == model.facts.image_token_id).sum())
     if count != features.shape[0]:
         raise ValueError(f"{count} <|image_pad|> tokens but {features.shape[0]} image features in the "
                          "micro-batch; an image was truncated or image_grid_thw does not match the prompt")
-    rows = _image_rows_tensor(model, batch, features, embeddings)
-    merged = torch.where(image_mask(model, batch, embeddings), rows, embeddings)
-    return merged, [_image_rows_tensor(model, batch, f, embeddings) for f in deepstack]
+    rows = _image_rows_tensor(model, row_feature, features, embeddings)
+    merged = torch.where(image_mask(model, row_ids), rows, embeddings)
+    return merged, [_image_rows_tensor(model, row_feature, f, embeddings) for f in deepstack]
+
+
+def mrope_frequencies(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> torch.Tensor:
+    """Qwen2.5-VL (sectioned) M-RoPE angles in Megatron's layout: position_ids [3, T] -> [T, 1, 1, d].
+
+    The same values as ``MultimodalRotaryEmbedding.forward``, for the whole packed length: that module
+    slices its output per CP rank in the ``sbhd`` way, whereas THD RoPE under CP needs the full table
+    (``_apply_rotary_pos_emb_thd`` picks each sequence's chunks itself).
+    """
+    angles = position_ids.float()[:, :, None] * inv_freq.float()[None, None, :]   # [3, T, d/2]
+    emb = torch.cat([angles, angles], dim=-1)                                    # [3, T, d]
+    parts = emb.split(list(mrope_section) * 2, dim=-1)
+    return torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)[:, None, None, :]
 
 
 def interleaved_mrope_frequencies(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> torch.Tensor:
@@ -148,8 +193,10 @@ def _add_deepstack_hooks(model, deepstack: list):
     return handles
 
 
-def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
-    """Final-norm hidden states of every packed token, [T, H], identical on every TP rank.
+def forward_hidden(model, batch: PackedMicroBatch, layout: ContextParallelLayout | None = None) -> torch.Tensor:
+    """Final-norm hidden states of every packed token, [T, H], identical on every TP rank; under
+    context parallelism those of this rank's tokens, [T_pad / cp, H] (``layout``: from
+    :func:`context_parallel_layout`, computed here when not given).
 
     On a pipeline stage without the output layer, returns the raw stage output [T (/tp), 1, H]
     instead (what Megatron's schedules send to the next stage); stages after the first read their
@@ -158,15 +205,21 @@ def forward_hidden(model, batch: PackedMicroBatch) -> torch.Tensor:
     from megatron.core import tensor_parallel
 
     lm = model.language_model
-    if model.config.sequence_parallel and batch.num_tokens % model.config.tensor_model_parallel_size:
+    if layout is None:
+        layout = context_parallel_layout(model, batch)
+    if (layout is None and model.config.sequence_parallel
+            and batch.num_tokens % model.config.tensor_model_parallel_size):
         raise ValueError(f"sequence parallelism needs the packed length ({batch.num_tokens}) divisible by "
                          f"tensor_model_parallel_size; pad the micro-batch")
-    hidden, deepstack = decoder_input(model, batch) if lm.pre_process else (None, [])
+    hidden, deepstack = decoder_input(model, batch, layout) if lm.pre_process else (None, [])
+    position_ids = batch.position_ids if layout is None else layout.position_ids
     if model.facts.mrope_interleaved:
-        rotary = interleaved_mrope_frequencies(batch.position_ids, lm.rotary_pos_emb.inv_freq, lm.mrope_section)
+        rotary = interleaved_mrope_frequencies(position_ids, lm.rotary_pos_emb.inv_freq, lm.mrope_section)
+    elif layout is not None:
+        rotary = mrope_frequencies(position_ids, lm.rotary_pos_emb.inv_freq, lm.mrope_section)
     else:
-        rotary = lm.rotary_pos_emb(batch.position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
-    packed = build_packed_seq_params(batch, batch.input_ids.device)
+        rotary = lm.rotary_pos_emb(position_ids[:, None, :], lm.mrope_section)  # [T, 1, 1, d]
+    packed = build_packed_seq_params(batch, batch.input_ids.device, layout)
     handles = _add_deepstack_hooks(model, deepstack)
     try:
         hidden = lm.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed)
@@ -189,14 +242,25 @@ def think_embeddings(hidden: torch.Tensor, batch: PackedMicroBatch) -> torch.Ten
 
 def packed_forward(model, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
     """Forward one packed micro-batch; differentiable log-probs / entropy aligned with ``input_ids``."""
-    hidden = forward_hidden(model, batch)
-    return logprobs_from_hidden(model, hidden, batch, options)
+    layout = context_parallel_layout(model, batch)
+    hidden = forward_hidden(model, batch, layout)
+    return logprobs_from_hidden(model, hidden, batch, options, layout)
 
 
-def logprobs_from_hidden(model, hidden: torch.Tensor, batch: PackedMicroBatch, options: ForwardOptions) -> ForwardOutputs:
-    """Last-stage half of :func:`packed_forward`: hidden [T, H] -> ForwardOutputs."""
+def logprobs_from_hidden(model, hidden: torch.Tensor, batch: PackedMicroBatch, options: ForwardOptions,
+                         layout: ContextParallelLayout | None = None) -> ForwardOutputs:
+    """Last-stage half of :func:`packed_forward`: hidden [T, H] -> ForwardOutputs.
+
+    Under context parallelism ``hidden`` holds this rank's tokens; log-probs / entropy of those tokens
+    are computed here and all-gathered, so every CP rank returns the full-length outputs (and computes
+    the same loss) while gradients flow only through its own tokens.
+    """
     from megatron.core import parallel_state as mps
 
+    if layout is None and model.config.context_parallel_size > 1:
+        layout = context_parallel_layout(model, batch)
+    if layout is not None:
+        return _logprobs_context_parallel(model, hidden, batch, options, layout)
     positions = prediction_positions(batch).to(hidden.device)
     targets = batch.input_ids[positions + 1]
     weight = model.output_weight()
@@ -213,4 +277,43 @@ def logprobs_from_hidden(model, hidden: torch.Tensor, batch: PackedMicroBatch, o
     if options.with_entropy:
         entropy = torch.zeros(total, dtype=torch.float32, device=hidden.device).index_put((positions + 1,), ent)
     think = think_embeddings(hidden, batch) if options.with_think_embeddings else None
+    return ForwardOutputs(logprobs=logprobs, entropy=entropy, think_embeddings=think)
+
+
+def _logprobs_context_parallel(model, hidden, batch: PackedMicroBatch, options: ForwardOptions,
+                               layout: ContextParallelLayout) -> ForwardOutputs:
+    from megatron.core import parallel_state as mps
+
+    device = hidden.device
+    group = mps.get_context_parallel_group()
+    positions = prediction_positions(batch).to(device)               # t predicts t + 1 (same sequence)
+    predicting = layout.orig_to_padded.index_select(0, positions)    # their padded indices
+    is_pred = torch.zeros(layout.num_padded_tokens, dtype=torch.bool, device=device)
+    is_pred[predicting] = True
+    next_ids = torch.roll(layout.input_ids, -1)
+    local_rows = is_pred.index_select(0, layout.local_index).nonzero(as_tuple=True)[0]
+    weight = model.output_weight()
+    tp_rank = mps.get_tensor_model_parallel_rank()
+    lp, ent = vocab_parallel_logprobs(
+        hidden.index_select(0, local_rows), weight, next_ids.index_select(0, layout.local_index[local_rows]),
+        vocab_start=tp_rank * weight.shape[0], vocab_size=model.facts.vocab_size,
+        group=mps.get_tensor_model_parallel_group(), chunk_size=options.logprob_chunk_tokens,
+        with_entropy=options.with_entropy, reduce_grad_input=not model.config.sequence_parallel,
+        temperature=options.temperature)
+    total, n_local = batch.num_tokens, hidden.shape[0]
+
+    def to_batch_layout(values):
+        local = torch.zeros(n_local, dtype=torch.float32, device=device).index_put((local_rows,), values.float())
+        padded = gather_from_context_parallel(local, layout, group)   # value at g: log p(token g+1)
+        return torch.zeros(total, dtype=torch.float32, device=device).index_put(
+            (positions + 1,), padded.index_select(0, predicting))
+
+    logprobs = to_batch_layout(lp)
+    entropy = to_batch_layout(ent) if options.with_entropy else None
+    think = None
+    if options.with_think_embeddings:
+        padded_hidden = gather_from_context_parallel(hidden.detach().float(), layout, group)
+        full = torch.zeros(total, hidden.shape[-1], dtype=torch.float32, device=device)
+        full[:layout.orig_to_padded.numel()] = padded_hidden.index_select(0, layout.orig_to_padded)
+        think = pool_think_hidden(full, batch)
     return ForwardOutputs(logprobs=logprobs, entropy=entropy, think_embeddings=think)

@@ -158,7 +158,8 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
 
     Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment (torchrun); a
     single process without them gets a one-rank gloo group on a free port. Returns
-    ``{"device", "tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "dp_size", "cpu"}``.
+    ``{"device", "tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "dp_size", "cp_rank", "cp_size", "cpu"}``
+    (``dp_*`` exclude CP: the ranks of a CP group read the same micro-batches).
     """
     try:
         from megatron.core import parallel_state as mps
@@ -180,9 +181,9 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
         if not use_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=datetime.timedelta(minutes=10))
-    if use_cpu and (parallel.pipeline_model_parallel_size > 1 or parallel.context_parallel_size > 1):
-        raise ValueError("config field 'parallel.pipeline_model_parallel_size': pipeline and context parallelism use "
-                         "Megatron's CUDA schedules and need GPUs; on CPU only tensor and data parallelism run")
+    if use_cpu and parallel.pipeline_model_parallel_size > 1:
+        raise ValueError("config field 'parallel.pipeline_model_parallel_size': pipeline parallelism uses "
+                         "Megatron's CUDA schedules and needs GPUs; on CPU tensor, context and data parallelism run")
     if not mps.model_parallel_is_initialized():
         mps.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -199,6 +200,8 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
         "pp_size": mps.get_pipeline_model_parallel_world_size(),
         "dp_rank": mps.get_data_parallel_rank(),
         "dp_size": mps.get_data_parallel_world_size(),
+        "cp_rank": mps.get_context_parallel_rank(),
+        "cp_size": mps.get_context_parallel_world_size(),
         "cpu": use_cpu,
     }
 

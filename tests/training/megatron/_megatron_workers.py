@@ -264,3 +264,73 @@ def qwen3_vl_worker(rank, world, port, out_dir):
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()
+
+
+def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
+    """Context parallelism (CP=cp, TP=tp, optional SP) vs transformers: forward outputs, gradients of
+    the step's objective (summed over DP x CP), one AdamW step; the flex CP attention vs the loop one."""
+    _setup(rank, world, port)
+    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
+    from megatron.core import parallel_state as mps
+
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.attention import force_packed_backend
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+    from care_megatron.training.megatron.model_provider import to_mapping_name
+    from care_megatron.training.megatron.packed_forward import ForwardOptions
+
+    hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=False)
+    batches = standard_batches(hf)
+    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
+                              sequence_parallel=sp, transformer_impl="local")
+    backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
+                              arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
+                              with_reference=False)
+    outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+    with torch.no_grad():
+        expected = [hf_reference(hf, mb) for mb in batches]
+    result = {
+        "cp_size": backend.dist["cp_size"], "dp_size": backend.dist["dp_size"],
+        "lp_err": max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(outs, expected)),
+        "ent_err": max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, expected)),
+        "think_err": max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected)),
+        "lp_scale": float(expected[0][0].abs().mean()),
+    }
+    with force_packed_backend("flex"):
+        flex = backend.forward_logprobs(batches)
+    result["flex_vs_loop"] = max(float((f.logprobs - o.logprobs).abs().max()) for f, o in zip(flex, outs))
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    backend.optimizer.zero_grad()
+    backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
+    _, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
+    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
+    gathered = [None] * tp
+    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
+    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
+    spec = mapping_for_config(hf.config)
+    hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
+    common = set(mg_grads) & set(hf_grads)
+    result["missing_grads"] = sorted(set(hf_grads) - set(mg_grads))
+    result["grad_err"] = max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common)
+    result["grad_scale"] = max(float(hf_grads[n].abs().max()) for n in common)
+    vision = [n for n in common if n.startswith(("visual.", "model.visual."))]
+    result["vision_grad_scale"] = max(float(hf_grads[n].abs().max()) for n in vision) if vision else 0.0
+    # one optimizer step vs transformers + AdamW with the same clip
+    step = backend.train_step(batches, loss_fn, normalisers)
+    hf_loss, _ = hf_loss_and_grads(hf, batches, normalisers)
+    hf_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0))
+    torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0).step()
+    result["loss_err"] = abs(step.loss - hf_loss)
+    result["norm_err"] = abs(step.grad_norm - hf_norm)
+    after = backend.forward_logprobs(batches)
+    with torch.no_grad():
+        expected_after = [hf_reference(hf, mb)[0] for mb in batches]
+    result["step_lp_err"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_after))
+    result["step_lp_change"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(after, expected))
+    results = [None] * world
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}{'_sp' if sp else ''}_{arch}.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()

@@ -185,3 +185,60 @@ def test_varlen_adapter_follows_each_torch_signature(monkeypatch, flavour):
         torch.testing.assert_close(out, attention.packed_causal_attention_loop(q, k, v, cu, 8 ** -0.5))
     finally:
         attention._varlen_parameters.cache_clear()
+
+
+# ----------------------------------------------------------------------------- context-parallel layout
+def test_context_parallel_layout_pads_sequences_and_gathers_back_in_order():
+    from care_megatron.training.megatron.context_parallel import build_layout
+
+    cu = torch.tensor([0, 5, 12, 13], dtype=torch.int32)      # 3 sequences, then a 3-token padding tail
+    ids = torch.arange(16) + 100
+    pos = torch.stack([torch.arange(16), torch.arange(16) * 2, torch.arange(16) * 3])
+    layouts = [build_layout(cu, ids, pos, cp_size=2, cp_rank=r, total_multiple=8) for r in range(2)]
+    lay = layouts[0]
+    assert lay.padded_cu_seqlens.tolist() == [0, 8, 16, 20, 24]   # 5->8, 7->8, 1->4, tail 4 (total % 8)
+    assert lay.orig_to_padded.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 16]
+    assert torch.equal(lay.input_ids[lay.orig_to_padded], ids[:13])
+    assert lay.input_ids[[5, 6, 7, 15, 17, 23]].tolist() == [0] * 6
+    assert torch.equal(lay.position_ids[:, lay.orig_to_padded], pos[:, :13])
+    # pads continue their sequence (last + 1, + 2, ...); the tail segment holds 0
+    assert lay.position_ids[0, 5:8].tolist() == [5, 6, 7] and lay.position_ids[2, 5:8].tolist() == [13, 14, 15]
+    assert lay.position_ids[0, 15].tolist() == 12 and lay.position_ids[0, 20:].tolist() == [0] * 4
+    # each rank holds chunks r and 2cp-1-r of every segment; the ranks partition the layout
+    assert lay.local_index.tolist() == [0, 1, 6, 7, 8, 9, 14, 15, 16, 19, 20, 23]
+    rows = torch.cat([lay_r.local_index for lay_r in layouts])
+    assert torch.equal(rows[lay.gather_order], torch.arange(24))
+    with pytest.raises(ValueError, match="2 \\* cp_size"):
+        build_layout(cu, ids, pos, cp_size=2, cp_rank=0, total_multiple=6)
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_context_parallel_layout_matches_megatron_thd_rope_slicing(cp):
+    """The rows a rank holds are exactly the rows Megatron's THD RoPE gives it frequencies for."""
+    from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
+
+    from care_megatron.training.megatron.context_parallel import build_layout
+
+    cu = torch.tensor([0, 7, 9, 30], dtype=torch.int32)
+    ids, pos = torch.arange(30), torch.zeros(3, 30, dtype=torch.long)
+    for rank in range(cp):
+        lay = build_layout(cu, ids, pos, cp_size=cp, cp_rank=rank, total_multiple=2 * cp)
+        table = torch.arange(lay.num_padded_tokens)[:, None, None, None]   # row g holds g
+        bounds = lay.padded_cu_seqlens.tolist()
+        picked = torch.cat([_get_thd_freqs_on_this_cp_rank(rank, cp, torch.empty((e - s) // cp), table, s)
+                            for s, e in zip(bounds[:-1], bounds[1:])])
+        assert picked.flatten().tolist() == lay.local_index.tolist()
+
+
+def test_mrope_frequencies_equal_megatron_multimodal_rotary():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+
+    from care_megatron.training.megatron.cpu_compat import enable_cpu_mode
+    from care_megatron.training.megatron.packed_forward import mrope_frequencies
+
+    enable_cpu_mode(force=True)  # the module places inv_freq on torch.cuda.current_device()
+    rope = MultimodalRotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000)
+    section = [2, 3, 3]
+    position_ids = torch.randint(0, 50, (3, 21))
+    expected = rope(position_ids[:, None, :], section)
+    torch.testing.assert_close(mrope_frequencies(position_ids, rope.inv_freq, section), expected, atol=0, rtol=0)
