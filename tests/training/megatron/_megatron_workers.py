@@ -267,8 +267,10 @@ def qwen3_vl_worker(rank, world, port, out_dir):
 
 
 def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
-    """Context parallelism (CP=cp, TP=tp, optional SP) vs transformers: forward outputs, gradients of
-    the step's objective (summed over DP x CP), one AdamW step; the flex CP attention vs the loop one."""
+    """Context parallelism (CP=cp, TP=tp, optional SP, DP = world / (tp * cp)) vs transformers:
+    forward outputs, gradients of the step's objective (summed over DP x CP), one AdamW step; the
+    flex CP attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
+    on all of them."""
     _setup(rank, world, port)
     from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
     from megatron.core import parallel_state as mps
@@ -280,12 +282,13 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
     from care_megatron.training.megatron.packed_forward import ForwardOptions
 
     hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=False)
-    batches = standard_batches(hf)
+    all_batches = standard_batches(hf)
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
                               sequence_parallel=sp, transformer_impl="local")
     backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
                               arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
                               with_reference=False)
+    batches = all_batches[backend.dist["dp_rank"]::backend.dist["dp_size"]]
     outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
     with torch.no_grad():
         expected = [hf_reference(hf, mb) for mb in batches]
@@ -299,10 +302,10 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
     with force_packed_backend("flex"):
         flex = backend.forward_logprobs(batches)
     result["flex_vs_loop"] = max(float((f.logprobs - o.logprobs).abs().max()) for f, o in zip(flex, outs))
-    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in all_batches))}
     backend.optimizer.zero_grad()
     backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
-    _, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
+    _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
     local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
     gathered = [None] * tp
     dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
@@ -317,11 +320,13 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
     result["vision_grad_scale"] = max(float(hf_grads[n].abs().max()) for n in vision) if vision else 0.0
     # one optimizer step vs transformers + AdamW with the same clip
     step = backend.train_step(batches, loss_fn, normalisers)
-    hf_loss, _ = hf_loss_and_grads(hf, batches, normalisers)
+    hf_loss, _ = hf_loss_and_grads(hf, all_batches, normalisers)
     hf_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0))
     torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0).step()
-    result["loss_err"] = abs(step.loss - hf_loss)
+    result["loss_err"] = abs(step.loss - hf_loss)   # the step's loss is summed over DP
     result["norm_err"] = abs(step.grad_norm - hf_norm)
+    result["masked_tokens"] = step.metrics["masked_tokens"]   # metrics summed over DP ...
+    result["expected_masked_tokens"] = normalisers["tokens"]  # ... = every micro-batch's count
     after = backend.forward_logprobs(batches)
     with torch.no_grad():
         expected_after = [hf_reference(hf, mb)[0] for mb in batches]

@@ -85,16 +85,17 @@ def test_qwen3_vl_tp2_parity_interleaved_mrope_qk_norm_deepstack(tmp_path):
     assert r["grad_err"] < 1e-5, r              # ... and every gradient matches transformers
 
 
-def _run_cp(tmp_path, tp, cp, sp, arch):
-    world = tp * cp
+def _run_cp(tmp_path, tp, cp, sp, arch, dp=1):
+    world = tp * cp * dp
     mp.start_processes(workers.context_parallel_worker, args=(world, _port(), str(tmp_path), tp, cp, sp, arch),
                        nprocs=world, join=True, start_method="spawn")
     return torch.load(os.path.join(tmp_path, f"cp{cp}_tp{tp}{'_sp' if sp else ''}_{arch}.pt"))
 
 
-def _check_cp(results, cp):
+def _check_cp(results, cp, dp=1):
     for r in results:  # every rank returns the full-length outputs and applies the same step
-        assert r["cp_size"] == cp and r["dp_size"] == 1, r
+        assert r["cp_size"] == cp and r["dp_size"] == dp, r
+        assert r["masked_tokens"] == r["expected_masked_tokens"], r
         assert r["lp_scale"] > 1.0
         assert r["lp_err"] < 1e-5 and r["ent_err"] < 1e-5 and r["think_err"] < 1e-5, r
         assert r["flex_vs_loop"] < 1e-5, r
@@ -120,3 +121,12 @@ def test_context_parallel_cp2_tp2_sequence_parallel_qwen3_vl(tmp_path):
     results = _run_cp(tmp_path, tp=2, cp=2, sp=True, arch="qwen3_vl")
     print("CP=2 TP=2 SP", results[0])
     _check_cp(results, 2)
+
+
+@pytest.mark.slow
+def test_context_parallel_cp2_with_data_parallel_dp2(tmp_path):
+    """CP=2 x DP=2 (4 ranks): each DP rank trains on its own micro-batch; gradients summed over DP x CP
+    equal transformers' over both micro-batches, so the AdamW step matches too."""
+    results = _run_cp(tmp_path, tp=1, cp=2, sp=False, arch="qwen2_5_vl", dp=2)
+    print("CP=2 DP=2", results[0])
+    _check_cp(results, 2, dp=2)
