@@ -89,26 +89,66 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
-def rl_step_metrics(rollouts, advantages, info: dict | None, result) -> dict[str, float]:
+# keys of care_advantages' ``info`` the diagnostics read: one entry per group / one per rollout
+_GROUP_KEYS = ("group_ids", "anchored", "rescue", "saturated", "num_negatives", "rgr_target")
+_ROW_KEYS = ("role", "z_scores", "group_of", "is_reflected", "in_subgroup")
+_FIELDS = ("reward", "accuracy", "format", "think_length", "answer_length")
+
+
+def diagnostic_payload(rollouts, advantages, info: dict | None) -> dict:
+    """The per-rollout / per-group tensors the step diagnostics read (small; what DP ranks exchange)."""
+    import torch
+
+    rows = {name: torch.tensor([float(getattr(r, name)) for r in rollouts], dtype=torch.float64) for name in _FIELDS}
+    rows["response_length"] = torch.tensor([float(len(r.completion.token_ids)) for r in rollouts], dtype=torch.float64)
+    rows["advantage"] = advantages.detach().double().cpu()
+    care = None if info is None else {k: info[k].detach().cpu() for k in _GROUP_KEYS + _ROW_KEYS}
+    return {"rows": rows, "info": care}
+
+
+def merge_diagnostic_payloads(payloads: list[dict]) -> dict:
+    """Concatenate the payloads of several data-parallel ranks (groups renumbered: ``group_of`` is
+    offset by the groups of the ranks before). Equal to the payload of all rollouts in one batch."""
+    import torch
+
+    rows = {k: torch.cat([p["rows"][k] for p in payloads]) for k in payloads[0]["rows"]}
+    if any(p["info"] is None for p in payloads):
+        return {"rows": rows, "info": None}
+    info, offset, group_of = {}, 0, []
+    for p in payloads:
+        group_of.append(p["info"]["group_of"] + offset)
+        offset += int(p["info"]["group_ids"].numel())
+    for k in _GROUP_KEYS + _ROW_KEYS:
+        info[k] = torch.cat(group_of) if k == "group_of" else torch.cat([p["info"][k] for p in payloads])
+    return {"rows": rows, "info": info}
+
+
+def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None) -> dict[str, float]:
     """One RL step's metrics: spec section 8 diagnostics from the rollouts and advantages, plus the
     update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
-    fractions are rebuilt from summed counts; per-micro-batch means are averaged."""
+    fractions are rebuilt from summed counts; per-micro-batch means are averaged.
+
+    ``group``: the data-parallel process group; with more than one rank, every rank's rollouts enter
+    the diagnostics (``result`` is already reduced over data parallelism by the backend)."""
     import numpy as np
-    import torch
+    import torch.distributed as dist
 
     from care_megatron.algorithm.diagnostics import advantage_diagnostics, clip_fractions
 
-    def field(name):
-        return torch.tensor([float(getattr(r, name)) for r in rollouts])
-
-    metrics = advantage_diagnostics(field("reward"), field("accuracy"), advantages, field("format"),
-                                    field("think_length"), field("answer_length"), info)
+    payload = diagnostic_payload(rollouts, advantages, info)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, payload, group=group)
+        payload = merge_diagnostic_payloads(gathered)
+    rows = payload["rows"]
+    metrics = advantage_diagnostics(rows["reward"], rows["accuracy"], rows["advantage"], rows["format"],
+                                    rows["think_length"], rows["answer_length"], payload["info"])
     metrics.update({k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "ratio_"))})
     metrics.update(clip_fractions(result.metrics))
     parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
     metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
     metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate, skipped=float(result.skipped))
-    metrics["length/response_mean"] = float(np.mean([len(r.completion.token_ids) for r in rollouts]))
+    metrics["length/response_mean"] = float(np.mean(rows["response_length"].numpy())) if len(rows["response_length"]) else float("nan")
     return metrics
 
 

@@ -144,7 +144,8 @@ class RLTrainer:
         timings = s.end_step()
         if self.main:
             write_samples(self.out / "samples.jsonl", step, rollouts)
-        metrics = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result)
+        dp_group = getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None
+        metrics = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result, group=dp_group)
         return {**metrics, **extra, **mismatch, **timings, "data/skipped_records": float(self.skipped_records)}
 
     def dapo_refill(self, rollouts, sampling, step: int):

@@ -80,6 +80,7 @@ def advantage_diagnostics(
     if info is None:
         return out
     num_groups = max(int(info["group_ids"].numel()), 1)
+    out["groups/count"] = float(info["group_ids"].numel())
     anchored, rescue = info["anchored"], info["rescue"]
     in_play = anchored | rescue
     out["groups/anchored_rate"] = float(anchored.sum()) / num_groups

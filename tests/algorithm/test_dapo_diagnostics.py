@@ -95,3 +95,46 @@ def test_clip_fractions_from_summed_counts():
     summed = {"count/tokens/all": 10.0, "count/clipped/all": 3.0, "count/tokens/think": 0.0,
               "count/clipped/think": 0.0, "kl": 0.1}
     assert clip_fractions(summed) == {"clip_frac/all": 0.3, "clip_frac/think": 0.0}
+
+
+def test_step_metrics_over_data_parallel_ranks_equal_one_batch():
+    """Each DP rank computes CARE advantages on its own groups (numbered from 0); the merged payload
+    gives exactly the metrics of all groups in one batch (what a single-process run reports)."""
+    from types import SimpleNamespace
+
+    from care_megatron.metrics import diagnostic_payload, merge_diagnostic_payloads, rl_step_metrics
+    from care_megatron.training.base import StepResult
+
+    torch.manual_seed(0)
+    groups = [_binary(1, 0, extra=2), _binary(2, 1), group([0.0, 0.1, 0.0], [False] * 3, gid=2),
+              _binary(4, 3), _binary(3, 4, extra=1), group([1.0, 1.0], [True, True], gid=5)]
+
+    def rollouts_of(batch):
+        return [SimpleNamespace(reward=float(r), accuracy=float(c), format=1.0, think_length=int(t),
+                                answer_length=int(a), completion=SimpleNamespace(token_ids=[0] * (int(t) + int(a))))
+                for r, c, t, a in zip(batch["rewards"], batch["correct"], batch["think_lengths"], batch["answer_lengths"])]
+
+    config = CareConfig(k=4)
+    whole = concat(*groups)
+    adv, info = care_advantages(**whole, config=config)
+    result = StepResult(loss=0.5, grad_norm=1.0, learning_rate=1e-3, metrics={"micro_batches": 2.0})
+    expected = rl_step_metrics(rollouts_of(whole), adv, info, result)
+    payloads = []
+    for part in (groups[:3], groups[3:]):  # each rank renumbers its groups from 0
+        renumbered = [dict(g, group_index=g["group_index"] - part[0]["group_index"][0]) for g in part]
+        batch = concat(*renumbered)
+        a, i = care_advantages(**batch, config=config)
+        payloads.append(diagnostic_payload(rollouts_of(batch), a, i))
+    merged = merge_diagnostic_payloads(payloads)
+    assert merged["info"]["group_of"].tolist() == info["group_of"].tolist()
+    rows = merged["rows"]
+    got = advantage_diagnostics(rows["reward"], rows["accuracy"], rows["advantage"], rows["format"],
+                                rows["think_length"], rows["answer_length"], merged["info"])
+    assert set(got) <= set(expected) and "rescue/rate" in got and "signature/pearson" in got
+    for key, value in got.items():
+        assert value == pytest.approx(expected[key], abs=1e-9), key
+    # a single rank's payload alone does not give the batch's metrics (the check above is not vacuous)
+    lone = payloads[0]
+    lone_metrics = advantage_diagnostics(lone["rows"]["reward"], lone["rows"]["accuracy"], lone["rows"]["advantage"],
+                                         info=lone["info"])
+    assert lone_metrics["rescue/rate"] != pytest.approx(expected["rescue/rate"])
