@@ -90,7 +90,9 @@ class RLTrainer:
     # ---------------------------------------------------------------- one RL step
     def step(self, step: int) -> dict[str, float]:
         cfg, s = self.config, self.schedule
-        sampling = SamplingParams(**self.sampling, seed=cfg.train.seed * 1_000_003 + step)
+        # data-parallel ranks sample different prompts with independent streams (rank 0 keeps the
+        # single-process seed; the ranks of one TP / CP group share a DP rank, so their rollouts agree)
+        sampling = SamplingParams(**self.sampling, seed=cfg.train.seed * 1_000_003 + step + self.dp_rank * 10_000_019)
         s.begin_step()
         records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size])
         self.rollout_phase(s, "")
