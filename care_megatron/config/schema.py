@@ -50,7 +50,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Interleaved pipeline stages per rank (None = no interleaving)."""
     context_parallel_size: int = 1
-    """Context-parallel degree: sequences split across ranks for long rollouts."""
+    """Context-parallel degree: every packed sequence split over this many ranks (Megatron's
+    load-balanced 2*CP-chunk layout; sequences are padded to a multiple of 2*CP). For long rollouts."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
     use_distributed_optimizer: bool = True
