@@ -8,7 +8,9 @@ not change. Two execution paths, chosen at start and logged:
   optimizer, and ``get_forward_backward_func()`` schedules (1F1B / interleaved for PP).
 * **CPU** (gloo) - Megatron's DDP, optimizer and schedules allocate CUDA buffers, so: a manual
   micro-batch loop, explicit gradient all-reduce over DP x CP (sum) and over TP for the replicated
-  vision tower (mean), ``torch.optim.AdamW`` with a TP-aware global-norm clip. TP, CP and DP (no PP).
+  vision tower (mean), ``torch.optim.AdamW`` with a TP-aware global-norm clip. Under pipeline
+  parallelism the micro-batches go through Megatron's own schedules (p2p over gloo) and the
+  gradients are reduced explicitly afterwards, tied embeddings over the embedding group included.
 
 Context parallelism (``parallel.context_parallel_size``): the ranks of a CP group read the same
 micro-batches; each runs its load-balanced chunks of every sequence through the decoder
@@ -112,7 +114,11 @@ class MegatronBackend:
             self.optimizer = CpuOptimizer(self.policy.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                           clip=train.grad_clip, tp_group=mps.get_tensor_model_parallel_group(),
                                           tp_rank=self.dist["tp_rank"],
-                                          dp_group=mps.get_data_parallel_group(with_context_parallel=True))
+                                          dp_group=mps.get_data_parallel_group(with_context_parallel=True),
+                                          norm_group=mps.get_model_parallel_group())
+            if self.dist["pp_size"] > 1:  # Megatron's schedules on gloo: shapes vary per micro-batch
+                self.policy.config.variable_seq_lengths = True
+                self.policy.config.calculate_per_token_loss = True
         else:
             self.model = self._wrap_ddp(self.policy)
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
@@ -158,10 +164,14 @@ class MegatronBackend:
     def _build_model(self, hf_config) -> QwenVLMegatronModel:
         from megatron.core import parallel_state as mps
 
-        return QwenVLMegatronModel(hf_config, self.facts, self.parallel, self.dtype,
-                                   use_cpu_initialization=self.cpu_path,
-                                   pre_process=mps.is_pipeline_first_stage(),
-                                   post_process=mps.is_pipeline_last_stage()).to(self.device)
+        from care_megatron.training.megatron import cpu_compat
+
+        with cpu_compat.model_construction():
+            model = QwenVLMegatronModel(hf_config, self.facts, self.parallel, self.dtype,
+                                        use_cpu_initialization=self.cpu_path,
+                                        pre_process=mps.is_pipeline_first_stage(),
+                                        post_process=mps.is_pipeline_last_stage())
+        return model.to(self.device)
 
     def _wrap_ddp(self, model):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -258,10 +268,10 @@ class MegatronBackend:
         options = ForwardOptions(with_entropy=self.options.train_with_entropy,
                                  logprob_chunk_tokens=self.options.logprob_chunk_tokens,
                                  temperature=self.options.temperature)
-        if self.cpu_path:
+        if self.cpu_path and self.dist["pp_size"] == 1:
             losses, metric_list = self._cpu_forward_backward(micro_batches, loss_fn, normalisers, options)
         else:
-            losses, metric_list = self._gpu_forward_backward(micro_batches, loss_fn, normalisers, options)
+            losses, metric_list = self._schedule_forward_backward(micro_batches, loss_fn, normalisers, options)
         ok, grad_norm = self.optimizer.step()
         total_loss = torch.tensor(float(sum(losses)), dtype=torch.float64)
         from megatron.core import parallel_state as mps
@@ -269,6 +279,11 @@ class MegatronBackend:
         if self.dist["dp_size"] > 1:
             dist.all_reduce(total_loss, group=mps.get_data_parallel_group())
         metrics = _sum_metrics(metric_list, mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)
+        if self.dist["pp_size"] > 1:  # the loss lives on the last stage; every stage reports it
+            holder = [(float(total_loss), metrics)]
+            dist.broadcast_object_list(holder, src=mps.get_pipeline_model_parallel_last_rank(),
+                                       group=mps.get_pipeline_model_parallel_group())
+            total_loss, metrics = torch.tensor(holder[0][0], dtype=torch.float64), holder[0][1]
         if ok:
             self.step_count += 1
         else:
@@ -293,7 +308,11 @@ class MegatronBackend:
         self.optimizer.reduce_grads()
         return losses, metric_list
 
-    def _gpu_forward_backward(self, micro_batches, loss_fn, normalisers, options):
+    def _schedule_forward_backward(self, micro_batches, loss_fn, normalisers, options):
+        """Megatron's ``get_forward_backward_func`` schedule (1F1B / interleaved under PP): the GPU path
+        over Megatron DDP, and the CPU path under pipeline parallelism (plain modules, gradients
+        reduced explicitly afterwards)."""
+        from megatron.core import parallel_state as mps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         losses, metric_list = [], []
@@ -317,11 +336,18 @@ class MegatronBackend:
 
             return outputs.logprobs, loss_func
 
-        self.model.zero_grad_buffer()
+        if not self.cpu_path:
+            self.model.zero_grad_buffer()
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[self.model],
                                     num_microbatches=len(micro_batches),
                                     seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
                                     forward_only=False)
+        if self.cpu_path:  # what finalize_model_grads does on GPU, then the DP x CP sum
+            if self.policy.vision is not None:
+                allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
+            allreduce_tp_partial_grads(self.policy, mps.get_tensor_model_parallel_group())
+            allreduce_tied_embedding_grads(self.policy)
+            self.optimizer.reduce_grads()
         return losses, metric_list
 
     # ------------------------------------------------------------------ protocol: weights / checkpoints
@@ -417,6 +443,20 @@ def allreduce_tp_partial_grads(model, group) -> None:
         partial = getattr(p, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name
         if partial and p.grad is not None:
             dist.all_reduce(p.grad, group=group)
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """Pipeline parallelism with tied embeddings: the first stage's embedding and the last stage's
+    output copy are one weight; sum their gradients over Megatron's embedding group (CPU path)."""
+    from megatron.core import parallel_state as mps
+
+    if (not model.share_embeddings_and_output_weights or mps.get_pipeline_model_parallel_world_size() == 1
+            or not mps.is_rank_in_embedding_group(ignore_virtual=True)):
+        return
+    weight = model.shared_embedding_or_output_weight()
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=mps.get_embedding_group())
 
 
 def offload_storages(tensors) -> list:

@@ -17,6 +17,16 @@ Megatron-Core assumes CUDA in two places that matter for a CPU test run:
    spawned test workers; :func:`prepare_checkpoint_writer` pre-creates that queue with *fork*
    (safe here: no CUDA context exists in CPU mode).
 
+5. (pipeline parallelism only) the pipeline schedules allocate their token counter with a literal
+   ``device="cuda"``; :func:`enable_cpu_mode` points the schedules module's ``torch`` at a proxy
+   whose ``zeros`` maps that device to the CPU (every other attribute is torch's own), so Megatron's
+   real 1F1B / interleaved schedules and p2p communication run over gloo.
+
+6. (pipeline parallelism with tied embeddings, model construction only) ``GPTModel`` moves the last
+   stage's copy of the embedding with ``weight.data.cuda()`` before all-reducing it over the
+   embedding group; :func:`model_construction` makes ``Tensor.cuda`` return the tensor unchanged
+   while a model is built in CPU mode.
+
 Nothing else in the package patches Megatron. :func:`enable_cpu_mode` is idempotent and a no-op
 when CUDA is available (unless ``force=True``, which tests use).
 """
@@ -98,8 +108,41 @@ def enable_cpu_mode(force: bool = False) -> bool:
     mrandom.initialize_rng_tracker(force_reset=True)
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRngStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # 5. Pipeline schedules' literal device="cuda".
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuDeviceTorch(torch)
     _ENABLED = True
     return True
+
+
+@contextlib.contextmanager
+def model_construction():
+    """Build Megatron modules in CPU mode (item 6): ``Tensor.cuda`` is the identity inside the block."""
+    if not _ENABLED:
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+class _CpuDeviceTorch:
+    """``torch`` as seen by Megatron's schedules module on CPU: ``zeros(..., device="cuda")`` -> CPU."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def zeros(self, *args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return self._module.zeros(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 def cpu_mode_enabled() -> bool:

@@ -265,6 +265,10 @@ class QwenVLMegatronModel(nn.Module):
         return self.language_model.post_process
 
     @property
+    def model_type(self):
+        return self.language_model.model_type
+
+    @property
     def share_embeddings_and_output_weights(self) -> bool:
         return self.language_model.share_embeddings_and_output_weights
 

@@ -38,12 +38,16 @@ def param_is_tp_duplicate(param: torch.nn.Parameter, tp_rank: int) -> bool:
 
 
 def global_grad_norm(params, tp_group, tp_rank: int, grad_attr: str = "grad") -> float:
-    """L2 norm of all gradients of the model-parallel model (TP shards summed, replicas once)."""
+    """L2 norm of all gradients of the model-parallel model (TP shards summed, replicas once).
+
+    ``tp_group`` is the group the squared norms are summed over: the TP group, or the TP x PP
+    model-parallel group under pipeline parallelism (then the last stage's copy of tied embeddings,
+    marked ``shared`` by Megatron, is skipped: the first stage counts it)."""
     device = None
     total = None
     for p in params:
         g = getattr(p, grad_attr, None)
-        if g is None or param_is_tp_duplicate(p, tp_rank):
+        if g is None or param_is_tp_duplicate(p, tp_rank) or getattr(p, "shared", False):
             continue
         sq = g.detach().float().pow(2).sum()
         total = sq if total is None else total + sq
@@ -60,10 +64,12 @@ class CpuOptimizer:
 
     name = "torch.optim.AdamW (CPU, explicit all-reduce)"
 
-    def __init__(self, params, lr: float, weight_decay: float, clip: float, tp_group, tp_rank: int, dp_group):
+    def __init__(self, params, lr: float, weight_decay: float, clip: float, tp_group, tp_rank: int, dp_group,
+                 norm_group=None):
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
         self.clip, self.tp_group, self.tp_rank, self.dp_group = clip, tp_group, tp_rank, dp_group
+        self.norm_group = norm_group if norm_group is not None else tp_group  # TP x PP under pipeline parallelism
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -98,7 +104,7 @@ class CpuOptimizer:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        norm = global_grad_norm(self.params, self.tp_group, self.tp_rank)
+        norm = global_grad_norm(self.params, self.norm_group, self.tp_rank)
         if not math.isfinite(norm):
             return False, norm
         if self.clip and self.clip > 0 and norm > self.clip:

@@ -181,9 +181,6 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
         if not use_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=datetime.timedelta(minutes=10))
-    if use_cpu and parallel.pipeline_model_parallel_size > 1:
-        raise ValueError("config field 'parallel.pipeline_model_parallel_size': pipeline parallelism uses "
-                         "Megatron's CUDA schedules and needs GPUs; on CPU tensor, context and data parallelism run")
     if not mps.model_parallel_is_initialized():
         mps.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

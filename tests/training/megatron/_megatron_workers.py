@@ -266,11 +266,11 @@ def qwen3_vl_worker(rank, world, port, out_dir):
     destroy_parallel()
 
 
-def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
-    """Context parallelism (CP=cp, TP=tp, optional SP, DP = world / (tp * cp)) vs transformers:
+def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, tie=False):
+    """TP=tp x CP=cp x PP=pp (optional SP, DP = world / (tp * cp * pp)) vs transformers:
     forward outputs, gradients of the step's objective (summed over DP x CP), one AdamW step; the
-    flex CP attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
-    on all of them."""
+    flex attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
+    on all of them. Under PP the micro-batches run through Megatron's own schedules (p2p over gloo)."""
     _setup(rank, world, port)
     from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
     from megatron.core import parallel_state as mps
@@ -281,10 +281,10 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
     from care_megatron.training.megatron.model_provider import to_mapping_name
     from care_megatron.training.megatron.packed_forward import ForwardOptions
 
-    hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=False)
+    hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=tie)
     all_batches = standard_batches(hf)
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
-                              sequence_parallel=sp, transformer_impl="local")
+                              pipeline_model_parallel_size=pp, sequence_parallel=sp, transformer_impl="local")
     backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
                               arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
                               with_reference=False)
@@ -304,12 +304,17 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
     result["flex_vs_loop"] = max(float((f.logprobs - o.logprobs).abs().max()) for f, o in zip(flex, outs))
     normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in all_batches))}
     backend.optimizer.zero_grad()
-    backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
+    options = ForwardOptions(with_entropy=True, logprob_chunk_tokens=17)
+    if pp > 1:
+        backend._schedule_forward_backward(batches, loss_fn, normalisers, options)
+    else:
+        backend._cpu_forward_backward(batches, loss_fn, normalisers, options)
     _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
     local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
-    gathered = [None] * tp
-    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
-    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
+    gathered = [None] * (tp * pp)
+    dist.all_gather_object(gathered, (backend.dist["pp_rank"], backend.dist["tp_rank"], local),
+                           group=mps.get_model_parallel_group())
+    mg_grads = megatron_to_hf_state_dict({(p, t): g for p, t, g in gathered}, hf.config)
     spec = mapping_for_config(hf.config)
     hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
     common = set(mg_grads) & set(hf_grads)
@@ -332,10 +337,15 @@ def context_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch):
         expected_after = [hf_reference(hf, mb)[0] for mb in batches]
     result["step_lp_err"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_after))
     result["step_lp_change"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(after, expected))
+    if tie and pp > 1:  # the first stage's embedding and the last stage's copy stay one weight
+        copies = [None] * pp
+        dist.all_gather_object(copies, backend.policy.shared_embedding_or_output_weight().detach().clone(),
+                               group=mps.get_pipeline_model_parallel_group())
+        result["tied_copies_equal"] = torch.equal(copies[0], copies[-1])
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
-        torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}{'_sp' if sp else ''}_{arch}.pt"))
+        torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}_pp{pp}{'_sp' if sp else ''}_{arch}.pt"))
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()

@@ -85,11 +85,11 @@ def test_qwen3_vl_tp2_parity_interleaved_mrope_qk_norm_deepstack(tmp_path):
     assert r["grad_err"] < 1e-5, r              # ... and every gradient matches transformers
 
 
-def _run_cp(tmp_path, tp, cp, sp, arch, dp=1):
-    world = tp * cp * dp
-    mp.start_processes(workers.context_parallel_worker, args=(world, _port(), str(tmp_path), tp, cp, sp, arch),
+def _run_cp(tmp_path, tp, cp, sp, arch, dp=1, pp=1, tie=False):
+    world = tp * cp * dp * pp
+    mp.start_processes(workers.model_parallel_worker, args=(world, _port(), str(tmp_path), tp, cp, sp, arch, pp, tie),
                        nprocs=world, join=True, start_method="spawn")
-    return torch.load(os.path.join(tmp_path, f"cp{cp}_tp{tp}{'_sp' if sp else ''}_{arch}.pt"))
+    return torch.load(os.path.join(tmp_path, f"cp{cp}_tp{tp}_pp{pp}{'_sp' if sp else ''}_{arch}.pt"))
 
 
 def _check_cp(results, cp, dp=1):
@@ -130,3 +130,16 @@ def test_context_parallel_cp2_with_data_parallel_dp2(tmp_path):
     results = _run_cp(tmp_path, tp=1, cp=2, sp=False, arch="qwen2_5_vl", dp=2)
     print("CP=2 DP=2", results[0])
     _check_cp(results, 2, dp=2)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_pipeline_parallel_pp2_through_megatron_schedules(tmp_path, tie):
+    """PP=2 on CPU through Megatron's real schedules (1F1B, p2p over gloo): the vision tower and the
+    embedding on stage 0, the output layer on stage 1; log-probs, entropy, think embeddings (broadcast
+    from the last stage), gradients, the loss every stage reports and one AdamW step match
+    transformers. Tied: the two copies of the embedding get the summed gradient."""
+    results = _run_cp(tmp_path, tp=1, cp=1, sp=False, arch="qwen2_5_vl", pp=2, tie=tie)
+    print("PP=2", "tied" if tie else "untied", results[0])
+    _check_cp(results, 1)
+    if tie:
+        assert all(r["tied_copies_equal"] for r in results), results
