@@ -1,4 +1,4 @@
-"""The RL loop on the Megatron-Core backend (TP=2, or CP=2; gloo, CPU) reproduces the plain-PyTorch backend's
+"""The RL loop on the Megatron-Core backend (TP=2, CP=2 or PP=2; gloo, CPU) reproduces the plain-PyTorch backend's
 metrics from the same seed and weights (issue 6 end to end)."""
 import subprocess
 import sys
@@ -15,10 +15,12 @@ KEYS = ["loss", "pg_loss", "kl", "entropy", "grad_norm", "reward/mean", "accurac
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
-                                    ["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"]],
-                         ids=["tp2", "cp2"])
-def test_megatron_matches_torch_backend(tmp_path, layout):
+@pytest.mark.parametrize("layout,expected", [
+    (["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1"),
+    (["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"], "TP=1 PP=1 CP=2"),
+    (["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], "TP=1 PP=2 CP=1"),
+], ids=["tp2", "cp2", "pp2"])
+def test_megatron_matches_torch_backend(tmp_path, layout, expected):
     pytest.importorskip("megatron.core")
     from care_megatron.trainer import train
 
@@ -29,7 +31,6 @@ def test_megatron_matches_torch_backend(tmp_path, layout):
            f"train.output_dir={tmp_path / 'megatron'}", "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    expected = "TP=2 PP=1 CP=1" if "parallel.context_parallel_size=2" not in layout else "TP=1 PP=1 CP=2"
     assert expected in done.stdout + done.stderr  # the backend's start-up line names the layout it runs
     a, b = _rl_rows(tmp_path / "torch" / "metrics.jsonl"), _rl_rows(tmp_path / "megatron" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
