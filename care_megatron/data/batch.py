@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from care_megatron.rewards.regions import Region
+
 
 @dataclass
 class Sequence:
@@ -86,6 +88,30 @@ class PackedMicroBatch:
         if self.num_pad:
             ids = torch.cat([ids, ids.new_full((self.num_pad,), -1)])
         return ids
+
+    def padded_to(self, total: int, pad_token_id: int = 0) -> "PackedMicroBatch":
+        """This micro-batch with its padding tail extended to ``total`` tokens (the tail stays one
+        segment: positions 0.., ``pad_token_id``, loss mask False, zero token fields). Used where every
+        micro-batch of a step must have the same length (Megatron's interleaved pipeline schedule)."""
+        extra = total - self.num_tokens
+        if extra < 0:
+            raise ValueError(f"cannot pad a micro-batch of {self.num_tokens} tokens to {total}")
+        if extra == 0:
+            return self
+
+        def grow(t, fill):
+            return torch.cat([t, t.new_full((extra,), fill)])
+
+        tail = self.num_pad + extra
+        real = self.num_tokens - self.num_pad
+        positions = torch.cat([self.position_ids[:, :real],
+                               torch.arange(tail, device=self.position_ids.device,
+                                            dtype=self.position_ids.dtype).unsqueeze(0).expand(3, -1)], dim=1)
+        return PackedMicroBatch(
+            input_ids=grow(self.input_ids, pad_token_id), position_ids=positions, cu_seqlens=self.cu_seqlens,
+            loss_mask=grow(self.loss_mask, False), region_ids=grow(self.region_ids, int(Region.OTHER)),
+            sequence_indices=self.sequence_indices, pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
+            token_fields={k: grow(v, 0) for k, v in self.token_fields.items()}, num_pad=tail)
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         def move(t):

@@ -186,3 +186,23 @@ def test_packed_hf_forward_matches_separate_forwards(vl_setup):
                 alone = model(input_ids=ids, pixel_values=seq.pixel_values, image_grid_thw=seq.image_grid_thw,
                               mm_token_type_ids=(ids == model.config.image_token_id).int(), use_cache=False).logits[0]
                 torch.testing.assert_close(unpack(mb, packed, dim=0)[k], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_padded_to_extends_the_padding_tail_only():
+    seqs = text_sequences([5, 7])
+    for s in seqs:
+        s.token_fields["advantages"] = torch.ones(len(s))
+    mb = pack_sequences(seqs, 64, pad_multiple=4)[0]
+    longer = mb.padded_to(mb.num_tokens + 6, pad_token_id=9)
+    n = mb.num_tokens
+    assert longer.num_tokens == n + 6 and longer.num_pad == mb.num_pad + 6
+    assert torch.equal(longer.input_ids[:n], mb.input_ids) and longer.input_ids[n:].tolist() == [9] * 6
+    assert torch.equal(longer.cu_seqlens, mb.cu_seqlens) and not longer.loss_mask[n:].any()
+    assert torch.equal(longer.token_fields["advantages"][:n], mb.token_fields["advantages"])
+    assert longer.token_fields["advantages"][n:].abs().sum() == 0
+    real = int(mb.cu_seqlens[-1])  # the tail is one segment: positions 0, 1, ... after the last sequence
+    assert longer.position_ids[0, real:].tolist() == list(range(longer.num_pad))
+    assert torch.equal(longer.token_sequence_ids()[:n], mb.token_sequence_ids())
+    assert mb.padded_to(n) is mb
+    with pytest.raises(ValueError, match="cannot pad"):
+        mb.padded_to(n - 1)

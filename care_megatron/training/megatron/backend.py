@@ -83,48 +83,60 @@ class MegatronBackend:
         self.device = self.dist["device"]
         self.cpu_path = self.dist["cpu"]
         self.facts = text_facts_from_hf(hf_config, arch)
-        self.policy = self._build_model(hf_config)
-        if state_dict_converter is not None:
-            rank_state = state_dict_converter(hf_state_dict, hf_config, self.dist["tp_size"], self.dist["tp_rank"],
-                                              self.policy.padded_vocab_size)
-        else:  # the shared mapping, one source of truth with weight export
-            rank_state = shared_mapping_state_dict(hf_state_dict, hf_config, tp=self.dist["tp_size"],
-                                                   tp_rank=self.dist["tp_rank"], pp=self.dist["pp_size"],
-                                                   pp_rank=self.dist["pp_rank"], impl=self.policy.impl,
-                                                   padded_vocab=self.policy.padded_vocab_size)
-        missing, unexpected = self.policy.load_state_dict(rank_state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise ValueError(f"weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # virtual pipeline: this rank holds one model chunk per virtual stage (chunk v = model stage
+        # v * PP + pp_rank); otherwise one chunk. ``policy`` is chunk 0 (the vision tower on stage 0).
+        self.vp_size = parallel.virtual_pipeline_model_parallel_size if self.dist["pp_size"] > 1 else None
+        if self.vp_size and state_dict_converter is not None:
+            raise ValueError("state_dict_converter does not support virtual pipeline stages; use the shared mapping")
+        self.policy_chunks = self._build_chunks(hf_config)
+        self.policy = self.policy_chunks[0]
+        for vp_stage, chunk in enumerate(self.policy_chunks):
+            if state_dict_converter is not None:
+                rank_state = state_dict_converter(hf_state_dict, hf_config, self.dist["tp_size"], self.dist["tp_rank"],
+                                                  chunk.padded_vocab_size)
+            else:  # the shared mapping, one source of truth with weight export
+                rank_state = shared_mapping_state_dict(hf_state_dict, hf_config, tp=self.dist["tp_size"],
+                                                       tp_rank=self.dist["tp_rank"], pp=self.dist["pp_size"],
+                                                       pp_rank=self.dist["pp_rank"], vp=self.vp_size, vp_stage=vp_stage,
+                                                       impl=chunk.impl, padded_vocab=chunk.padded_vocab_size)
+            missing, unexpected = chunk.load_state_dict(rank_state, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise ValueError(f"weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.reference = None
+        self.reference_chunks: list = []
         if with_reference:
             # a second instance rather than deepcopy: Megatron modules hold process-group handles
-            self.reference = self._build_model(hf_config).eval()
-            self.reference.load_state_dict(self.policy.state_dict())
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
-            if parallel.offload_reference_to_cpu:
-                self.reference.to("cpu")
+            self.reference_chunks = [chunk.eval() for chunk in self._build_chunks(hf_config)]
+            for ref, chunk in zip(self.reference_chunks, self.policy_chunks):
+                ref.load_state_dict(chunk.state_dict())
+                for p in ref.parameters():
+                    p.requires_grad_(False)
+                if parallel.offload_reference_to_cpu:
+                    ref.to("cpu")
+            self.reference = self.reference_chunks[0]
         self.step_count = 0
         self._sleeping = None
         if self.cpu_path:
             from megatron.core import parallel_state as mps
 
-            self.model = self.policy
-            self.optimizer = CpuOptimizer(self.policy.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+            self.model = list(self.policy_chunks)
+            self.optimizer = CpuOptimizer(self._policy_parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                           clip=train.grad_clip, tp_group=mps.get_tensor_model_parallel_group(),
                                           tp_rank=self.dist["tp_rank"],
                                           dp_group=mps.get_data_parallel_group(with_context_parallel=True),
                                           norm_group=mps.get_model_parallel_group())
             if self.dist["pp_size"] > 1:  # Megatron's schedules on gloo: shapes vary per micro-batch
-                self.policy.config.variable_seq_lengths = True
-                self.policy.config.calculate_per_token_loss = True
+                for chunk in self.policy_chunks:
+                    chunk.config.variable_seq_lengths = True
+                    chunk.config.calculate_per_token_loss = True
         else:
-            self.model = self._wrap_ddp(self.policy)
+            self.model = [self._wrap_ddp(chunk) for chunk in self.policy_chunks]
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
                                                       train.grad_clip, parallel.use_distributed_optimizer)
-        log.info("MegatronBackend: %s path, TP=%d PP=%d CP=%d DP=%d, layers=%s, optimizer=%s",
-                 "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"], self.dist["cp_size"],
+        log.info("MegatronBackend: %s path, TP=%d PP=%d%s CP=%d DP=%d, layers=%s, optimizer=%s",
+                 "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"],
+                 f" (VP={self.vp_size})" if self.vp_size else "", self.dist["cp_size"],
                  self.dist["dp_size"], self.policy.impl, self.optimizer.name)
 
     @classmethod
@@ -161,17 +173,25 @@ class MegatronBackend:
         return mps.get_data_parallel_group()
 
     # ------------------------------------------------------------------ construction helpers
-    def _build_model(self, hf_config) -> QwenVLMegatronModel:
+    def _build_chunks(self, hf_config) -> list[QwenVLMegatronModel]:
+        """This rank's model chunks: one, or one per virtual pipeline stage."""
         from megatron.core import parallel_state as mps
 
         from care_megatron.training.megatron import cpu_compat
 
-        with cpu_compat.model_construction():
-            model = QwenVLMegatronModel(hf_config, self.facts, self.parallel, self.dtype,
-                                        use_cpu_initialization=self.cpu_path,
-                                        pre_process=mps.is_pipeline_first_stage(),
-                                        post_process=mps.is_pipeline_last_stage())
-        return model.to(self.device)
+        chunks = []
+        for vp_stage in range(self.vp_size or 1):
+            stage = dict(ignore_virtual=False, vp_stage=vp_stage) if self.vp_size else {}
+            with cpu_compat.model_construction():
+                chunks.append(QwenVLMegatronModel(hf_config, self.facts, self.parallel, self.dtype,
+                                                  use_cpu_initialization=self.cpu_path,
+                                                  pre_process=mps.is_pipeline_first_stage(**stage),
+                                                  post_process=mps.is_pipeline_last_stage(**stage),
+                                                  vp_stage=vp_stage if self.vp_size else None).to(self.device))
+        return chunks
+
+    def _policy_parameters(self):
+        return [p for chunk in self.policy_chunks for p in chunk.parameters()]
 
     def _wrap_ddp(self, model):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -191,67 +211,122 @@ class MegatronBackend:
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads(model_chunks, num_tokens=None)  # DP sum, SP norms, tied embeddings over PP
-        vision = self.policy.vision
-        if vision is not None:  # Megatron DDP keeps gradients in the fp32 main_grad buffers
-            allreduce_vision_grads_over_tp(vision, mps.get_tensor_model_parallel_group(), grad_attr="main_grad")
+        for chunk in self.policy_chunks:
+            if chunk.vision is not None:  # Megatron DDP keeps gradients in the fp32 main_grad buffers
+                allreduce_vision_grads_over_tp(chunk.vision, mps.get_tensor_model_parallel_group(), grad_attr="main_grad")
 
     # ------------------------------------------------------------------ protocol: forward
-    def _module(self, name: str):
+    def _chunks(self, name: str) -> list:
         if name == "policy":
-            return self.policy
+            return self.policy_chunks
         if name == "reference":
             if self.reference is None:
                 raise ValueError("this MegatronBackend was built with with_reference=False")
-            return self.reference
+            return self.reference_chunks
         raise ValueError(f"model must be 'policy' or 'reference', got {name!r}")
 
     @torch.no_grad()
     def forward_logprobs(self, micro_batches: list[PackedMicroBatch], *, model: str = "policy",
                          with_entropy: bool = False, with_think_embeddings: bool = False) -> list[ForwardOutputs]:
-        module = self._module(model)
+        chunks = self._chunks(model)
         offloaded = model == "reference" and self.parallel.offload_reference_to_cpu
         if offloaded:
-            module.to(self.device)
-        was_training = module.training
-        module.eval()
+            for chunk in chunks:
+                chunk.to(self.device)
+        was_training = chunks[0].training
+        for chunk in chunks:
+            chunk.eval()
         options = ForwardOptions(with_entropy=with_entropy, with_think_embeddings=with_think_embeddings,
                                  logprob_chunk_tokens=self.options.logprob_chunk_tokens,
                                  temperature=self.options.temperature)
         try:
             if self.dist["pp_size"] > 1:
-                outputs = self._pipeline_forward_only(module, micro_batches, options)
+                outputs = self._pipeline_forward_only(chunks, micro_batches, options)
             else:
                 outputs = []
                 for mb in micro_batches:
-                    out = packed_forward(module, mb.to(self.device), options)
+                    out = packed_forward(chunks[0], mb.to(self.device), options)
                     outputs.append(_detach_to_cpu(out))
         finally:
-            module.train(was_training)
-            if offloaded:
-                module.to("cpu")
+            for chunk in chunks:
+                chunk.train(was_training)
+                if offloaded:
+                    chunk.to("cpu")
         return outputs
 
-    def _pipeline_forward_only(self, module, micro_batches, options):
-        """PP>1 no-grad pass with Megatron's schedule; results broadcast from the last stage."""
-        from megatron.core import parallel_state as mps
+    def _run_schedule(self, chunks: list, micro_batches: list[PackedMicroBatch], options: ForwardOptions,
+                      on_outputs: Callable, forward_only: bool) -> None:
+        """Megatron's ``get_forward_backward_func()`` over ``chunks`` (one per virtual stage).
+
+        ``on_outputs(outputs, mb)`` runs on the last stage for each real micro-batch and returns the
+        loss (training) or None. Interleaved schedule (virtual stages), two constraints:
+
+        * the number of micro-batches must be a multiple of PP: empty micro-batches (a copy of the
+          first, zero loss, not reported) are appended;
+        * every micro-batch gets the same length (padding tail; under CP the same padded layout
+          total) and fixed shapes are exchanged: measured on gloo, its variable-length shape exchange
+          deadlocks (1F1B keeps ``variable_seq_lengths``).
+        """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        results: list[ForwardOutputs] = []
-        data = iter(micro_batches)
+        pp = self.dist["pp_size"]
+        interleaved = len(chunks) > 1
+        real = len(micro_batches)
+        batches = list(micro_batches) + [micro_batches[0]] * ((-real) % pp if interleaved else 0)
+        lengths = [mb.num_tokens for mb in micro_batches]
+        min_total = 0
+        if interleaved:
+            if self.dist["cp_size"] > 1:  # equal CP layout totals
+                min_total = max(context_parallel_layout(chunks[0], mb).num_padded_tokens for mb in batches)
+                seq_length = min_total
+            else:
+                seq_length = max(lengths)
+                pad_id = 0 if self.facts.image_token_id != 0 else 1
+                batches = [mb.padded_to(seq_length, pad_id) for mb in batches]
+            for chunk in chunks:
+                chunk.config.variable_seq_lengths = False
+        else:
+            seq_length = max(mb.num_tokens for mb in batches)
+        iterators = [iter(enumerate(batches)) for _ in chunks]
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator).to(self.device)
-            layout = context_parallel_layout(module, mb)
-            hidden = forward_hidden(module, mb, layout)
-            if not module.post_process:
-                return hidden, lambda out: (torch.zeros((), device=self.device), {})
-            results.append(_detach_to_cpu(logprobs_from_hidden(module, hidden, mb, options, layout)))
-            return hidden, lambda out: (torch.zeros((), device=self.device), {})
+            index, mb = next(data_iterator)
+            mb = mb.to(self.device)
+            chunk = getattr(model, "module", model)  # Megatron DDP wraps the chunk
+            layout = context_parallel_layout(chunk, mb, min_total)
+            hidden = forward_hidden(chunk, mb, layout)
+            if not chunk.post_process:
+                return hidden, lambda out: (out.sum() * 0.0, torch.ones((), dtype=torch.int, device=out.device), {})
+            outputs = logprobs_from_hidden(chunk, hidden, mb, options, layout)
 
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[module],
-                                    num_microbatches=len(micro_batches),
-                                    seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
-                                    forward_only=True)
+            def loss_func(_output_tensor):
+                if index >= real:  # padding micro-batch: no loss, no gradient, not reported
+                    loss = outputs.logprobs.sum() * 0.0
+                else:
+                    loss = on_outputs(_trimmed(outputs, lengths[index]), micro_batches[index].to(self.device))
+                    if loss is None:
+                        loss = torch.zeros((), device=self.device)
+                # (loss, num_tokens, reporting): with calculate_per_token_loss Megatron does not rescale the loss
+                return loss, torch.ones((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
+
+            return outputs.logprobs, loss_func
+
+        model = chunks if forward_only or self.cpu_path else self.model
+        get_forward_backward_func()(forward_step_func=forward_step,
+                                    data_iterator=iterators if interleaved else iterators[0],
+                                    model=list(model), num_microbatches=len(batches),
+                                    seq_length=seq_length, micro_batch_size=1, forward_only=forward_only)
+
+    def _pipeline_forward_only(self, chunks, micro_batches, options):
+        """PP>1 no-grad pass with Megatron's schedule; results broadcast from the last stage."""
+        from megatron.core import parallel_state as mps
+
+        results: list[ForwardOutputs] = []
+
+        def keep(outputs, mb):
+            results.append(_detach_to_cpu(outputs))
+
+        self._run_schedule(chunks, micro_batches, options, keep, forward_only=True)
         holder = [results if mps.is_pipeline_last_stage() else None]
         last = mps.get_pipeline_model_parallel_last_rank()
         dist.broadcast_object_list(holder, src=last, group=mps.get_pipeline_model_parallel_group())
@@ -264,7 +339,8 @@ class MegatronBackend:
         lr = learning_rate_at(self.step_count, self.train.lr, self.train.warmup_steps)
         self.optimizer.set_lr(lr)
         self.optimizer.zero_grad()
-        self.policy.train()
+        for chunk in self.policy_chunks:
+            chunk.train()
         options = ForwardOptions(with_entropy=self.options.train_with_entropy,
                                  logprob_chunk_tokens=self.options.logprob_chunk_tokens,
                                  temperature=self.options.temperature)
@@ -292,8 +368,6 @@ class MegatronBackend:
                           metrics=metrics)
 
     def _cpu_forward_backward(self, micro_batches, loss_fn, normalisers, options):
-        from megatron.core import parallel_state as mps
-
         losses, metric_list = [], []
         for mb in micro_batches:
             mb = mb.to(self.device)
@@ -302,52 +376,40 @@ class MegatronBackend:
             loss.backward()
             losses.append(float(loss.detach()))
             metric_list.append(metrics)
-        if self.policy.vision is not None:
-            allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
-        allreduce_tp_partial_grads(self.policy, mps.get_tensor_model_parallel_group())
-        self.optimizer.reduce_grads()
+        self._reduce_grads_cpu()
         return losses, metric_list
+
+    def _reduce_grads_cpu(self) -> None:
+        """CPU path: what ``finalize_model_grads`` does on GPU (vision tower over TP, TP-partial
+        gradients, tied embeddings over PP), then the DP x CP sum."""
+        from megatron.core import parallel_state as mps
+
+        tp_group = mps.get_tensor_model_parallel_group()
+        for chunk in self.policy_chunks:
+            if chunk.vision is not None:
+                allreduce_vision_grads_over_tp(chunk.vision, tp_group)
+            allreduce_tp_partial_grads(chunk, tp_group)
+        allreduce_tied_embedding_grads(self.policy_chunks)
+        self.optimizer.reduce_grads()
 
     def _schedule_forward_backward(self, micro_batches, loss_fn, normalisers, options):
         """Megatron's ``get_forward_backward_func`` schedule (1F1B / interleaved under PP): the GPU path
         over Megatron DDP, and the CPU path under pipeline parallelism (plain modules, gradients
         reduced explicitly afterwards)."""
-        from megatron.core import parallel_state as mps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         losses, metric_list = [], []
-        data = iter(micro_batches)
-        policy = self.policy
 
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator).to(self.device)
-            layout = context_parallel_layout(policy, mb)
-            hidden = forward_hidden(policy, mb, layout)
-            if not policy.post_process:
-                return hidden, lambda out: (out.sum() * 0.0, {})
-            outputs = logprobs_from_hidden(policy, hidden, mb, options, layout)
-
-            def loss_func(_output_tensor):
-                loss, metrics = loss_fn(outputs, mb, normalisers)
-                losses.append(float(loss.detach()))
-                metric_list.append(metrics)
-                # (loss, num_tokens, reporting): with calculate_per_token_loss Megatron does not rescale the loss
-                return loss, torch.ones((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
-
-            return outputs.logprobs, loss_func
+        def compute_loss(outputs, mb):
+            loss, metrics = loss_fn(outputs, mb, normalisers)
+            losses.append(float(loss.detach()))
+            metric_list.append(metrics)
+            return loss
 
         if not self.cpu_path:
-            self.model.zero_grad_buffer()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=[self.model],
-                                    num_microbatches=len(micro_batches),
-                                    seq_length=max(mb.num_tokens for mb in micro_batches), micro_batch_size=1,
-                                    forward_only=False)
-        if self.cpu_path:  # what finalize_model_grads does on GPU, then the DP x CP sum
-            if self.policy.vision is not None:
-                allreduce_vision_grads_over_tp(self.policy.vision, mps.get_tensor_model_parallel_group())
-            allreduce_tp_partial_grads(self.policy, mps.get_tensor_model_parallel_group())
-            allreduce_tied_embedding_grads(self.policy)
-            self.optimizer.reduce_grads()
+            for ddp in self.model:
+                ddp.zero_grad_buffer()
+        self._run_schedule(self.policy_chunks, micro_batches, options, compute_loss, forward_only=False)
+        if self.cpu_path:
+            self._reduce_grads_cpu()
         return losses, metric_list
 
     # ------------------------------------------------------------------ protocol: weights / checkpoints
@@ -360,8 +422,10 @@ class MegatronBackend:
 
     def state_dict_for_checkpoint(self) -> dict:
         with self._temporarily_awake():
-            return {"model": {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()
-                              if torch.is_tensor(v)},
+            prefixed = len(self.policy_chunks) > 1
+            return {"model": {(f"chunk{v}." if prefixed else "") + k: t.detach().cpu().clone()
+                              for v, chunk in enumerate(self.policy_chunks)
+                              for k, t in chunk.state_dict().items() if torch.is_tensor(t)},
                     "optimizer": self.optimizer.state_dict(), "step": self.step_count}
 
     def save_checkpoint(self, path: str) -> None:
@@ -373,27 +437,27 @@ class MegatronBackend:
             self._load_checkpoint(path)
 
     def _save_checkpoint(self, path: str) -> None:
-        ckpt.save_model(self.policy, f"{path}/model")
+        ckpt.save_model(self.policy_chunks, f"{path}/model")
         rank = dist.get_rank()
         ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
                                                          "step": self.step_count,
                                                          "layout": self._layout()})
 
     def _load_checkpoint(self, path: str) -> None:
-        ckpt.load_model(self.policy, f"{path}/model")
+        ckpt.load_model(self.policy_chunks, f"{path}/model")
         state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
         layout = self._layout()
-        saved = tuple(state["layout"]) + (1,) * (4 - len(state["layout"])) if state is not None else None
+        saved = tuple(state["layout"]) + (1,) * (5 - len(state["layout"])) if state is not None else None
         if state is not None and saved == layout:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step_count = state["step"]
         elif state is not None:
-            log.warning("checkpoint %s was written at TP/PP/DP/CP %s; weights resharded to %s, optimizer state reset",
+            log.warning("checkpoint %s was written at TP/PP/DP/CP/VP %s; weights resharded to %s, optimizer state reset",
                         path, saved, layout)
             self.step_count = state["step"]
 
     def _layout(self) -> tuple:
-        return (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"], self.dist["cp_size"])
+        return (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"], self.dist["cp_size"], self.vp_size or 1)
 
     # ------------------------------------------------------------------ protocol: memory
     def sleep(self) -> None:
@@ -404,12 +468,13 @@ class MegatronBackend:
         self._offload()
 
     def _offload(self) -> None:
-        tensors = [p.data for p in self.policy.parameters()]
-        tensors += [p.grad for p in self.policy.parameters() if p.grad is not None]
-        tensors += [getattr(p, "main_grad") for p in self.policy.parameters() if getattr(p, "main_grad", None) is not None]
+        params = self._policy_parameters()
+        tensors = [p.data for p in params]
+        tensors += [p.grad for p in params if p.grad is not None]
+        tensors += [getattr(p, "main_grad") for p in params if getattr(p, "main_grad", None) is not None]
         tensors += _optimizer_tensors(self.optimizer)
         if self.reference is not None and not self.parallel.offload_reference_to_cpu:
-            tensors += [p.data for p in self.reference.parameters()]
+            tensors += [p.data for ref in self.reference_chunks for p in ref.parameters()]
         self._sleeping = offload_storages(tensors)
         if torch.cuda.is_available() and not self.cpu_path:
             torch.cuda.empty_cache()
@@ -445,15 +510,19 @@ def allreduce_tp_partial_grads(model, group) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def allreduce_tied_embedding_grads(model) -> None:
+def allreduce_tied_embedding_grads(chunks) -> None:
     """Pipeline parallelism with tied embeddings: the first stage's embedding and the last stage's
-    output copy are one weight; sum their gradients over Megatron's embedding group (CPU path)."""
+    output copy are one weight; sum their gradients over Megatron's embedding group (CPU path).
+    ``chunks``: this rank's model chunks (one per virtual stage); the weight lives in the chunk that
+    holds the first (pre-process) or the last (post-process) model stage."""
     from megatron.core import parallel_state as mps
 
-    if (not model.share_embeddings_and_output_weights or mps.get_pipeline_model_parallel_world_size() == 1
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    if (not chunks[0].share_embeddings_and_output_weights or mps.get_pipeline_model_parallel_world_size() == 1
             or not mps.is_rank_in_embedding_group(ignore_virtual=True)):
         return
-    weight = model.shared_embedding_or_output_weight()
+    holder = [c for c in chunks if c.pre_process] or [c for c in chunks if c.post_process]
+    weight = holder[0].shared_embedding_or_output_weight()
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
     dist.all_reduce(weight.grad, group=mps.get_embedding_group())
@@ -494,6 +563,15 @@ def _optimizer_tensors(optimizer) -> list:
         for group in getattr(base, "param_groups", []):  # fp32 master copies of bf16 weights (Megatron)
             out += [p.data for p in group["params"]]
     return out
+
+
+def _trimmed(out: ForwardOutputs, num_tokens: int) -> ForwardOutputs:
+    """Outputs of a micro-batch padded for the schedule, cut back to its own length (differentiable)."""
+    if out.logprobs.shape[0] == num_tokens:
+        return out
+    return ForwardOutputs(logprobs=out.logprobs[:num_tokens],
+                          entropy=None if out.entropy is None else out.entropy[:num_tokens],
+                          think_embeddings=out.think_embeddings)
 
 
 def _detach_to_cpu(out: ForwardOutputs) -> ForwardOutputs:

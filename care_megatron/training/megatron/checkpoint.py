@@ -26,7 +26,20 @@ def model_sharded_state_dict(model) -> dict:
     return sharded
 
 
-def save_model(model, path: str) -> None:
+def chunks_sharded_state_dict(chunks) -> dict:
+    """One ShardedStateDict over this rank's model chunks (virtual pipeline stages).
+
+    The storage keys are the chunks' *global* names (Megatron offsets each chunk's layers by its
+    stage), so the files do not depend on the chunking; the dict keys get a ``chunk{v}.`` prefix
+    only to keep two chunks' local names apart."""
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    if len(chunks) == 1:
+        return model_sharded_state_dict(chunks[0])
+    return {f"chunk{v}.{k}": t for v, chunk in enumerate(chunks) for k, t in model_sharded_state_dict(chunk).items()}
+
+
+def save_model(chunks, path: str) -> None:
+    """Save a model (or its list of virtual-pipeline chunks) as a distributed checkpoint."""
     from megatron.core import dist_checkpointing
 
     from care_megatron.training.megatron.cpu_compat import prepare_checkpoint_writer
@@ -35,18 +48,22 @@ def save_model(model, path: str) -> None:
     prepare_checkpoint_writer()
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), path)
+    dist_checkpointing.save(chunks_sharded_state_dict(chunks), path)
 
 
-def load_model(model, path: str) -> None:
-    """Load weights saved at any TP layout into ``model`` (resharding)."""
+def load_model(chunks, path: str) -> None:
+    """Load weights saved at any TP / PP / VP layout into a model or its chunks (resharding)."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model), path)
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    real_missing = [k for k in missing if not k.endswith("_extra_state")]
-    if real_missing:
-        raise RuntimeError(f"checkpoint {path} lacks {len(real_missing)} parameters, e.g. {real_missing[:3]}")
+    chunks = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    loaded = dist_checkpointing.load(chunks_sharded_state_dict(chunks), path)
+    for v, chunk in enumerate(chunks):
+        prefix = f"chunk{v}." if len(chunks) > 1 else ""
+        state = {k[len(prefix):]: t for k, t in loaded.items() if k.startswith(prefix)}
+        missing, _ = chunk.load_state_dict(state, strict=False)
+        real_missing = [k for k in missing if not k.endswith("_extra_state")]
+        if real_missing:
+            raise RuntimeError(f"checkpoint {path} lacks {len(real_missing)} parameters, e.g. {real_missing[:3]}")
 
 
 def save_rank_state(path: str, rank: int, state: dict) -> None:

@@ -63,11 +63,13 @@ class ContextParallelLayout:
 
 
 def build_layout(cu_seqlens: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, *, cp_size: int,
-                 cp_rank: int, total_multiple: int = 1, pad_id: int = 0) -> ContextParallelLayout:
+                 cp_rank: int, total_multiple: int = 1, pad_id: int = 0, min_total: int = 0) -> ContextParallelLayout:
     """Pad each real sequence to a multiple of ``2 * cp_size``; add a tail segment (a multiple of
     ``2 * cp_size`` long) so the total is a multiple of ``total_multiple`` (sequence parallelism
     needs the per-rank length divisible by TP: pass ``2 * cp_size * tp``).
 
+    ``min_total``: make the padded total at least this (a multiple of ``total_multiple``; every
+    micro-batch of a step gets the same length under the interleaved pipeline schedule).
     ``cu_seqlens`` are the real sequences' boundaries (the batch's padding tail, beyond
     ``cu_seqlens[-1]``, is dropped: it carries no prediction).
     """
@@ -85,6 +87,10 @@ def build_layout(cu_seqlens: torch.Tensor, input_ids: torch.Tensor, position_ids
     tail = (-total) % total_multiple
     if total == 0 and tail == 0:
         tail = total_multiple  # an empty micro-batch still gives every rank a (padding) chunk
+    if min_total:
+        if min_total % total_multiple:
+            raise ValueError(f"min_total {min_total} must be a multiple of {total_multiple}")
+        tail = max(tail, min_total - total)
     seg_lengths = torch.cat([padded, padded.new_tensor([tail])]) if tail else padded
     padded_cu = torch.zeros(seg_lengths.numel() + 1, dtype=torch.int32)
     padded_cu[1:] = torch.cumsum(seg_lengths, 0)

@@ -196,7 +196,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
 
-def build_layer_spec(impl: str, qk_layernorm: bool, config=None):
+def build_layer_spec(impl: str, qk_layernorm: bool, config=None, vp_stage: int | None = None):
     """Layer spec for ``impl`` (``transformer_engine`` | ``local``).
 
     The local spec is Megatron's with its core attention swapped for :class:`TorchCoreAttention`
@@ -220,7 +220,7 @@ def build_layer_spec(impl: str, qk_layernorm: bool, config=None):
     if qk_layernorm:
         spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=SequenceParallelRMSNorm)
 
 
@@ -228,7 +228,8 @@ class QwenVLMegatronModel(nn.Module):
     """``language_model`` (GPTModel, M-RoPE) + ``vision`` (replicated HF tower, first stage only)."""
 
     def __init__(self, hf_config, facts: TextModelFacts, parallel: ParallelConfig, dtype: torch.dtype,
-                 use_cpu_initialization: bool, pre_process: bool = True, post_process: bool = True):
+                 use_cpu_initialization: bool, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None):
         super().__init__()
         from megatron.core.models.gpt import GPTModel
 
@@ -239,7 +240,7 @@ class QwenVLMegatronModel(nn.Module):
         self.padded_vocab_size = padded_vocab_size(facts.vocab_size, parallel.tensor_model_parallel_size)
         self.language_model = GPTModel(
             config=self.config,
-            transformer_layer_spec=build_layer_spec(self.impl, facts.qk_layernorm, self.config),
+            transformer_layer_spec=build_layer_spec(self.impl, facts.qk_layernorm, self.config, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=facts.max_position_embeddings,
             pre_process=pre_process,
@@ -248,6 +249,7 @@ class QwenVLMegatronModel(nn.Module):
             share_embeddings_and_output_weights=facts.tie_word_embeddings,
             position_embedding_type="mrope",
             rotary_base=int(facts.rope_theta) if float(facts.rope_theta).is_integer() else facts.rope_theta,
+            vp_stage=vp_stage,
         )
         self.vision = None
         if pre_process and getattr(hf_config, "vision_config", None) is not None:

@@ -57,11 +57,11 @@ def segment_boundaries(batch: PackedMicroBatch) -> torch.Tensor:
     return cu
 
 
-def context_parallel_layout(model, batch: PackedMicroBatch) -> ContextParallelLayout | None:
+def context_parallel_layout(model, batch: PackedMicroBatch, min_total: int = 0) -> ContextParallelLayout | None:
     """The CP layout of ``batch`` on this rank (None without context parallelism).
 
     Under sequence parallelism the per-rank length must also divide by TP, so the padded total is a
-    multiple of ``2 * cp * tp``."""
+    multiple of ``2 * cp * tp``; ``min_total`` pads it further (equal lengths across micro-batches)."""
     cp = model.config.context_parallel_size
     if cp == 1:
         return None
@@ -70,7 +70,8 @@ def context_parallel_layout(model, batch: PackedMicroBatch) -> ContextParallelLa
     multiple = 2 * cp * (model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1)
     pad_id = 0 if model.facts.image_token_id != 0 else 1
     return build_layout(batch.cu_seqlens, batch.input_ids, batch.position_ids, cp_size=cp,
-                        cp_rank=mps.get_context_parallel_rank(), total_multiple=multiple, pad_id=pad_id)
+                        cp_rank=mps.get_context_parallel_rank(), total_multiple=multiple, pad_id=pad_id,
+                        min_total=min_total)
 
 
 def build_packed_seq_params(batch: PackedMicroBatch, device, layout: ContextParallelLayout | None = None):

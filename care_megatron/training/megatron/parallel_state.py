@@ -64,8 +64,11 @@ def validate_parallel_layout(parallel: ParallelConfig, shape: ModelShape, world_
     if shape.num_layers < stages:
         raise ValueError(f"config field 'parallel.pipeline_model_parallel_size': {stages} (virtual) stages for "
                          f"only {shape.num_layers} layers")
-    if vp is not None and (vp < 1 or pp == 1):
-        raise ValueError("config field 'parallel.virtual_pipeline_model_parallel_size': needs pipeline_model_parallel_size > 1 and >= 1")
+    if vp is not None and (vp < 1 or pp <= 2):
+        # with 2 stages the interleaved schedule's forward and backward p2p messages of one batch run
+        # between the same two ranks and can pair up crosswise (measured: wrong gradients at PP=2 x VP=2)
+        raise ValueError("config field 'parallel.virtual_pipeline_model_parallel_size': needs >= 1 and "
+                         "pipeline_model_parallel_size > 2 (Megatron's interleaved schedule)")
     if world_size is not None:
         model_parallel = tp * pp * cp
         if world_size % model_parallel:

@@ -16,11 +16,11 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
 VOCAB = 300
 
 
-def tiny_hf_config(tie: bool = False, vocab: int = VOCAB):
+def tiny_hf_config(tie: bool = False, vocab: int = VOCAB, layers: int = 2):
     from transformers import Qwen2_5_VLConfig
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                          bos_token_id=0, eos_token_id=1, pad_token_id=2),
@@ -51,7 +51,7 @@ def tiny_qwen3_vl_config():
     return cfg
 
 
-def tiny_hf_model(tie: bool = False, seed: int = 0, arch: str = "qwen2_5_vl"):
+def tiny_hf_model(tie: bool = False, seed: int = 0, arch: str = "qwen2_5_vl", layers: int | None = None):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def tiny_hf_model(tie: bool = False, seed: int = 0, arch: str = "qwen2_5_vl"):
         cfg._attn_implementation = "eager"
         model = Qwen3VLForConditionalGeneration(cfg).float().eval()
     else:
-        cfg = tiny_hf_config(tie)
+        cfg = tiny_hf_config(tie, layers=layers or 2)  # e.g. 4 decoder layers for PP=2 x VP=2
         cfg._attn_implementation = "eager"
         model = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
     # larger-than-default init so log-probs are not all ~ -log V (a stronger parity test)

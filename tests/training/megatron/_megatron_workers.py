@@ -266,7 +266,19 @@ def qwen3_vl_worker(rank, world, port, out_dir):
     destroy_parallel()
 
 
-def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, tie=False):
+def _export_equal(backend, hf) -> bool:
+    """export_weights (every chunk, TP all-gather, PP broadcast) returns transformers' weights exactly."""
+    from checkpoints_convert import mapping_for_config
+
+    spec = mapping_for_config(hf.config)
+    canonical = {spec.canonical_hf_name(n): t for n, t in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:  # tied: exported once, as save_pretrained writes it
+        canonical.pop("lm_head.weight", None)
+    exported = {spec.canonical_hf_name(n): t for bucket in backend.export_weights() for n, t in bucket}
+    return set(exported) == set(canonical) and all(torch.equal(exported[n], canonical[n]) for n in canonical)
+
+
+def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, tie=False, vp=None):
     """TP=tp x CP=cp x PP=pp (optional SP, DP = world / (tp * cp * pp)) vs transformers:
     forward outputs, gradients of the step's objective (summed over DP x CP), one AdamW step; the
     flex attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
@@ -281,10 +293,14 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     from care_megatron.training.megatron.model_provider import to_mapping_name
     from care_megatron.training.megatron.packed_forward import ForwardOptions
 
-    hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=tie)
+    layers = 2 * pp * vp if vp else None
+    hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=tie, layers=layers)
     all_batches = standard_batches(hf)
+    if vp:  # 3 micro-batches: the interleaved schedule needs a multiple of PP, so one empty one is added
+        all_batches = all_batches + standard_batches(hf, seed=2)[:1]
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
-                              pipeline_model_parallel_size=pp, sequence_parallel=sp, transformer_impl="local")
+                              pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+                              sequence_parallel=sp, transformer_impl="local")
     backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
                               arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
                               with_reference=False)
@@ -299,6 +315,7 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         "think_err": max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected)),
         "lp_scale": float(expected[0][0].abs().mean()),
     }
+    result["exported_equal"] = _export_equal(backend, hf)  # before any step: exactly the HF weights
     with force_packed_backend("flex"):
         flex = backend.forward_logprobs(batches)
     result["flex_vs_loop"] = max(float((f.logprobs - o.logprobs).abs().max()) for f, o in zip(flex, outs))
@@ -310,11 +327,13 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     else:
         backend._cpu_forward_backward(batches, loss_fn, normalisers, options)
     _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
-    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
+    local = [{to_mapping_name(n): p.grad.detach().clone() for n, p in chunk.named_parameters()}
+             for chunk in backend.policy_chunks]
     gathered = [None] * (tp * pp)
     dist.all_gather_object(gathered, (backend.dist["pp_rank"], backend.dist["tp_rank"], local),
                            group=mps.get_model_parallel_group())
-    mg_grads = megatron_to_hf_state_dict({(p, t): g for p, t, g in gathered}, hf.config)
+    shards = {(p, t, v) if vp else (p, t): g[v] for p, t, g in gathered for v in range(vp or 1)}
+    mg_grads = megatron_to_hf_state_dict(shards, hf.config)
     spec = mapping_for_config(hf.config)
     hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
     common = set(mg_grads) & set(hf_grads)
@@ -338,10 +357,22 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     result["step_lp_err"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_after))
     result["step_lp_change"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(after, expected))
     if tie and pp > 1:  # the first stage's embedding and the last stage's copy stay one weight
+        holder = [c for c in backend.policy_chunks if c.pre_process or c.post_process]
+        mine = holder[0].shared_embedding_or_output_weight().detach().clone() if holder else None
         copies = [None] * pp
-        dist.all_gather_object(copies, backend.policy.shared_embedding_or_output_weight().detach().clone(),
-                               group=mps.get_pipeline_model_parallel_group())
+        dist.all_gather_object(copies, mine, group=mps.get_pipeline_model_parallel_group())
         result["tied_copies_equal"] = torch.equal(copies[0], copies[-1])
+    if vp:  # a checkpoint written with virtual stages reloads into a fresh backend of the same layout
+        ckpt_dir = os.path.join(out_dir, "vp_ckpt")
+        backend.save_checkpoint(ckpt_dir)
+        fresh = MegatronBackend(hf.config, tiny_hf_model(tie=tie, layers=layers, seed=123).state_dict(), parallel=parallel,
+                                train=TrainConfig(lr=LR), arch=arch,
+                                options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
+                                with_reference=False)
+        fresh.load_checkpoint(ckpt_dir)
+        reloaded = fresh.forward_logprobs(batches)
+        result["ckpt_err"] = max(float((r.logprobs - o.logprobs).abs().max()) for r, o in zip(reloaded, after))
+
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:

@@ -95,6 +95,12 @@ def test_padded_vocab_and_layout_validation():
         parallel_state.validate_parallel_layout(ParallelConfig(backend="megatron", tensor_model_parallel_size=2), shape, 3)
     with pytest.raises(ValueError, match="pipeline_model_parallel_size"):
         parallel_state.validate_parallel_layout(ParallelConfig(backend="megatron", pipeline_model_parallel_size=8), shape)
+    # the interleaved schedule needs more than two stages (2 stages: p2p messages pair up crosswise)
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size"):
+        parallel_state.validate_parallel_layout(ParallelConfig(backend="megatron", pipeline_model_parallel_size=2,
+                                                               virtual_pipeline_model_parallel_size=2), shape)
+    assert parallel_state.validate_parallel_layout(ParallelConfig(backend="megatron", pipeline_model_parallel_size=4,
+                                                                  virtual_pipeline_model_parallel_size=1), shape, 4) == 1
 
 
 def test_layer_placement_per_stage_and_global_names():
@@ -210,6 +216,10 @@ def test_context_parallel_layout_pads_sequences_and_gathers_back_in_order():
     assert torch.equal(rows[lay.gather_order], torch.arange(24))
     with pytest.raises(ValueError, match="2 \\* cp_size"):
         build_layout(cu, ids, pos, cp_size=2, cp_rank=0, total_multiple=6)
+    # min_total (equal lengths for the interleaved schedule) only lengthens the tail segment
+    longer = build_layout(cu, ids, pos, cp_size=2, cp_rank=0, total_multiple=8, min_total=40)
+    assert longer.padded_cu_seqlens.tolist() == [0, 8, 16, 20, 40]
+    assert torch.equal(longer.orig_to_padded, lay.orig_to_padded)
 
 
 @pytest.mark.parametrize("cp", [2, 3])
