@@ -92,11 +92,20 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
 
     main = is_main_process()
     logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress and main, enabled=main)
+    # data parallelism: every rank draws the same batch and trains on its slice; the normaliser is
+    # the whole batch's token count, so the gradients summed over DP are the full batch's
+    dp_rank = int(getattr(backend, "data_parallel_rank", 0))
+    dp_size = int(getattr(backend, "data_parallel_size", 1))
+    if config.train.sft_batch_size % dp_size:
+        raise ValueError(f"config field 'train.sft_batch_size': {config.train.sft_batch_size} is not divisible by "
+                         f"the data-parallel size {dp_size}")
+    pad_multiple = int(getattr(backend, "pack_multiple", 1))
     for step in range(config.train.sft_steps):
         batch = next(batches)
         seqs = [sft_sequence(r, tokenizer, image_processor, i) for i, r in enumerate(batch)]
-        micro = pack_sequences(seqs, config.train.micro_batch_tokens, mrope=MRopeSpec.from_hf_config(model.config))
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
+        micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
+                               mrope=MRopeSpec.from_hf_config(model.config))
         result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
         nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
         logger.log(step, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),

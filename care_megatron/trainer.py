@@ -191,6 +191,7 @@ class RLTrainer:
 
     def pack(self, sequences):
         return pack_sequences(sequences, self.config.train.micro_batch_tokens, mrope=self.mrope,
+                              pad_multiple=int(getattr(self.backend, "pack_multiple", 1)),
                               pad_token_id=self.tokenizer.pad_token_id or 0)
 
     def advantages(self, rollouts, embeddings):

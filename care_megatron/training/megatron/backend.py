@@ -131,7 +131,7 @@ class MegatronBackend:
                     chunk.config.variable_seq_lengths = True
                     chunk.config.calculate_per_token_loss = True
         else:
-            self.model = [self._wrap_ddp(chunk) for chunk in self.policy_chunks]
+            self.model = self._wrap_ddp(self.policy_chunks)
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
                                                       train.grad_clip, parallel.use_distributed_optimizer)
         log.info("MegatronBackend: %s path, TP=%d PP=%d%s CP=%d DP=%d, layers=%s, optimizer=%s",
@@ -167,6 +167,12 @@ class MegatronBackend:
         return self.dist["dp_size"]
 
     @property
+    def pack_multiple(self) -> int:
+        """Packed micro-batch lengths must be a multiple of this (TP under sequence parallelism; the
+        context-parallel layout pads per sequence itself)."""
+        return self.dist["tp_size"] if self.parallel.sequence_parallel else 1
+
+    @property
     def data_parallel_group(self):
         from megatron.core import parallel_state as mps
 
@@ -193,18 +199,25 @@ class MegatronBackend:
     def _policy_parameters(self):
         return [p for chunk in self.policy_chunks for p in chunk.parameters()]
 
-    def _wrap_ddp(self, model):
+    def _wrap_ddp(self, chunks: list) -> list:
+        """Megatron DDP around each model chunk (bucketing on the first only, as Megatron-LM does for
+        virtual stages); the schedule's ``no_sync_func`` is per chunk when there are several."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        model.config.calculate_per_token_loss = True  # no 1/num_microbatches, no 1/dp: gradients are summed
-        model.config.variable_seq_lengths = True
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=self.parallel.use_distributed_optimizer,
                                                    average_in_collective=False)
-        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-        model.config.no_sync_func = ddp.no_sync
-        model.config.finalize_model_grads_func = self._finalize_grads_gpu
-        return ddp
+        wrapped = []
+        for index, chunk in enumerate(chunks):
+            chunk.config.calculate_per_token_loss = True  # no 1/num_microbatches, no 1/dp: gradients are summed
+            chunk.config.variable_seq_lengths = True
+            wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                                   disable_bucketing=index > 0))
+        no_sync = [ddp.no_sync for ddp in wrapped]
+        for chunk in chunks:
+            chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            chunk.config.finalize_model_grads_func = self._finalize_grads_gpu
+        return wrapped
 
     def _finalize_grads_gpu(self, model_chunks, num_tokens=None, *args, **kwargs):
         from megatron.core import parallel_state as mps

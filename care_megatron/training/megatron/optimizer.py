@@ -124,7 +124,7 @@ class CpuOptimizer:
 class MegatronOptimizerAdapter:
     """Megatron (distributed) optimizer over a Megatron-DDP model (GPU)."""
 
-    def __init__(self, ddp_model, dtype: torch.dtype, lr: float, weight_decay: float, clip: float,
+    def __init__(self, ddp_chunks, dtype: torch.dtype, lr: float, weight_decay: float, clip: float,
                  use_distributed_optimizer: bool):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -132,7 +132,8 @@ class MegatronOptimizerAdapter:
                                  adam_beta2=0.999, adam_eps=1e-8, clip_grad=clip, bf16=dtype == torch.bfloat16,
                                  fp16=dtype == torch.float16, params_dtype=dtype,
                                  use_distributed_optimizer=use_distributed_optimizer)
-        self.optimizer = get_megatron_optimizer(config, [ddp_model])
+        chunks = list(ddp_chunks) if isinstance(ddp_chunks, (list, tuple)) else [ddp_chunks]
+        self.optimizer = get_megatron_optimizer(config, chunks)
         self.name = f"megatron {'distributed ' if use_distributed_optimizer else ''}adam (fused kernels: {fused_adam_provider()})"
         log.info("optimizer: %s", self.name)
 
