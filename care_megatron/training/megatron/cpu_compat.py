@@ -27,6 +27,11 @@ Megatron-Core assumes CUDA in two places that matter for a CPU test run:
    embedding group; :func:`model_construction` makes ``Tensor.cuda`` return the tensor unchanged
    while a model is built in CPU mode.
 
+7. (activation recomputation only) Megatron's checkpoint function saves and restores the CUDA RNG
+   state around the recomputed forward; on a CPU-only build there is none, so those two helpers
+   of ``tensor_parallel.random`` become no-ops (the CPU generator and the tracker's named states are
+   still saved and restored).
+
 Nothing else in the package patches Megatron. :func:`enable_cpu_mode` is idempotent and a no-op
 when CUDA is available (unless ``force=True``, which tests use).
 """
@@ -108,6 +113,9 @@ def enable_cpu_mode(force: bool = False) -> bool:
     mrandom.initialize_rng_tracker(force_reset=True)
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRngStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # 7. Recomputation: no CUDA RNG state to save / restore.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     # 5. Pipeline schedules' literal device="cuda".
     from megatron.core.pipeline_parallel import schedules
 

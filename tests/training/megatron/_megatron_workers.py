@@ -278,7 +278,7 @@ def _export_equal(backend, hf) -> bool:
     return set(exported) == set(canonical) and all(torch.equal(exported[n], canonical[n]) for n in canonical)
 
 
-def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, tie=False, vp=None):
+def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, tie=False, vp=None, recompute=None):
     """TP=tp x CP=cp x PP=pp (optional SP, DP = world / (tp * cp * pp)) vs transformers:
     forward outputs, gradients of the step's objective (summed over DP x CP), one AdamW step; the
     flex attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
@@ -300,7 +300,7 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         all_batches = all_batches + standard_batches(hf, seed=2)[:1]
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
                               pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
-                              sequence_parallel=sp, transformer_impl="local")
+                              sequence_parallel=sp, transformer_impl="local", recompute=recompute)
     backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
                               arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
                               with_reference=False)
@@ -322,10 +322,17 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in all_batches))}
     backend.optimizer.zero_grad()
     options = ForwardOptions(with_entropy=True, logprob_chunk_tokens=17)
+    layer = backend.policy.language_model.decoder.layers[0]
+    counts = {"mlp": 0, "core_attention": 0}
+    hooks = [module.register_forward_hook(lambda *_, key=key: counts.__setitem__(key, counts[key] + 1))
+             for key, module in (("mlp", layer.mlp), ("core_attention", layer.self_attention.core_attention))]
     if pp > 1:
         backend._schedule_forward_backward(batches, loss_fn, normalisers, options)
     else:
         backend._cpu_forward_backward(batches, loss_fn, normalisers, options)
+    for hook in hooks:
+        hook.remove()
+    result["forwards_per_micro_batch"] = {k: v / len(batches) for k, v in counts.items()}
     _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
     local = [{to_mapping_name(n): p.grad.detach().clone() for n, p in chunk.named_parameters()}
              for chunk in backend.policy_chunks]
@@ -376,7 +383,7 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
-        torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}_pp{pp}{'_sp' if sp else ''}_{arch}.pt"))
+        torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}_pp{pp}{'_sp' if sp else ''}_{arch}{recompute or ''}.pt"))
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()
