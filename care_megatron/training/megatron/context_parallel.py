@@ -216,13 +216,20 @@ def context_parallel_attention(q, k, v, cu_seqlens_padded: torch.Tensor, group, 
     order = _gather_order_cached(cu, cp_size).to(q.device)
     k_full = all_gather_sum_backward(k, group).index_select(0, order)   # [T_pad, Hkv, D], padded order
     v_full = all_gather_sum_backward(v, group).index_select(0, order)
+    return local_queries_attention(q, k_full, v_full, cu, cp_size, cp_rank, scale, backend)
+
+
+def local_queries_attention(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank: int, scale: float,
+                            backend: str | None = None) -> torch.Tensor:
+    """The compute half of :func:`context_parallel_attention` (no communication): rank ``cp_rank``'s
+    queries q [T_pad/cp, Hq, D] against every key / value in padded order [T_pad, Hkv, D]."""
     backend = backend or ("flex" if q.is_cuda else "loop")
     if backend == "flex":
         return _cp_attention_flex(q, k_full, v_full, cu, cp_size, cp_rank, scale)
     if backend != "loop":
         raise ValueError(f"context-parallel attention backend must be 'loop' or 'flex', got {backend!r}")
     out = torch.empty_like(q)
-    enable_gqa = q.shape[1] != k.shape[1]
+    enable_gqa = q.shape[1] != k_full.shape[1]
     for local, n, k_start, k_end, q_offset in _attention_plan(cu, cp_size, cp_rank):
         qs = q[local:local + n].transpose(0, 1)
         ks, vs = (x[k_start:k_end].transpose(0, 1) for x in (k_full, v_full))

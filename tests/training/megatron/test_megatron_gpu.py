@@ -1,7 +1,7 @@
 """GPU checks of the Megatron backend (run by tools/gpu_check.sh on an H100; skipped on CPU).
 
 * packed-attention kernels (flash varlen, compiled flex_attention) equal the per-document SDPA loop
-  in bf16 on THD batches;
+  in bf16 on THD batches, and so does the context-parallel attention's compiled flex path;
 * MegatronBackend on the GPU path (Megatron DDP + Megatron optimizer, bf16) matches transformers:
   its log-prob error against the fp32 reference is no worse than transformers' own bf16 error, and
   train_step runs (finite norms, loss equal to the fp32 objective within bf16 tolerance, loss falls
@@ -33,6 +33,28 @@ def test_packed_attention_kernels_match_loop_bf16(backend):
     ref = attention.packed_causal_attention_loop(q, k, v, cu, 128 ** -0.5)
     out = attention.packed_causal_attention(q, k, v, cu, 128 ** -0.5, backend=backend)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_context_parallel_flex_compiled_matches_full_attention_bf16():
+    """The CP attention's compute half on CUDA (compiled flex_attention, query rows of one CP rank
+    against every key) equals those rows of full per-document attention."""
+    from care_megatron.training.megatron import attention
+    from care_megatron.training.megatron.context_parallel import build_layout, local_queries_attention
+
+    torch.manual_seed(0)
+    cp = 2
+    cu = torch.tensor([0, 1500, 1501, 4000], dtype=torch.int32)
+    lay = build_layout(cu, torch.zeros(4000, dtype=torch.long), torch.zeros(3, 4000, dtype=torch.long), cp_size=cp,
+                       cp_rank=1, total_multiple=2 * cp)
+    total = lay.num_padded_tokens
+    q = torch.randn(total, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(total, 2, 128, device="cuda", dtype=torch.bfloat16)
+    full = attention.packed_causal_attention_loop(q, k, v, lay.padded_cu_seqlens.cuda(), 128 ** -0.5)
+    rows = lay.local_index.cuda()
+    out = local_queries_attention(q[rows], k, v, tuple(lay.padded_cu_seqlens.tolist()), cp, 1, 128 ** -0.5,
+                                  backend="flex")
+    torch.testing.assert_close(out.float(), full[rows].float(), atol=2e-2, rtol=2e-2)
 
 
 def test_megatron_backend_bf16_parity_and_train_step(tmp_path):
