@@ -3,7 +3,9 @@
 With ``rollout.tensor_parallel_size = k``, the k consecutive local ranks of a node share one SGLang
 engine started by the group's first rank (``sglang_engine.rollout_placement``). Every rank still runs
 the same trainer loop with its own prompts, so this wrapper gathers the group's requests on the
-owner, decodes them in one batch, and scatters each rank's completions back. Weights reach the
+owner, decodes them in one batch, and scatters each rank's completions back. Identical request
+lists (the ranks of one model replica: TP / CP / PP peers share a data-parallel rank, so their
+prompts and seeds agree) are decoded once and every such rank gets the same completions. Weights reach the
 engine collectively (each rank serialises its own GPU's copy; ``update_weights_colocated_group``).
 With k = 1 it is a transparent pass-through.
 """
@@ -14,6 +16,16 @@ from typing import Any, Iterable
 import torch
 
 from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
+
+
+def _request_key(requests: list[GenerationRequest], sampling: SamplingParams) -> tuple:
+    """Identity of one rank's request list: ids, prompt tokens, image sizes and the sampling seed."""
+    def one(r):
+        pixels = getattr(r, "pixel_values", None)
+        return (r.request_id, tuple(int(t) for t in r.prompt_ids),
+                None if pixels is None else tuple(pixels.shape), len(getattr(r, "images", None) or []))
+
+    return (sampling.seed, tuple(one(r) for r in requests))
 
 
 class GroupedRolloutEngine:
@@ -44,15 +56,23 @@ class GroupedRolloutEngine:
         import torch.distributed as dist
 
         gathered = [None] * self.group_size if self.is_owner else None
-        dist.gather_object(list(requests), gathered, dst=self.owner_rank, group=self.group)
+        dist.gather_object((_request_key(requests, sampling), list(requests)), gathered, dst=self.owner_rank,
+                           group=self.group)
         chunks = None
         if self.is_owner:
-            flat = [r for part in gathered for r in part]
+            # Ranks of one model replica (TP / CP / PP peers: same data-parallel rank) send the same
+            # requests with the same seed: decode those once and give every peer the same completions
+            # (sampled separately they would differ, and the peers must train on identical sequences).
+            distinct: dict = {}
+            for key, part in gathered:
+                distinct.setdefault(key, part)
+            flat = [r for part in distinct.values() for r in part]
             completions = self.engine.generate(flat, sampling)
-            chunks, start = [], 0
-            for part in gathered:
-                chunks.append(completions[start:start + len(part)])
+            by_key, start = {}, 0
+            for key, part in distinct.items():
+                by_key[key] = completions[start:start + len(part)]
                 start += len(part)
+            chunks = [by_key[key] for key, _ in gathered]
         mine = [None]
         dist.scatter_object_list(mine, chunks, src=self.owner_rank, group=self.group)
         return mine[0]

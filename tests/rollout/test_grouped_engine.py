@@ -75,3 +75,41 @@ def test_rollout_groups_tile_nodes():
 def test_only_the_owner_holds_the_engine():
     with pytest.raises(ValueError, match="owner"):
         GroupedRolloutEngine(None, group=None, owner_rank=0, stop_token_ids=[], tp_rank=0, group_size=2)
+
+
+class SamplingEngine(EchoEngine):
+    """Samples: every request of a call gets fresh random tokens (identical requests differ)."""
+
+    def generate(self, requests, sampling):
+        self.calls.append([r.request_id for r in requests])
+        g = torch.Generator().manual_seed(len(self.calls))
+        return [Completion(r.request_id, torch.randint(0, 100, (4,), generator=g).tolist(), "", [0.0] * 4, "stop")
+                for r in requests]
+
+
+def _replica_worker(rank, port, out, same_seed):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    engine = SamplingEngine() if rank == 0 else None
+    grouped = GroupedRolloutEngine(engine, group=None, owner_rank=0, stop_token_ids=[7], tp_rank=rank, group_size=2)
+    # both ranks hold the same prompts (TP peers of one model replica); the seed says which replica
+    requests = [GenerationRequest(f"g0-{i}", prompt_ids=[5, i]) for i in range(3)]
+    completions = grouped.generate(requests, SamplingParams(seed=11 if same_seed else 11 + rank))
+    result = {"tokens": [c.token_ids for c in completions]}
+    if engine is not None:
+        result["calls"] = engine.calls
+    torch.save(result, os.path.join(out, f"replica{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("same_seed", [True, False], ids=["tp_peers", "dp_ranks"])
+def test_identical_request_lists_are_decoded_once_and_shared(tmp_path, same_seed):
+    mp.spawn(_replica_worker, args=(_free_port(), str(tmp_path), same_seed), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "replica0.pt"), torch.load(tmp_path / "replica1.pt")
+    if same_seed:  # model-parallel peers: one decode, the same sequences on both ranks
+        assert r0["calls"] == [["g0-0", "g0-1", "g0-2"]]
+        assert r0["tokens"] == r1["tokens"]
+    else:  # different data-parallel replicas: both decoded, independent samples
+        assert r0["calls"] == [["g0-0", "g0-1", "g0-2"] * 2]
+        assert r0["tokens"] != r1["tokens"]
