@@ -9,6 +9,15 @@ import pytest
 from test_rl_loop import SMALL, _rl_rows, small_config
 
 ROOT = Path(__file__).resolve().parents[2]
+def _torchrun(command: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m care_megatron.cli <command>`` on tiny_cpu_megatron.yaml + SMALL."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "care_megatron.cli", command,
+           "--config", str(ROOT / "examples/configs/tiny_cpu_megatron.yaml"), *SMALL, *overrides, "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 KEYS = ["loss", "pg_loss", "kl", "entropy", "grad_norm", "reward/mean", "accuracy/mean", "signal/failure_share",
         "length/response_mean", "rollout/mismatch_abs_mean"]
 
@@ -26,11 +35,7 @@ def test_megatron_matches_torch_backend(tmp_path, layout, expected):
 
     steps = ["train.steps=3", "train.save_every=3"]
     train(small_config(tmp_path / "torch", *steps), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "care_megatron.cli", "train",
-           "--config", str(ROOT / "examples/configs/tiny_cpu_megatron.yaml"), *SMALL, *steps, *layout,
-           f"train.output_dir={tmp_path / 'megatron'}", "--no-progress"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = _torchrun("train", *steps, *layout, f"train.output_dir={tmp_path / 'megatron'}")
     assert expected in done.stdout + done.stderr  # the backend's start-up line names the layout it runs
     a, b = _rl_rows(tmp_path / "torch" / "metrics.jsonl"), _rl_rows(tmp_path / "megatron" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
@@ -48,14 +53,10 @@ def test_megatron_data_parallel_dp2_runs_and_resumes(tmp_path):
     """DP=2 (TP=1): each rank rolls out its half of the prompts; the step's diagnostics cover both
     ranks' groups (rl_step_metrics gathers them), and a resumed run continues from the checkpoint."""
     pytest.importorskip("megatron.core")
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "care_megatron.cli", "train",
-            "--config", str(ROOT / "examples/configs/tiny_cpu_megatron.yaml"), *SMALL, "train.save_every=1",
-            "parallel.tensor_model_parallel_size=1", f"train.output_dir={tmp_path}", "--no-progress"]
-    done = subprocess.run(base + ["train.steps=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    base = ["train.save_every=1", "parallel.tensor_model_parallel_size=1", f"train.output_dir={tmp_path}"]
+    done = _torchrun("train", *base, "train.steps=1")
     assert "TP=1 PP=1 CP=1 DP=2" in done.stdout + done.stderr
-    done = subprocess.run(base + ["train.steps=2", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _torchrun("train", *base, "train.steps=2", "--resume")
     rows = _rl_rows(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -79,11 +80,7 @@ def test_megatron_sft_matches_torch_backend(tmp_path, layout):
 
     steps = ["train.sft_steps=3"]
     run_sft(small_config(tmp_path / "torch", *steps), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "care_megatron.cli", "sft",
-           "--config", str(ROOT / "examples/configs/tiny_cpu_megatron.yaml"), *SMALL, *steps, *layout,
-           f"train.output_dir={tmp_path / 'megatron'}", "--no-progress"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    _torchrun("sft", *steps, *layout, f"train.output_dir={tmp_path / 'megatron'}")
     a = read_metrics(tmp_path / "torch" / "sft" / "metrics.jsonl")
     b = read_metrics(tmp_path / "megatron" / "sft" / "metrics.jsonl")
     assert len(a) == len(b) == 3

@@ -126,8 +126,9 @@ def build_layout(cu_seqlens: torch.Tensor, input_ids: torch.Tensor, position_ids
                                  gather_order)
 
 
-class _GatherSliceBackward(torch.autograd.Function):
-    """all-gather along dim 0 (equal sizes); backward keeps this rank's slice of the gradient."""
+class _GatherRows(torch.autograd.Function):
+    """all-gather along dim 0 (equal sizes, rank order); backward keeps this rank's slice of the
+    gradient (every rank consumed the gathered rows identically, so its own slice is complete)."""
 
     @staticmethod
     def forward(ctx, local, group):
@@ -142,16 +143,9 @@ class _GatherSliceBackward(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].contiguous(), None
 
 
-class _GatherSumBackward(torch.autograd.Function):
-    """all-gather along dim 0 (equal sizes); backward sums the gradient over ranks, keeps this slice."""
-
-    @staticmethod
-    def forward(ctx, local, group):
-        size = dist.get_world_size(group)
-        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+class _GatherRowsSumBackward(_GatherRows):
+    """The same all-gather; backward sums the gradient over ranks first (each rank's queries sent
+    gradient to every rank's keys / values), then keeps this rank's slice."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,12 +166,12 @@ def gather_from_context_parallel(local: torch.Tensor, layout: ContextParallelLay
     """
     if layout.cp_size == 1:
         return local.index_select(0, layout.gather_order)
-    return _GatherSliceBackward.apply(local, group).index_select(0, layout.gather_order)
+    return _GatherRows.apply(local, group).index_select(0, layout.gather_order)
 
 
 def all_gather_sum_backward(local: torch.Tensor, group) -> torch.Tensor:
     """Keys / values for attention: rank order concat; backward sums what every rank's queries sent."""
-    return _GatherSumBackward.apply(local, group)
+    return _GatherRowsSumBackward.apply(local, group)
 
 
 @functools.lru_cache(maxsize=16)
