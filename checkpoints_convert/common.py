@@ -199,8 +199,8 @@ def layers_per_stage(num_layers: int, pp: int, vp: Optional[int] = None,
     """Layer counts of the ``pp * (vp or 1)`` model stages, in model order.
 
     Even split by default, the remainder going to the later middle stages; the first / last stage
-    may be given a fixed count (they also hold the vision tower / the output layer). Same rule as
-    ``care_megatron.training.megatron.parallel_state.layers_per_pipeline_stage``.
+    may be given a fixed count (they also hold the vision tower / the output layer). The Megatron
+    backend's ``parallel_state.layers_per_pipeline_stage`` is this function.
     """
     stages = pp * (vp or 1)
     if pp < 1 or (vp is not None and vp < 1):

@@ -95,27 +95,12 @@ def layers_per_pipeline_stage(num_layers: int, pipeline_size: int, virtual_size:
     Even split by default; the first / last stage may be given fewer layers (they also hold the
     vision tower / the output layer), the rest spread evenly with the remainder going to the later
     middle stages. Returns ``pipeline_size * (virtual_size or 1)`` counts summing to ``num_layers``.
+    One rule with the checkpoint converter (``checkpoints_convert.common.layers_per_stage``).
     """
-    stages = pipeline_size * (virtual_size or 1)
-    counts = [0] * stages
-    fixed = 0
-    if first_stage_layers is not None:
-        counts[0] = first_stage_layers
-        fixed += first_stage_layers
-    if last_stage_layers is not None and stages > 1:
-        counts[-1] = last_stage_layers
-        fixed += last_stage_layers
-    free_stages = [i for i in range(stages) if not ((i == 0 and first_stage_layers is not None)
-                                                     or (i == stages - 1 and stages > 1 and last_stage_layers is not None))]
-    remaining = num_layers - fixed
-    if remaining < 0 or (free_stages and remaining < len(free_stages)) or (not free_stages and remaining):
-        raise ValueError(f"cannot place {num_layers} layers on {stages} stages with first={first_stage_layers}, "
-                         f"last={last_stage_layers}")
-    if free_stages:
-        base, extra = divmod(remaining, len(free_stages))
-        for j, i in enumerate(free_stages):
-            counts[i] = base + (1 if j >= len(free_stages) - extra else 0)
-    return counts
+    from checkpoints_convert.common import layers_per_stage
+
+    return layers_per_stage(num_layers, pipeline_size, virtual_size, first_stage_layers=first_stage_layers,
+                            last_stage_layers=last_stage_layers)
 
 
 def stage_layer_offset(counts: list[int], pipeline_rank: int, pipeline_size: int, virtual_rank: int = 0) -> int:

@@ -5,7 +5,6 @@ Weights reach Megatron through the shared mapping (``checkpoints_convert``), as 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 

@@ -68,8 +68,6 @@ def _backend(hf, tp, sp=False):
 def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
     """Forward / gradient / optimizer-step parity vs transformers, then checkpoint save or load."""
     _setup(rank, world, port)
-    from megatron.core import parallel_state as mps
-
     hf = tiny_hf_model(tie=False)
     batches = standard_batches(hf)
     backend = _backend(hf, tp, sp)
@@ -101,23 +99,9 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
     backend.optimizer.zero_grad()
     backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
     hf_loss, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
-    # every rank's gradient shards -> HF names through the shared mapping's inverse
-    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
-
-    from care_megatron.training.megatron.model_provider import to_mapping_name
-
-    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
-    gathered = [None] * tp
-    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
-    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
-    spec = mapping_for_config(hf.config)
-    hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
-    grad_err, grad_scale = 0.0, 0.0
-    assert set(mg_grads) == set(hf_grads), set(mg_grads) ^ set(hf_grads)
-    for name, g in mg_grads.items():
-        grad_err = max(grad_err, float((g - hf_grads[name]).abs().max()))
-        grad_scale = max(grad_scale, float(hf_grads[name].abs().max()))
-    result["grad_err"], result["grad_scale"] = grad_err, grad_scale
+    parity = grad_parity(backend, hf, hf_grads)
+    assert not parity["missing_grads"], parity["missing_grads"]
+    result["grad_err"], result["grad_scale"] = parity["grad_err"], parity["grad_scale"]
     # 3. one optimizer step parity: MegatronBackend.train_step vs HF + AdamW with the same clip
     step = backend.train_step(batches, loss_fn, normalisers)
     hf_loss, _ = hf_loss_and_grads(hf, batches, normalisers)
@@ -216,54 +200,36 @@ def gpu_bf16_worker(rank, world, port, out_dir):
     destroy_parallel()
 
 
-def qwen3_vl_worker(rank, world, port, out_dir):
-    """Qwen3-VL (interleaved M-RoPE, QK-norm, DeepStack) at TP=world: forward and gradient parity."""
-    _setup(rank, world, port)
+def grad_parity(backend, hf, hf_grads) -> dict:
+    """Every model-parallel rank's gradient shards (all chunks) -> HF names through the shared
+    mapping's inverse, compared with transformers' gradients (call on every rank: collective)."""
     from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
     from megatron.core import parallel_state as mps
 
-    from care_megatron.config.schema import ParallelConfig, TrainConfig
-    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
     from care_megatron.training.megatron.model_provider import to_mapping_name
-    from care_megatron.training.megatron.packed_forward import ForwardOptions
 
-    hf = tiny_hf_model(arch="qwen3_vl")
-    batches = standard_batches(hf)
-    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=world, transformer_impl="local")
-    backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR), arch="qwen3_vl",
-                              options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17), with_reference=False)
-    outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
-    with torch.no_grad():
-        expected = [hf_reference(hf, mb) for mb in batches]
-    result = {
-        "lp_err": max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(outs, expected)),
-        "ent_err": max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, expected)),
-        "think_err": max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected)),
-        "lp_scale": float(expected[0][0].abs().mean()),
-    }
-    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
-    backend.optimizer.zero_grad()
-    backend._cpu_forward_backward(batches, loss_fn, normalisers, ForwardOptions(with_entropy=True, logprob_chunk_tokens=17))
-    _, hf_grads = hf_loss_and_grads(hf, batches, normalisers)
-    local = {to_mapping_name(n): p.grad.detach().clone() for n, p in backend.policy.named_parameters()}
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local, group=mps.get_tensor_model_parallel_group())
-    mg_grads = megatron_to_hf_state_dict({(0, r): g for r, g in enumerate(gathered)}, hf.config)
+    vp = backend.vp_size
+    local = [{to_mapping_name(n): p.grad.detach().clone() for n, p in chunk.named_parameters()}
+             for chunk in backend.policy_chunks]
+    gathered = [None] * (backend.dist["tp_size"] * backend.dist["pp_size"])
+    dist.all_gather_object(gathered, (backend.dist["pp_rank"], backend.dist["tp_rank"], local),
+                           group=mps.get_model_parallel_group())
+    shards = {(p, t, v) if vp else (p, t): g[v] for p, t, g in gathered for v in range(vp or 1)}
+    mg_grads = megatron_to_hf_state_dict(shards, hf.config)
     spec = mapping_for_config(hf.config)
     hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
     common = set(mg_grads) & set(hf_grads)
-    result["missing_grads"] = sorted(set(hf_grads) - set(mg_grads))
-    errors = {n: float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common}
-    result["grad_err"] = max(errors.values())
-    result["worst_grads"] = sorted(errors, key=errors.get)[-3:]
-    result["grad_scale"] = max(float(hf_grads[n].abs().max()) for n in common)
-    deepstack = [n for n in common if "deepstack" in n]
-    result["deepstack_grad_scale"] = max(float(hf_grads[n].abs().max()) for n in deepstack) if deepstack else 0.0
-    if rank == 0:
-        torch.save(result, os.path.join(out_dir, "qwen3_vl.pt"))
-    from care_megatron.training.megatron.parallel_state import destroy_parallel
 
-    destroy_parallel()
+    def scale(names):
+        return max((float(hf_grads[n].abs().max()) for n in names), default=0.0)
+
+    return {
+        "missing_grads": sorted(set(hf_grads) ^ set(mg_grads)),
+        "grad_err": max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common),
+        "grad_scale": scale(common),
+        "vision_grad_scale": scale([n for n in common if n.startswith(("visual.", "model.visual."))]),
+        "deepstack_grad_scale": scale([n for n in common if "deepstack" in n]),
+    }
 
 
 def _export_equal(backend, hf) -> bool:
@@ -284,13 +250,11 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     flex attention vs the loop one. DP rank d trains on micro-batches d, d + DP, ...; transformers
     on all of them. Under PP the micro-batches run through Megatron's own schedules (p2p over gloo)."""
     _setup(rank, world, port)
-    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
     from megatron.core import parallel_state as mps
 
     from care_megatron.config.schema import ParallelConfig, TrainConfig
     from care_megatron.training.megatron.attention import force_packed_backend
     from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
-    from care_megatron.training.megatron.model_provider import to_mapping_name
     from care_megatron.training.megatron.packed_forward import ForwardOptions
 
     layers = 2 * pp * vp if vp else None
@@ -334,21 +298,7 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         hook.remove()
     result["forwards_per_micro_batch"] = {k: v / len(batches) for k, v in counts.items()}
     _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
-    local = [{to_mapping_name(n): p.grad.detach().clone() for n, p in chunk.named_parameters()}
-             for chunk in backend.policy_chunks]
-    gathered = [None] * (tp * pp)
-    dist.all_gather_object(gathered, (backend.dist["pp_rank"], backend.dist["tp_rank"], local),
-                           group=mps.get_model_parallel_group())
-    shards = {(p, t, v) if vp else (p, t): g[v] for p, t, g in gathered for v in range(vp or 1)}
-    mg_grads = megatron_to_hf_state_dict(shards, hf.config)
-    spec = mapping_for_config(hf.config)
-    hf_grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
-    common = set(mg_grads) & set(hf_grads)
-    result["missing_grads"] = sorted(set(hf_grads) - set(mg_grads))
-    result["grad_err"] = max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common)
-    result["grad_scale"] = max(float(hf_grads[n].abs().max()) for n in common)
-    vision = [n for n in common if n.startswith(("visual.", "model.visual."))]
-    result["vision_grad_scale"] = max(float(hf_grads[n].abs().max()) for n in vision) if vision else 0.0
+    result.update(grad_parity(backend, hf, hf_grads))
     # one optimizer step vs transformers + AdamW with the same clip
     step = backend.train_step(batches, loss_fn, normalisers)
     hf_loss, _ = hf_loss_and_grads(hf, all_batches, normalisers)

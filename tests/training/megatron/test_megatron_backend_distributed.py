@@ -74,15 +74,11 @@ def test_tp2_sequence_parallel_parity(tmp_path):
 def test_qwen3_vl_tp2_parity_interleaved_mrope_qk_norm_deepstack(tmp_path):
     """Qwen3-VL at TP=2: interleaved M-RoPE, QK-norm (per-head weights: grads summed over TP) and
     DeepStack (vision-block features added after the first decoder layers, via a decoder hook)."""
-    mp.start_processes(workers.qwen3_vl_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    r = torch.load(os.path.join(tmp_path, "qwen3_vl.pt"))
-    print("Qwen3-VL TP=2", r)
-    assert r["lp_scale"] > 1.0
-    assert r["lp_err"] < 1e-5 and r["ent_err"] < 1e-5 and r["think_err"] < 1e-5, r
-    assert not r["missing_grads"], r
-    assert r["deepstack_grad_scale"] > 1e-4, r  # DeepStack mergers are on the gradient path ...
-    assert r["grad_err"] < 1e-5, r              # ... and every gradient matches transformers
+    results = _run_cp(tmp_path, tp=2, cp=1, sp=False, arch="qwen3_vl")
+    print("Qwen3-VL TP=2", results[0])
+    _check_cp(results, 1, forwards={"mlp": 1, "core_attention": 1})
+    # DeepStack mergers are on the gradient path (and _check_cp compared every gradient)
+    assert all(r["deepstack_grad_scale"] > 1e-4 for r in results), results[0]
 
 
 def _run_cp(tmp_path, tp, cp, sp, arch, dp=1, pp=1, tie=False, vp=None, recompute=None):
