@@ -168,3 +168,13 @@ def test_activation_recomputation_keeps_gradients(tmp_path, recompute):
     # the recomputation really ran: the recomputed module's forward runs twice per micro-batch
     _check_cp(results, 1, forwards={"full": {"mlp": 2, "core_attention": 2},
                                     "selective": {"mlp": 1, "core_attention": 2}}[recompute])
+
+
+@pytest.mark.slow
+def test_pipeline_and_context_parallel_pp2_cp2(tmp_path):
+    """PP=2 x CP=2 (4 ranks): stage 1 receives stage 0's CP-local hidden rows through Megatron's p2p,
+    both stages build the same padded layout; tied embeddings."""
+    results = _run_cp(tmp_path, tp=1, cp=2, sp=False, arch="qwen2_5_vl", pp=2, tie=True)
+    print("PP=2 CP=2", results[0])
+    _check_cp(results, 2, forwards={"mlp": 1, "core_attention": 1})
+    assert all(r["tied_copies_equal"] for r in results), results[0]
