@@ -122,20 +122,32 @@ def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: the first recompile marks the lengths dynamic, so the varying packed lengths of
+    # RL micro-batches do not recompile per shape (and never hit the recompile limit, after which
+    # torch would fall back to the eager flex_attention that materialises the full score matrix)
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, device):
-    """flex_attention block mask: token i sees token j iff same document and j <= i."""
+    """flex_attention block mask: token i sees token j iff same document and j <= i (cached per
+    boundaries, so the layers of one micro-batch build it once)."""
+    return _document_block_mask(tuple(int(x) for x in cu_seqlens.tolist()), total, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _document_block_mask(cu: tuple, total: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    bounds = torch.tensor(cu, dtype=torch.long)
+    lengths = (bounds[1:] - bounds[:-1]).to(device)
     document = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (document[q_idx] == document[kv_idx]) & (kv_idx <= q_idx)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    # compiled mask construction on CUDA: the eager one evaluates mask_mod over the whole [T, T] grid
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device,
+                             _compile=device.startswith("cuda"))
 
 
 def packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled: bool = True):

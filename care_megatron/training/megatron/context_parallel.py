@@ -234,10 +234,12 @@ def local_queries_attention(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank:
     return out
 
 
-def _cp_attention_flex(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank: int, scale: float):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+@functools.lru_cache(maxsize=4)
+def _cp_block_mask(cu: tuple, cp_size: int, cp_rank: int, q_len: int, kv_len: int, device: str):
+    """flex_attention block mask of one rank's queries (cached: every layer of a micro-batch reuses
+    it). Query row i is padded position ``q_global[i]``; it sees keys of its document up to itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    device = q.device
     cu_t = torch.tensor(cu, dtype=torch.long)
     q_global = context_parallel_split_indices(cu_t, cp_size, cp_rank).to(device)
     lengths = cu_t[1:] - cu_t[:-1]
@@ -247,9 +249,17 @@ def _cp_attention_flex(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank: int,
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_doc[q_idx] == document[kv_idx]) & (kv_idx <= q_global[q_idx])
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=q.shape[0], KV_LEN=k_full.shape[0], device=device)
+    # compiled mask construction on CUDA: the eager one evaluates mask_mod over the whole [Q, KV] grid
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device,
+                             _compile=str(device).startswith("cuda"))
+
+
+def _cp_attention_flex(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank: int, scale: float):
+    from torch.nn.attention.flex_attention import flex_attention
+
     from care_megatron.training.megatron.attention import _compiled_flex
 
+    block_mask = _cp_block_mask(cu, cp_size, cp_rank, q.shape[0], k_full.shape[0], str(q.device))
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(q.transpose(0, 1)[None], k_full.transpose(0, 1)[None], v_full.transpose(0, 1)[None],
              block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k_full.shape[1])
