@@ -329,11 +329,39 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         fresh.load_checkpoint(ckpt_dir)
         reloaded = fresh.forward_logprobs(batches)
         result["ckpt_err"] = max(float((r.logprobs - o.logprobs).abs().max()) for r, o in zip(reloaded, after))
+        if rank == 0:  # for a reload at another layout (reshard_worker)
+            torch.save([o.logprobs for o in after], os.path.join(out_dir, "vp_ckpt_logprobs.pt"))
 
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"cp{cp}_tp{tp}_pp{pp}{'_sp' if sp else ''}_{arch}{recompute or ''}.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()
+
+
+def reshard_worker(rank, world, port, out_dir, ckpt_dir, layers, tie, tp, pp):
+    """Load a distributed checkpoint written at another TP / PP / VP layout into a fresh backend
+    (different initial weights) and compare its log-probs with the ones saved at write time."""
+    _setup(rank, world, port)
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+
+    hf = tiny_hf_model(tie=tie, layers=layers)
+    batches = standard_batches(hf) + standard_batches(hf, seed=2)[:1]
+    parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              transformer_impl="local")
+    fresh = MegatronBackend(hf.config, tiny_hf_model(tie=tie, layers=layers, seed=123).state_dict(), parallel=parallel,
+                            train=TrainConfig(lr=LR), options=MegatronBackendOptions(force_cpu=True), with_reference=False)
+    before = fresh.forward_logprobs(batches)
+    fresh.load_checkpoint(ckpt_dir)
+    loaded = fresh.forward_logprobs(batches)
+    saved = torch.load(os.path.join(out_dir, "vp_ckpt_logprobs.pt"))
+    result = {"reshard_err": max(float((o.logprobs - s).abs().max()) for o, s in zip(loaded, saved)),
+              "moved": max(float((o.logprobs - b.logprobs).abs().max()) for o, b in zip(loaded, before))}
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"reshard_tp{tp}_pp{pp}.pt"))
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()

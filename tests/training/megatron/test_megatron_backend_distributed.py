@@ -149,13 +149,19 @@ def test_pipeline_parallel_pp2_through_megatron_schedules(tmp_path, tie):
 def test_virtual_pipeline_pp4_vp2_interleaved_schedule(tmp_path):
     """PP=4 x VP=2 (16 decoder layers; chunk v of rank r = model stage 4v + r) through Megatron's
     interleaved schedule on CPU, tied embeddings, 3 micro-batches (one empty one appended to reach a
-    multiple of PP): outputs, gradients, one AdamW step, the distributed checkpoint round trip and the
-    weight export all match."""
+    multiple of PP): outputs, gradients, one AdamW step, the distributed checkpoint round trip (and
+    its reload at TP=2 x PP=1) and the weight export all match."""
     results = _run_cp(tmp_path, tp=1, cp=1, sp=False, arch="qwen2_5_vl", pp=4, tie=True, vp=2)
     print("PP=4 VP=2", results[0])
     _check_cp(results, 1)
     for r in results:
         assert r["tied_copies_equal"] and r["ckpt_err"] < 1e-6, r
+    # the PP=4 x VP=2 checkpoint (global layer names) reloads at TP=2 x PP=1, resharded
+    mp.start_processes(workers.reshard_worker, args=(2, _port(), str(tmp_path), str(tmp_path / "vp_ckpt"), 16, True, 2, 1),
+                       nprocs=2, join=True, start_method="spawn")
+    reshard = torch.load(tmp_path / "reshard_tp2_pp1.pt")
+    print("reshard", reshard)
+    assert reshard["moved"] > 1e-2 and reshard["reshard_err"] < 1e-5, reshard
 
 
 @pytest.mark.parametrize("recompute", ["full", "selective"])
