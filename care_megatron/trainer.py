@@ -133,7 +133,8 @@ class RLTrainer:
         positive = torch.tensor([r.correct for r in rollouts])
         normalisers, mismatch = step_inputs.attach_loss_inputs(
             packed, self.method, advantages, positive, self.care_config.think_weight_pos,
-            cfg.rollout.max_new_tokens, cfg.rollout.tis_cap)
+            cfg.rollout.max_new_tokens, cfg.rollout.tis_cap,
+            group=getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None)
         if self.loss_config.kl_coef > 0:
             with s.phase("reference_logprobs"):
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from care_megatron.algorithm.policy_losses import PolicyLossConfig, build_token_advantages, compute_normalisers
 from care_megatron.data.batch import PackedMicroBatch
@@ -30,8 +31,11 @@ def per_sequence_embeddings(packed: list[PackedMicroBatch], outputs: list[Forwar
 
 def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_advantages: torch.Tensor,
                        positive: torch.Tensor, think_weight_pos: float, max_response_length: int,
-                       tis_cap: float | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                       tis_cap: float | None = None, group=None) -> tuple[dict[str, float], dict[str, float]]:
     """Fill ``token_weights`` / ``token_advantages`` on every micro-batch; return ``(normalisers, metrics)``.
+
+    ``group``: the data-parallel process group; the mismatch / TIS metrics are then token-weighted
+    over every rank's micro-batches (the normalisers are reduced separately, :func:`reduce_normalisers`).
 
     ``sequence_advantages`` [N] and ``positive`` [N] are indexed by the original sequence order.
     With ``tis_cap`` the token advantages are multiplied by truncated importance weights
@@ -55,16 +59,21 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
                 w, tm = truncated_importance_weights(mb.token_fields["old_logprobs"], mb.token_fields["rollout_logprobs"],
                                                      mb.loss_mask, tis_cap)
                 token_adv = token_adv * w
-                tis.append(tm["rollout/tis_weight_mean"])
+                tis.append(tm["rollout/tis_weight_mean"] * int(mb.loss_mask.sum()))
         mb.token_fields["token_weights"] = weights
         mb.token_fields["token_advantages"] = token_adv
         if method == "care":  # per-token inputs of the fused region-weighted loss (kernels.region_loss)
             add_fused_region_fields(mb, seq_ids, sequence_advantages[index], positive[index], weights,
                                     tis=tis_cap is not None)
-    if counts and sum(counts):
-        metrics["rollout/mismatch_abs_mean"] = sum(gaps) / sum(counts)
-    if tis:
-        metrics["rollout/tis_weight_mean"] = sum(tis) / len(tis)
+    sums = torch.tensor([sum(gaps), float(sum(counts)), sum(tis), float(sum(counts) if tis else 0)],
+                        dtype=torch.float64)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    gap, tokens, tis_sum, tis_tokens = sums.tolist()
+    if tokens:
+        metrics["rollout/mismatch_abs_mean"] = gap / tokens
+    if tis_tokens:
+        metrics["rollout/tis_weight_mean"] = tis_sum / tis_tokens
     normalisers = compute_normalisers([mb.loss_mask for mb in packed], [mb.token_sequence_ids() for mb in packed],
                                       [mb.token_fields["token_weights"] for mb in packed],
                                       max_response_length=max_response_length)

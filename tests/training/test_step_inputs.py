@@ -72,3 +72,23 @@ def test_fused_path_steps_aside_when_it_would_compute_something_else():
         attach_loss_inputs(packed, method, torch.ones(4), torch.ones(4, dtype=torch.bool), 0.005, 16, tis_cap=tis)
         config = PolicyLossConfig.for_method(method, kl_estimator=estimator, entropy_coef=entropy)
         assert not fused_region_loss_applies(method, config, packed[0])
+
+
+def test_mismatch_and_tis_metrics_are_token_weighted_over_micro_batches():
+    """The step's mismatch / TIS means are over all response tokens, whatever the micro-batching
+    (so summing the per-rank sums over data parallelism gives the batch value)."""
+    seqs = _sequences()
+    g = torch.Generator().manual_seed(3)
+    for s in seqs:
+        s.token_fields["rollout_logprobs"] = s.token_fields["old_logprobs"] + 0.3 * torch.randn(len(s), generator=g) * s.loss_mask
+    n = len(seqs)
+    mask = torch.cat([s.loss_mask for s in seqs])
+    old = torch.cat([s.token_fields["old_logprobs"] for s in seqs])[mask]
+    rollout = torch.cat([s.token_fields["rollout_logprobs"] for s in seqs])[mask]
+    expected_gap = float((old - rollout).abs().mean())
+    expected_tis = float(torch.exp(old - rollout).clamp(max=2.0).mean())
+    for budget in (40, 400):  # many small micro-batches / one
+        packed = pack_sequences(seqs, token_budget=budget, pad_multiple=4)
+        _, metrics = attach_loss_inputs(packed, "grpo", torch.randn(n), torch.rand(n) > 0.5, 0.005, 16, tis_cap=2.0)
+        assert metrics["rollout/mismatch_abs_mean"] == pytest.approx(expected_gap, rel=1e-5)
+        assert metrics["rollout/tis_weight_mean"] == pytest.approx(expected_tis, rel=1e-5)
