@@ -126,10 +126,6 @@ class MegatronBackend:
                                           tp_rank=self.dist["tp_rank"],
                                           dp_group=mps.get_data_parallel_group(with_context_parallel=True),
                                           norm_group=mps.get_model_parallel_group())
-            if self.dist["pp_size"] > 1:  # Megatron's schedules on gloo: shapes vary per micro-batch
-                for chunk in self.policy_chunks:
-                    chunk.config.variable_seq_lengths = True
-                    chunk.config.calculate_per_token_loss = True
         else:
             self.model = self._wrap_ddp(self.policy_chunks)
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
@@ -194,6 +190,9 @@ class MegatronBackend:
                                                   pre_process=mps.is_pipeline_first_stage(**stage),
                                                   post_process=mps.is_pipeline_last_stage(**stage),
                                                   vp_stage=vp_stage if self.vp_size else None).to(self.device))
+        for chunk in chunks:  # read by Megatron's schedules (policy and reference alike)
+            chunk.config.calculate_per_token_loss = True  # no 1/num_microbatches, no 1/dp: gradients are summed
+            chunk.config.variable_seq_lengths = True      # packed lengths differ per micro-batch
         return chunks
 
     def _policy_parameters(self):
@@ -209,8 +208,6 @@ class MegatronBackend:
                                                    average_in_collective=False)
         wrapped = []
         for index, chunk in enumerate(chunks):
-            chunk.config.calculate_per_token_loss = True  # no 1/num_microbatches, no 1/dp: gradients are summed
-            chunk.config.variable_seq_lengths = True
             wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                                    disable_bucketing=index > 0))
         no_sync = [ddp.no_sync for ddp in wrapped]

@@ -259,17 +259,20 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
 
     layers = 2 * pp * vp if vp else None
     hf = tiny_hf_model(arch=arch) if arch != "qwen2_5_vl" else tiny_hf_model(tie=tie, layers=layers)
-    all_batches = standard_batches(hf)
+    # under PP the micro-batches keep their own lengths (the schedules exchange shapes, or pad to one)
+    pad_to = None if pp > 1 and not sp else 96
+    all_batches = standard_batches(hf, pad_to=pad_to)
     if vp:  # 3 micro-batches: the interleaved schedule needs a multiple of PP, so one empty one is added
-        all_batches = all_batches + standard_batches(hf, seed=2)[:1]
+        all_batches = all_batches + standard_batches(hf, seed=2, pad_to=pad_to)[:1]
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, context_parallel_size=cp,
                               pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
                               sequence_parallel=sp, transformer_impl="local", recompute=recompute)
     backend = MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=LR, grad_clip=1.0),
                               arch=arch, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
-                              with_reference=False)
+                              with_reference=pp > 1)
     batches = all_batches[backend.dist["dp_rank"]::backend.dist["dp_size"]]
     outs = backend.forward_logprobs(batches, with_entropy=True, with_think_embeddings=True)
+    lengths = sorted({mb.num_tokens for mb in batches})
     with torch.no_grad():
         expected = [hf_reference(hf, mb) for mb in batches]
     result = {
@@ -278,7 +281,11 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         "ent_err": max(float((o.entropy - e[1]).abs().max()) for o, e in zip(outs, expected)),
         "think_err": max(float((o.think_embeddings - e[2]).abs().max()) for o, e in zip(outs, expected)),
         "lp_scale": float(expected[0][0].abs().mean()),
+        "distinct_lengths": len(lengths),
     }
+    if backend.reference is not None:  # the frozen reference through the same schedules
+        refs = backend.forward_logprobs(batches, model="reference")
+        result["ref_err"] = max(float((o.logprobs - r.logprobs).abs().max()) for o, r in zip(outs, refs))
     result["exported_equal"] = _export_equal(backend, hf)  # before any step: exactly the HF weights
     with force_packed_backend("flex"):
         flex = backend.forward_logprobs(batches)
@@ -349,7 +356,7 @@ def reshard_worker(rank, world, port, out_dir, ckpt_dir, layers, tie, tp, pp):
     from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
 
     hf = tiny_hf_model(tie=tie, layers=layers)
-    batches = standard_batches(hf) + standard_batches(hf, seed=2)[:1]
+    batches = standard_batches(hf, pad_to=None) + standard_batches(hf, seed=2, pad_to=None)[:1]  # as written
     parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               transformer_impl="local")
     fresh = MegatronBackend(hf.config, tiny_hf_model(tie=tie, layers=layers, seed=123).state_dict(), parallel=parallel,
