@@ -134,7 +134,7 @@ def bench_megatron(args) -> dict:
         (-out.logprobs.sum() / batch.num_tokens).backward()
 
     seconds, mem = timed(step, args)
-    del model
+    model = None  # release the weights before the next contender (step's closure shares this cell)
     gc.collect()
     torch.cuda.empty_cache()
     return {"name": f"megatron-core ({args.impl} spec)", "seconds": seconds, "peak_gib": mem}
@@ -161,7 +161,7 @@ def bench_transformers(args) -> dict:
         (-logp.sum() / ids.numel()).backward()
 
     seconds, mem = timed(step, args)
-    del model
+    model = None  # release the weights before the next contender (step's closure shares this cell)
     gc.collect()
     torch.cuda.empty_cache()
     return {"name": "transformers Qwen2 + SDPA", "seconds": seconds, "peak_gib": mem}

@@ -100,7 +100,7 @@ def main() -> None:
     print(f"hardware: {cpu_name()} ({platform.machine()}), python {platform.python_version()}, "
           f"1 core pinned{' (sched_setaffinity)' if hasattr(os, 'sched_setaffinity') else ' (not pinned: no sched_setaffinity)'}")
     print(f"responses: rationale {args.think_chars} chars + answer; half correct; unique pairs (no cache hits)")
-    score(f"<think>x</think><answer>\\frac{{1}}{{2}}</answer>", "\\sqrt{2}", "latex")  # import math-verify / sympy once
+    score("<think>x</think><answer>\\frac{1}{2}</answer>", "\\sqrt{2}", "latex")  # import math-verify / sympy once
     print(f"{'answer type':>16} {'responses':>10} {'seconds':>9} {'resp/s':>10} {'accuracy':>9}")
     all_cases = []
     for kind in ("multiple_choice", "integer", "float", "text", "latex"):
