@@ -240,13 +240,14 @@ def test_context_parallel_layout_matches_megatron_thd_rope_slicing(cp):
         assert picked.flatten().tolist() == lay.local_index.tolist()
 
 
-def test_mrope_frequencies_equal_megatron_multimodal_rotary():
+def test_mrope_frequencies_equal_megatron_multimodal_rotary(monkeypatch):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 
-    from care_megatron.training.megatron.cpu_compat import enable_cpu_mode
     from care_megatron.training.megatron.packed_forward import mrope_frequencies
 
-    enable_cpu_mode(force=True)  # the module places inv_freq on torch.cuda.current_device()
+    # the module places inv_freq on torch.cuda.current_device(); patched for this test only, so a
+    # GPU run of the whole suite keeps its real device afterwards
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     rope = MultimodalRotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000)
     section = [2, 3, 3]
     position_ids = torch.randint(0, 50, (3, 21))
