@@ -150,7 +150,7 @@ class _GatherRowsSumBackward(_GatherRows):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
+        if grad.is_cuda and "nccl" in str(dist.get_backend(ctx.group)):
             out = torch.empty((ctx.n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
             return out, None
