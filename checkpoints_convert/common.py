@@ -661,3 +661,23 @@ def hf_to_megatron_rank_state_dict(hf_state_dict: Mapping[str, torch.Tensor], hf
         prefix = vision_prefix if rule.megatron_name.startswith("vision_model.") else language_prefix
         out[prefix + rule.megatron_name] = piece
     return out
+
+
+def architecture_converters(spec: ArchitectureSpec):
+    """``(hf_to_megatron, megatron_to_hf)`` bound to ``spec``: what each per-architecture module exports.
+
+    ``hf_to_megatron(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab=None, **kwargs)`` is
+    :func:`hf_to_megatron_rank_state_dict` (one rank's state dict; see it for the names and options);
+    ``megatron_to_hf(shards, hf_config, **kwargs)`` is :func:`megatron_to_hf_state_dict`
+    (``{(pp, tp[, vp]): state_dict}`` -> HF on-disk names).
+    """
+    def hf_to_megatron(hf_state_dict, hf_config, tp_size: int, tp_rank: int, padded_vocab=None, **kwargs):
+        return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab, spec=spec,
+                                              **kwargs)
+
+    def megatron_to_hf(shards, hf_config, **kwargs):
+        return megatron_to_hf_state_dict(shards, hf_config, spec=spec, **kwargs)
+
+    hf_to_megatron.__doc__ = f"One rank's Megatron state dict of {spec.name} (``hf_to_megatron_rank_state_dict``)."
+    megatron_to_hf.__doc__ = f"Megatron shards of {spec.name} -> HF on-disk names (``megatron_to_hf_state_dict``)."
+    return hf_to_megatron, megatron_to_hf

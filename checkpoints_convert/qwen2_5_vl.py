@@ -9,7 +9,7 @@ its embeddings, 7B does not (read from ``tie_word_embeddings``). Vision tower: t
 On disk (hub, ``save_pretrained``): ``model.*`` and ``visual.*``; in memory (transformers 5):
 ``model.language_model.*`` and ``model.visual.*``.
 """
-from checkpoints_convert.common import ArchitectureSpec
+from checkpoints_convert.common import ArchitectureSpec, architecture_converters
 
 SPEC = ArchitectureSpec(
     name="qwen2_5_vl",
@@ -24,17 +24,4 @@ SPEC = ArchitectureSpec(
 )
 
 
-def hf_to_megatron(hf_state_dict, hf_config, tp_size: int, tp_rank: int, padded_vocab=None, **kwargs):
-    """One rank's Megatron state dict of this architecture (see
-    :func:`checkpoints_convert.common.hf_to_megatron_rank_state_dict` for the names and options)."""
-    from checkpoints_convert.common import hf_to_megatron_rank_state_dict
-
-    return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab, spec=SPEC, **kwargs)
-
-
-def megatron_to_hf(shards, hf_config, **kwargs):
-    """``{(pp, tp[, vp]): state_dict}`` of this architecture -> HF on-disk names (see
-    :func:`checkpoints_convert.common.megatron_to_hf_state_dict`)."""
-    from checkpoints_convert.common import megatron_to_hf_state_dict
-
-    return megatron_to_hf_state_dict(shards, hf_config, spec=SPEC, **kwargs)
+hf_to_megatron, megatron_to_hf = architecture_converters(SPEC)
