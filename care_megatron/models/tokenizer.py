@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from care_megatron.data.prompting import CHAT_TEMPLATE, END_OF_TEXT, IM_END
+from care_megatron.rewards.parsing import byte_to_unicode
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 """Committed tiny tokenizer (tokenizer.json, tokenizer_config.json, chat template)."""
@@ -128,7 +129,7 @@ def write_qwen_tokenizer(out: Path, layout: str = "qwen2_5") -> Path:
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    byte_to_char = _byte_to_unicode()
+    byte_to_char = byte_to_unicode()
 
     def as_text(piece: bytes) -> str:
         return "".join(byte_to_char[b] for b in piece)
@@ -164,15 +165,3 @@ def write_qwen_tokenizer(out: Path, layout: str = "qwen2_5") -> Path:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    """The GPT-2 byte -> printable character table that byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table

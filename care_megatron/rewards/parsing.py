@@ -323,14 +323,20 @@ def _offsets_and_text(token_ids: Sequence[int], tokenizer) -> tuple[list[tuple[i
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    # Inverse of the GPT-2 byte->printable-unicode table used by byte-level BPE vocabularies.
+def byte_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table byte-level BPE vocabularies are written in
+    (printable Latin-1 bytes map to themselves, the rest to 256, 257, ... in byte order)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
+    table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
+        if b not in table:
+            table[b] = chr(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, codes)}
+    return table
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of :func:`byte_to_unicode`."""
+    return {c: b for b, c in byte_to_unicode().items()}

@@ -11,6 +11,8 @@ import base64
 import importlib.util
 from pathlib import Path
 
+from care_megatron.rewards.parsing import byte_to_unicode
+
 QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -21,18 +23,6 @@ def qwen_tiktoken_path() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
     return path if path.exists() else None
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, codes)}
 
 
 def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -58,7 +48,7 @@ def build_qwen_tokenizer(path: Path):
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    enc = _bytes_to_unicode()
+    enc = byte_to_unicode()
 
     def to_str(b: bytes) -> str:
         return "".join(enc[x] for x in b)
