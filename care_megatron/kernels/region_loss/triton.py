@@ -136,31 +136,31 @@ def _flag(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
 
 
+def _token_inputs(inputs: dict) -> tuple:
+    """The per-token tensors both kernels take first, in their parameter order (the log-probs stand
+    in for an absent reference: ``HAS_REF`` keeps them unread)."""
+    logprobs, ref = inputs["logprobs"], inputs["ref_logprobs"]
+    return (logprobs, inputs["old_logprobs"], ref if ref is not None else logprobs, inputs["advantages"],
+            inputs["region_ids"], _flag(inputs["is_positive"]), _flag(inputs["has_answer"]),
+            _flag(inputs["loss_mask"]), inputs["weight_sums"])
+
+
 def region_loss_forward(inputs: dict, gamma_pos: float, clip_low: float, clip_high: float, weight_eps: float) -> torch.Tensor:
     """Stats vector [NUM_STATS] fp32 (see reference.STAT_NAMES) from the per-token ``inputs``."""
     logprobs = inputs["logprobs"]
     num_tokens = logprobs.numel()
     num_blocks = max(triton.cdiv(num_tokens, BLOCK_TOKENS), 1)
     block_stats = torch.empty(num_blocks, NUM_STATS, dtype=torch.float32, device=logprobs.device)
-    ref = inputs["ref_logprobs"]
     kernel = jit_for_device(_region_loss_forward_kernel, logprobs.device)
     kernel[(num_blocks,)](
-        logprobs,
-        inputs["old_logprobs"],
-        ref if ref is not None else logprobs,
-        inputs["advantages"],
-        inputs["region_ids"],
-        _flag(inputs["is_positive"]),
-        _flag(inputs["has_answer"]),
-        _flag(inputs["loss_mask"]),
-        inputs["weight_sums"],
+        *_token_inputs(inputs),
         block_stats,
         num_tokens,
         float(gamma_pos),
         float(clip_low),
         float(clip_high),
         float(weight_eps),
-        HAS_REF=ref is not None,
+        HAS_REF=inputs["ref_logprobs"] is not None,
         NUM_STATS=NUM_STATS,
         BLOCK=BLOCK_TOKENS,
     )
@@ -184,18 +184,9 @@ def region_loss_backward(
     grad_logprobs = torch.empty_like(logprobs)
     if num_tokens == 0:
         return grad_logprobs
-    ref = inputs["ref_logprobs"]
     kernel = jit_for_device(_region_loss_backward_kernel, logprobs.device)
     kernel[(triton.cdiv(num_tokens, BLOCK_TOKENS),)](
-        logprobs,
-        inputs["old_logprobs"],
-        ref if ref is not None else logprobs,
-        inputs["advantages"],
-        inputs["region_ids"],
-        _flag(inputs["is_positive"]),
-        _flag(inputs["has_answer"]),
-        _flag(inputs["loss_mask"]),
-        inputs["weight_sums"],
+        *_token_inputs(inputs),
         grad_output,
         seq_normaliser,
         token_normaliser,
@@ -206,7 +197,7 @@ def region_loss_backward(
         float(clip_high),
         float(kl_coef),
         float(weight_eps),
-        HAS_REF=ref is not None,
+        HAS_REF=inputs["ref_logprobs"] is not None,
         BLOCK=BLOCK_TOKENS,
     )
     return grad_logprobs
