@@ -36,8 +36,8 @@ def VISION_PLACEHOLDERS(model):
     return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
 
 
-def teacher_forced_logprobs(model, request, completion_ids, temperature):
-    ids = torch.tensor([request.prompt_ids + request.prefix_ids + completion_ids])
+def teacher_forced_logprobs(model, request, completion_ids, temperature, device=None):
+    ids = torch.tensor([request.prompt_ids + request.prefix_ids + completion_ids], device=device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if request.pixel_values is not None:
         kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
@@ -46,7 +46,7 @@ def teacher_forced_logprobs(model, request, completion_ids, temperature):
         logits = model(**kwargs).logits[0].float()
     start = len(request.prompt_ids) + len(request.prefix_ids)
     lp = torch.log_softmax(logits / temperature, dim=-1)
-    positions = torch.arange(start - 1, ids.shape[1] - 1)
+    positions = torch.arange(start - 1, ids.shape[1] - 1, device=device)
     return lp[positions, ids[0, start:]]
 
 
@@ -188,21 +188,8 @@ def test_gpu_batched_parity_and_teacher_forced_logprobs(tokenizer, requests_mixe
     for req, comp in zip(requests_mixed, sampled):
         req_cuda = GenerationRequest(**{**req.__dict__, "pixel_values": None if req.pixel_values is None else req.pixel_values.cuda(),
                                         "image_grid_thw": None if req.image_grid_thw is None else req.image_grid_thw.cuda()})
-        expected = teacher_forced_logprobs_on(model, req_cuda, comp.token_ids, 0.7, "cuda")
+        expected = teacher_forced_logprobs(model, req_cuda, comp.token_ids, 0.7, "cuda")
         torch.testing.assert_close(torch.tensor(comp.logprobs), expected.cpu(), atol=1e-4, rtol=0)
-
-
-def teacher_forced_logprobs_on(model, request, completion_ids, temperature, device):
-    ids = torch.tensor([request.prompt_ids + request.prefix_ids + completion_ids], device=device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-    if request.pixel_values is not None:
-        kwargs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
-                      mm_token_type_ids=multimodal_token_types(ids, model.config))
-    with torch.no_grad():
-        logits = model(**kwargs).logits[0].float()
-    start = len(request.prompt_ids) + len(request.prefix_ids)
-    lp = torch.log_softmax(logits / temperature, dim=-1)
-    return lp[torch.arange(start - 1, ids.shape[1] - 1, device=device), ids[0, start:]]
 
 
 @pytest.mark.gpu
