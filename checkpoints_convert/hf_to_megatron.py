@@ -24,10 +24,11 @@ if __package__ in (None, ""):
 
 import torch
 
-from checkpoints_convert import mapping_for_config
-from checkpoints_convert.common import (ParallelLayout, canonicalise_hf_names, check_coverage, dims_from_config,
-                                        hf_to_megatron_state_dicts, layer_placement, padded_vocab_size,
-                                        tensor_rules, text_config_of, vision_names_of)
+from care_megatron.models.weight_mapping import mapping_for_config
+from care_megatron.models.weight_mapping.rules import (ParallelLayout, canonicalise_hf_names, check_coverage,
+                                                       dims_from_config, hf_to_megatron_state_dicts, layer_placement,
+                                                       padded_vocab_size, tensor_rules, text_config_of,
+                                                       vision_names_of)
 from checkpoints_convert.hf_io import LazySafetensors, copy_hf_assets, torch_dtype_of
 from checkpoints_convert import megatron_io
 

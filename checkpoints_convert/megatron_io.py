@@ -24,7 +24,7 @@ Directory layout written by :func:`save_torch_dist` (Megatron-LM's release conve
 
 Legacy format (:func:`save_legacy`): ``OUT/release/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
 holding ``{"model": state_dict}`` (``model0``, ``model1``, ... per virtual stage), the layout of
-:func:`checkpoints_convert.common.hf_to_megatron_state_dicts`; loadable only at the TP / PP it was
+:func:`care_megatron.models.weight_mapping.hf_to_megatron_state_dicts`; loadable only at the TP / PP it was
 written for.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from checkpoints_convert.common import (ArchitectureSpec, LanguageModelDims, ParallelLayout, TensorRule,
-                                        padded_vocab_size, rule_to_megatron_shards)
+from care_megatron.models.weight_mapping.rules import (ArchitectureSpec, LanguageModelDims, ParallelLayout, TensorRule,
+                                                       padded_vocab_size, rule_to_megatron_shards)
 
 CONVERSION_FILE = "conversion.json"
 RELEASE_DIR = "release"

@@ -18,9 +18,10 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoints_convert import get_mapping
+from care_megatron.models.weight_mapping import get_mapping
+from care_megatron.models.weight_mapping.rules import (ParallelLayout, dims_from_config, iter_megatron_to_hf,
+                                                       text_config_of)
 from checkpoints_convert import megatron_io
-from checkpoints_convert.common import ParallelLayout, dims_from_config, iter_megatron_to_hf, text_config_of
 from checkpoints_convert.hf_io import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_hf_assets, torch_dtype_of
 
 
@@ -83,7 +84,7 @@ def _metadata_from_training_checkpoint(ckpt_dir: str, hf_config_dir: str) -> dic
     import torch
     from transformers import AutoConfig
 
-    from checkpoints_convert import mapping_for_config
+    from care_megatron.models.weight_mapping import mapping_for_config
 
     hf_config = AutoConfig.from_pretrained(hf_config_dir)
     spec = mapping_for_config(hf_config)

@@ -1,15 +1,11 @@
-"""Qwen2 / Qwen2.5 causal LMs (``Qwen2ForCausalLM``): Q/K/V biases, no QK-norm, no vision tower."""
-from checkpoints_convert.common import ArchitectureSpec, architecture_converters
+"""Qwen2 / Qwen2.5 causal LMs (``Qwen2ForCausalLM``): to / from Megatron for one architecture.
 
-SPEC = ArchitectureSpec(
-    name="qwen2",
-    hf_architectures=("Qwen2ForCausalLM",),
-    model_types=("qwen2",),
-    lm_prefix="model.",
-    vision_prefix=None,
-    qk_layernorm=False,
-    always_qkv_bias=True,
-)
-
+``SPEC`` (weight prefixes, optional tensors) is :data:`care_megatron.models.weight_mapping.architectures.QWEN2`;
+``hf_to_megatron(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab=None, **kwargs)`` gives one
+rank's Megatron state dict and ``megatron_to_hf(shards, hf_config, **kwargs)`` the HF on-disk names
+(see :func:`care_megatron.models.weight_mapping.architecture_converters`).
+"""
+from care_megatron.models.weight_mapping import architecture_converters
+from care_megatron.models.weight_mapping.architectures import QWEN2 as SPEC
 
 hf_to_megatron, megatron_to_hf = architecture_converters(SPEC)

@@ -1,15 +1,11 @@
-"""Qwen3 causal LMs (``Qwen3ForCausalLM``): per-head QK RMSNorm, no Q/K/V biases, no vision tower."""
-from checkpoints_convert.common import ArchitectureSpec, architecture_converters
+"""Qwen3 causal LMs (``Qwen3ForCausalLM``): to / from Megatron for one architecture.
 
-SPEC = ArchitectureSpec(
-    name="qwen3",
-    hf_architectures=("Qwen3ForCausalLM",),
-    model_types=("qwen3",),
-    lm_prefix="model.",
-    vision_prefix=None,
-    qk_layernorm=True,
-    always_qkv_bias=False,
-)
-
+``SPEC`` (weight prefixes, optional tensors) is :data:`care_megatron.models.weight_mapping.architectures.QWEN3`;
+``hf_to_megatron(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab=None, **kwargs)`` gives one
+rank's Megatron state dict and ``megatron_to_hf(shards, hf_config, **kwargs)`` the HF on-disk names
+(see :func:`care_megatron.models.weight_mapping.architecture_converters`).
+"""
+from care_megatron.models.weight_mapping import architecture_converters
+from care_megatron.models.weight_mapping.architectures import QWEN3 as SPEC
 
 hf_to_megatron, megatron_to_hf = architecture_converters(SPEC)

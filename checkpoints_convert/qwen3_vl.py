@@ -1,28 +1,11 @@
-"""Qwen3-VL (``Qwen3VLForConditionalGeneration``).
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): to / from Megatron for one architecture.
 
-Decoder: Qwen3 layout (QK-norm, no biases), interleaved M-RoPE (no weights). Vision tower:
-``Qwen3VLVisionModel`` weights (``patch_embed.proj`` with bias, learned ``pos_embed``, LayerNorm
-blocks with ``mlp.linear_fc1/fc2``, ``merger.*`` and the DeepStack mergers
-``deepstack_merger_list.{i}.*``), kept under their own names as ``vision_model.<name>`` on PP stage
-0 and replicated over TP. The DeepStack features are added to the decoder's hidden states by the
-model code; they carry no decoder-side weights.
-
-On disk (hub and ``save_pretrained``): ``model.language_model.*``, ``model.visual.*`` and
-``lm_head.weight``.
+``SPEC`` (weight prefixes, optional tensors) is :data:`care_megatron.models.weight_mapping.architectures.QWEN3_VL`;
+``hf_to_megatron(hf_state_dict, hf_config, tp_size, tp_rank, padded_vocab=None, **kwargs)`` gives one
+rank's Megatron state dict and ``megatron_to_hf(shards, hf_config, **kwargs)`` the HF on-disk names
+(see :func:`care_megatron.models.weight_mapping.architecture_converters`).
 """
-from checkpoints_convert.common import ArchitectureSpec, architecture_converters
-
-SPEC = ArchitectureSpec(
-    name="qwen3_vl",
-    hf_architectures=("Qwen3VLForConditionalGeneration",),
-    model_types=("qwen3_vl",),
-    lm_prefix="model.language_model.",
-    vision_prefix="model.visual.",
-    qk_layernorm=True,
-    always_qkv_bias=False,
-    lm_aliases=(),
-    vision_aliases=("visual.",),
-)
-
+from care_megatron.models.weight_mapping import architecture_converters
+from care_megatron.models.weight_mapping.architectures import QWEN3_VL as SPEC
 
 hf_to_megatron, megatron_to_hf = architecture_converters(SPEC)

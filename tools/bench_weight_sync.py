@@ -95,9 +95,8 @@ def weight_source(model: torch.nn.Module, bucket_bytes: int):
     un-fusing them back to HF tensors. Fallback: the HF state dict in buckets.
     """
     try:
+        from care_megatron.models.weight_mapping import get_mapping, hf_to_megatron_rank_state_dict
         from care_megatron.training.megatron.weight_export import export_hf_weights
-        from checkpoints_convert import get_mapping
-        from checkpoints_convert.common import hf_to_megatron_rank_state_dict
     except Exception as exc:  # absent or not importable here: fall back, and say so
         why = f"{type(exc).__name__}: {exc}"
     else:

@@ -18,7 +18,7 @@ def main(rank: int, port: str, hf_dir: str, out_prefix: str) -> None:
     from transformers import AutoConfig
 
     from care_megatron.training.megatron.weight_export import export_hf_weights
-    from checkpoints_convert import hf_to_megatron_state_dicts
+    from care_megatron.models.weight_mapping import hf_to_megatron_state_dicts
     from tiny_models import module_from_state_dict
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def names(out_path):
     import torch
 
-    from checkpoints_convert import dims_from_config, get_mapping, hf_to_megatron_state_dicts, padded_vocab_size
+    from care_megatron.models.weight_mapping import dims_from_config, get_mapping, hf_to_megatron_state_dicts, padded_vocab_size
     from checkpoints_convert.megatron_io import build_template_gpt
     from tiny_models import build_model
 

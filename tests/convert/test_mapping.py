@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from checkpoints_convert import (get_mapping, hf_to_megatron_state_dicts, layer_placement, mapping_for_config,
-                                 megatron_to_hf_state_dict, padded_vocab_size)
-from checkpoints_convert.common import LanguageModelDims, fuse_qkv, split_qkv
+from care_megatron.models.weight_mapping import (get_mapping, hf_to_megatron_state_dicts, layer_placement, mapping_for_config,
+                                            megatron_to_hf_state_dict, padded_vocab_size)
+from care_megatron.models.weight_mapping.rules import LanguageModelDims, fuse_qkv, split_qkv
 from conftest import ARCH_VARIANTS
 from tiny_models import build_model
 

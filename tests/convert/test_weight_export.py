@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from care_megatron.models.weight_mapping import get_mapping, hf_to_megatron_rank_state_dict, hf_to_megatron_state_dicts
 from care_megatron.training.megatron.weight_export import canonical_megatron_name, export_hf_weights
-from checkpoints_convert import get_mapping, hf_to_megatron_state_dicts
-from checkpoints_convert.common import hf_to_megatron_rank_state_dict
 from conftest import ARCH_VARIANTS
 from tiny_models import module_from_state_dict
 

@@ -226,8 +226,7 @@ def test_update_through_megatron_exporter_matches_source(model, tokenizer, reque
     """Megatron-layout weights (fused QKV / gate-up, padded vocab) -> export_hf_weights -> engine:
     the engine then generates exactly what the source model generates (greedy)."""
     weight_export = pytest.importorskip("care_megatron.training.megatron.weight_export")
-    convert = pytest.importorskip("checkpoints_convert")
-    from checkpoints_convert.common import hf_to_megatron_rank_state_dict
+    from care_megatron.models.weight_mapping import get_mapping, hf_to_megatron_rank_state_dict
 
     import sys
     from pathlib import Path
@@ -237,7 +236,7 @@ def test_update_through_megatron_exporter_matches_source(model, tokenizer, reque
 
     source = build_model(tokenizer, seed=5)
     megatron_state = hf_to_megatron_rank_state_dict(source.state_dict(), source.config, 1, 0,
-                                                    spec=convert.get_mapping(source.config.model_type))
+                                                    spec=get_mapping(source.config.model_type))
     buckets = list(weight_export.export_hf_weights(module_from_state_dict(megatron_state), source.config,
                                                    bucket_bytes=64 << 10))
     assert len(buckets) > 1

@@ -18,7 +18,7 @@ micro-batches; each runs its load-balanced chunks of every sequence through the 
 and gradients are summed over DP x CP (Megatron DDP's ``dp_cp`` group on GPU).
 
 Weights come from a Hugging Face state dict through the shared mapping
-(``checkpoints_convert.hf_to_megatron_state_dicts``, names documented in ``model_provider.py``), or a
+(``care_megatron.models.weight_mapping.hf_to_megatron_state_dicts``, names documented in ``model_provider.py``), or a
 custom converter ``(hf_state, hf_config, tp_size, tp_rank, padded_vocab) -> rank state dict``.
 """
 from __future__ import annotations

@@ -288,7 +288,7 @@ class QwenVLMegatronModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Names: the shared mapping (checkpoints_convert) uses bare GPTModel names and ``vision_model.*``;
+# Names: the shared mapping (care_megatron.models.weight_mapping) uses bare GPTModel names and ``vision_model.*``;
 # this wrapper nests them under ``language_model.`` / ``vision.``.
 # ---------------------------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ def from_mapping_name(name: str) -> str:
 
 
 def to_mapping_name(name: str) -> str:
-    """Inverse of :func:`from_mapping_name` (the names ``checkpoints_convert`` and weight export use)."""
+    """Inverse of :func:`from_mapping_name` (the names the shared mapping and weight export use)."""
     if name.startswith("vision.vision_model."):
         return name[len("vision."):]
     if name.startswith("language_model."):
@@ -310,8 +310,9 @@ def shared_mapping_state_dict(hf_state_dict: dict, hf_config, *, tp: int, tp_ran
                               vp: int | None = None, vp_stage: int = 0, impl: str = "local",
                               padded_vocab: int | None = None) -> dict:
     """This rank's :class:`QwenVLMegatronModel` state dict through the shared HF->Megatron mapping
-    (``checkpoints_convert.common.hf_to_megatron_rank_state_dict``: one rank's stage converted, rule by rule)."""
-    from checkpoints_convert.common import hf_to_megatron_rank_state_dict
+    (``care_megatron.models.weight_mapping.hf_to_megatron_rank_state_dict``: one rank's stage converted, rule by
+    rule)."""
+    from care_megatron.models.weight_mapping import hf_to_megatron_rank_state_dict
 
     return hf_to_megatron_rank_state_dict(hf_state_dict, hf_config, tp, tp_rank, padded_vocab, pp_size=pp,
                                           pp_rank=pp_rank, vp_size=vp, vp_stage=vp_stage,

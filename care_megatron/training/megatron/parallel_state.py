@@ -95,9 +95,9 @@ def layers_per_pipeline_stage(num_layers: int, pipeline_size: int, virtual_size:
     Even split by default; the first / last stage may be given fewer layers (they also hold the
     vision tower / the output layer), the rest spread evenly with the remainder going to the later
     middle stages. Returns ``pipeline_size * (virtual_size or 1)`` counts summing to ``num_layers``.
-    One rule with the checkpoint converter (``checkpoints_convert.common.layers_per_stage``).
+    One rule with the checkpoint converter (``care_megatron.models.weight_mapping.layers_per_stage``).
     """
-    from checkpoints_convert.common import layers_per_stage
+    from care_megatron.models.weight_mapping import layers_per_stage
 
     return layers_per_stage(num_layers, pipeline_size, virtual_size, first_stage_layers=first_stage_layers,
                             last_stage_layers=last_stage_layers)

@@ -1,7 +1,7 @@
 """Megatron parameters -> Hugging-Face-named full tensors, in bounded buckets, for rollout weight sync.
 
 :func:`export_hf_weights` walks the model in the order of the shared conversion rules
-(``checkpoints_convert.common.tensor_rules``, the same rules the checkpoint converters use, so the
+(``care_megatron.models.weight_mapping.rules.tensor_rules``, the same rules the checkpoint converters use, so the
 names and layouts cannot drift apart) and for each Megatron tensor:
 
 1. gathers its tensor-parallel shards (``all_gather`` over the TP group; replicated tensors such as
@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoints_convert import mapping_for_config
-from checkpoints_convert.common import (REPLICATED, ArchitectureSpec, ParallelLayout, TensorRule, dims_from_config,
-                                        rule_output_hf_names, rule_to_hf_tensors, tensor_rules)
+from care_megatron.models.weight_mapping import ArchitectureSpec, mapping_for_config
+from care_megatron.models.weight_mapping.rules import (REPLICATED, ParallelLayout, TensorRule, dims_from_config,
+                                                       rule_output_hf_names, rule_to_hf_tensors, tensor_rules)
 
 VISION_PREFIX = "vision_model."
 
@@ -98,7 +98,7 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, dt
 
     Args:
         model_chunks: the local model (a module) or its virtual-pipeline chunks (a list, chunk ``v``
-            holding virtual stage ``v``). Parameter names follow ``checkpoints_convert.common`` after
+            holding virtual stage ``v``). Parameter names follow ``care_megatron.models.weight_mapping.rules`` after
             :func:`canonical_megatron_name`.
         hf_config: the transformers config of the model (architecture, dims, tied embeddings).
         bucket_bytes: bucket capacity in bytes (default 512 MiB).

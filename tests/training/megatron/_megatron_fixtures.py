@@ -1,7 +1,7 @@
 """Shared helpers of the Megatron backend tests: a tiny random Qwen2.5-VL, packed multi-image batches,
 and the HF reference log-probs / entropy / think embeddings (per sequence, unpacked).
 
-Weights reach Megatron through the shared mapping (``checkpoints_convert``), as in production.
+Weights reach Megatron through the shared mapping (``care_megatron.models.weight_mapping``), as in production.
 """
 from __future__ import annotations
 

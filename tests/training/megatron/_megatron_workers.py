@@ -86,7 +86,7 @@ def parity_worker(rank, world, port, tp, out_dir, ckpt_dir, load_dir, sp=False):
     result["ref_err"] = max(float((o.logprobs - r.logprobs).abs().max()) for o, r in zip(outs, refs))
     result["lp_scale"] = float(expected[0][0].abs().mean())
     # 1b. weight export (weight_export.py through the shared mapping) returns the HF weights exactly
-    from checkpoints_convert import mapping_for_config as _mapping
+    from care_megatron.models.weight_mapping import mapping_for_config as _mapping
 
     canonical = {_mapping(hf.config).canonical_hf_name(n): t for n, t in hf.state_dict().items()}
     exported = {_mapping(hf.config).canonical_hf_name(n): t for bucket in backend.export_weights() for n, t in bucket}
@@ -203,7 +203,7 @@ def gpu_bf16_worker(rank, world, port, out_dir):
 def grad_parity(backend, hf, hf_grads) -> dict:
     """Every model-parallel rank's gradient shards (all chunks) -> HF names through the shared
     mapping's inverse, compared with transformers' gradients (call on every rank: collective)."""
-    from checkpoints_convert import mapping_for_config, megatron_to_hf_state_dict
+    from care_megatron.models.weight_mapping import mapping_for_config, megatron_to_hf_state_dict
     from megatron.core import parallel_state as mps
 
     from care_megatron.training.megatron.model_provider import to_mapping_name
@@ -234,7 +234,7 @@ def grad_parity(backend, hf, hf_grads) -> dict:
 
 def _export_equal(backend, hf) -> bool:
     """export_weights (every chunk, TP all-gather, PP broadcast) returns transformers' weights exactly."""
-    from checkpoints_convert import mapping_for_config
+    from care_megatron.models.weight_mapping import mapping_for_config
 
     spec = mapping_for_config(hf.config)
     canonical = {spec.canonical_hf_name(n): t for n, t in hf.state_dict().items()}

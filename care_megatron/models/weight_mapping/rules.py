@@ -1,13 +1,14 @@
 """The one source of truth for Hugging Face <-> Megatron-Core parameter names and layouts.
 
 Everything here is pure tensor / string arithmetic: no process groups, no Megatron model. The
-checkpoint converters (``hf_to_megatron.py``, ``megatron_to_hf.py``) and the rollout weight export
+checkpoint converters (``checkpoints_convert/hf_to_megatron.py``, ``megatron_to_hf.py``), the Megatron
+model provider and the rollout weight export
 (``care_megatron/training/megatron/weight_export.py``) all go through :func:`tensor_rules` and the
 per-rule functions :func:`rule_to_megatron_shards` / :func:`rule_to_hf_tensors`, so a layout
 decided here is the layout everywhere.
 
-Megatron side (megatron-core 0.16.1 ``GPTModel`` names, checked against a real model in
-``tests/convert/test_megatron_names.py``)::
+Megatron side (megatron-core 0.16.1 ``GPTModel`` names, checked against a real model by
+``tests/convert/test_cli.py::test_mapping_names_match_megatron_gpt_model``)::
 
     embedding.word_embeddings.weight               [V_pad / tp, H]   vocab padded, dim-0 sharded
     decoder.layers.{l}.input_layernorm.weight      [H]               local spec (TE spec: linear_qkv.layer_norm_weight)
@@ -31,7 +32,8 @@ Hugging Face side: the on-disk (``save_pretrained`` / hub) names, e.g. ``model.l
 q_proj.weight`` and ``visual.blocks.0.attn.qkv.weight`` for Qwen2.5-VL, ``model.language_model.*``
 and ``model.visual.*`` for Qwen3-VL. The in-memory names of transformers 5 models
 (``model.language_model.*`` / ``model.visual.*``) are accepted on input and normalised by
-:meth:`ArchitectureSpec.canonical_hf_name`.
+:meth:`ArchitectureSpec.canonical_hf_name`. Which prefixes and optional tensors each architecture has
+is :mod:`care_megatron.models.weight_mapping.architectures`.
 """
 from __future__ import annotations
 
@@ -40,61 +42,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-# --------------------------------------------------------------------------------------------------
-# Architecture description
-# --------------------------------------------------------------------------------------------------
+from care_megatron.models.weight_mapping.architectures import ArchitectureSpec, mapping_for_config
 
 LAYERNORM_NAMINGS = ("local", "te")
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """How one Hugging Face architecture's weights are named and which optional tensors it has."""
-
-    name: str
-    """Registry name: ``qwen2``, ``qwen3``, ``qwen2_5_vl`` or ``qwen3_vl``."""
-    hf_architectures: tuple[str, ...]
-    """``config.architectures`` entries that select this mapping."""
-    model_types: tuple[str, ...]
-    """``config.model_type`` values that select this mapping (used when ``architectures`` is absent)."""
-    lm_prefix: str
-    """On-disk prefix of the language-model weights (``model.`` or ``model.language_model.``)."""
-    vision_prefix: Optional[str]
-    """On-disk prefix of the vision tower (``visual.`` / ``model.visual.``); None for text-only models."""
-    qk_layernorm: bool
-    """Per-head RMSNorm on queries and keys (Qwen3 family)."""
-    always_qkv_bias: bool
-    """Q/K/V projections always carry a bias (Qwen2 family) regardless of ``attention_bias``."""
-    lm_aliases: tuple[str, ...] = ()
-    """Other prefixes under which the language-model weights may appear (in-memory transformers 5 names)."""
-    vision_aliases: tuple[str, ...] = ()
-    """Other prefixes under which the vision-tower weights may appear."""
-
-    def __post_init__(self) -> None:
-        if not self.lm_prefix.endswith("."):
-            raise ValueError(f"lm_prefix must end with '.', got {self.lm_prefix!r}")
-        if self.vision_prefix is not None and not self.vision_prefix.endswith("."):
-            raise ValueError(f"vision_prefix must end with '.', got {self.vision_prefix!r}")
-
-    @property
-    def has_vision(self) -> bool:
-        return self.vision_prefix is not None
-
-    def canonical_hf_name(self, name: str) -> Optional[str]:
-        """Map any accepted spelling of an HF weight name to its on-disk name (None when unknown).
-
-        Vision prefixes are tried first: ``model.visual.`` also starts with the LM prefix ``model.``.
-        """
-        if name == "lm_head.weight":
-            return name
-        if self.vision_prefix is not None:
-            for prefix in sorted((self.vision_prefix, *self.vision_aliases), key=len, reverse=True):
-                if name.startswith(prefix):
-                    return self.vision_prefix + name[len(prefix):]
-        for prefix in sorted((self.lm_prefix, *self.lm_aliases), key=len, reverse=True):
-            if name.startswith(prefix):
-                return self.lm_prefix + name[len(prefix):]
-        return None
 
 
 @dataclass(frozen=True)
@@ -524,8 +474,6 @@ def hf_to_megatron_state_dicts(hf_state_dict: Mapping[str, torch.Tensor], hf_con
     one copy of the model. Raises ValueError on unknown / missing / unused weights or shapes that do
     not match the config.
     """
-    from checkpoints_convert import mapping_for_config
-
     spec = spec or mapping_for_config(hf_config)
     dims = dims_from_config(spec, hf_config)
     layout = ParallelLayout(tp=tp, pp=pp, vp=vp, layernorm_naming=layernorm_naming)
@@ -584,8 +532,6 @@ def iter_megatron_to_hf(shards: Mapping[ShardKey, Mapping[str, torch.Tensor]], h
                         check_unknown: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` rule by rule from per-rank Megatron state dicts (streaming form of
     :func:`megatron_to_hf_state_dict`; only one rule's tensors are materialised at a time)."""
-    from checkpoints_convert import mapping_for_config
-
     spec = spec or mapping_for_config(hf_config)
     dims = dims_from_config(spec, hf_config)
     layout = layout or infer_layout_from_shards(shards)
@@ -643,8 +589,6 @@ def hf_to_megatron_rank_state_dict(hf_state_dict: Mapping[str, torch.Tensor], hf
     bare ``GPTModel``. ``padded_vocab`` overrides the ``128 * tp`` padding. Only this rank's pipeline
     stage is converted.
     """
-    from checkpoints_convert import mapping_for_config
-
     spec = spec or mapping_for_config(hf_config)
     dims = dims_from_config(spec, hf_config)
     layout = ParallelLayout(tp=tp_size, pp=pp_size, vp=vp_size, layernorm_naming=layernorm_naming,
