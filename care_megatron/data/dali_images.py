@@ -3,7 +3,7 @@
 The only module that imports ``nvidia.dali`` (``pip install care_megatron[dali]``, i.e.
 ``nvidia-dali-cuda130``). :class:`DaliImagePipeline` has the interface of
 ``care_megatron.data.images.PilImagePipeline``: encoded images in, ``uint8`` arrays ``[H, W, 3]``
-out, resized to :func:`care_megatron.data.images.smart_resize`'s target.
+out, resized to :func:`care_megatron.data.image_inputs.smart_resize`'s target.
 
 How it works: target sizes are computed on the host from each file's header (with the EXIF
 orientation applied, as the decoder applies it), then fed per sample beside the encoded bytes;
@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from care_megatron.data.images import encoded_bytes, oriented_size, smart_resize
+from care_megatron.data.image_inputs import encoded_bytes, oriented_size, smart_resize
 from care_megatron.data.schema import ImageRef
 
 try:
