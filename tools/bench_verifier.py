@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from care_megatron.rewards import math_equivalence  # noqa: E402
 from care_megatron.rewards.parsing import parse_response  # noqa: E402
-from care_megatron.rewards.verifier import score, score_batch  # noqa: E402
+from care_megatron.rewards.batch_scoring import score_batch  # noqa: E402
+from care_megatron.rewards.verifier import score  # noqa: E402
 
 
 def cpu_name() -> str:

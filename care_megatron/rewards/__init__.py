@@ -12,6 +12,7 @@ from care_megatron.rewards.parsing import (
     token_char_offsets,
     token_regions,
 )
+from care_megatron.rewards.batch_scoring import score_batch
 from care_megatron.rewards.regions import Region
 from care_megatron.rewards.registry import REWARD_REGISTRY, get_reward_fn, register_reward
 from care_megatron.rewards.verifier import (
@@ -20,7 +21,6 @@ from care_megatron.rewards.verifier import (
     VerifierConfig,
     infer_answer_type,
     score,
-    score_batch,
 )
 
 __all__ = [

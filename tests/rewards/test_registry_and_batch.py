@@ -3,9 +3,10 @@ import random
 
 import pytest
 
-from care_megatron.rewards import registry, verifier
+from care_megatron.rewards import batch_scoring, registry, verifier
+from care_megatron.rewards.batch_scoring import score_batch
 from care_megatron.rewards.registry import get_reward_fn, register_reward
-from care_megatron.rewards.verifier import RewardScore, score, score_batch
+from care_megatron.rewards.verifier import RewardScore, score
 
 
 def wrap(answer):
@@ -88,7 +89,7 @@ def test_score_batch_sequential_matches_score():
 
 def test_score_batch_process_pool_matches_sequential(capsys):
     responses, truths, types, choices = make_batch(300, seed=1)
-    assert len(responses) >= verifier.SEQUENTIAL_BELOW
+    assert len(responses) >= batch_scoring.SEQUENTIAL_BELOW
     pooled = score_batch(responses, truths, types, choices, num_workers=2, progress=True, chunk_size=32)
     sequential = score_batch(responses, truths, types, choices, num_workers=1)
     assert pooled == sequential
