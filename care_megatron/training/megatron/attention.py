@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from care_megatron.training.megatron.compiled_flex import compiled_flex_attention
+
 _FORCED_BACKEND: str | None = None
 PACKED_BACKENDS = ("varlen", "flex", "loop")
 
@@ -118,16 +120,6 @@ def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # dynamic=None: the first recompile marks the lengths dynamic, so the varying packed lengths of
-    # RL micro-batches do not recompile per shape (and never hit the recompile limit, after which
-    # torch would fall back to the eager flex_attention that materialises the full score matrix)
-    return torch.compile(flex_attention, dynamic=None)
-
-
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, device):
     """flex_attention block mask: token i sees token j iff same document and j <= i (cached per
     boundaries, so the layers of one micro-batch build it once)."""
@@ -155,7 +147,7 @@ def packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled: bool = Tr
 
     total = q.shape[0]
     block_mask = document_block_mask(cu_seqlens, total, q.device)
-    fn = _compiled_flex() if compiled else flex_attention
+    fn = compiled_flex_attention() if compiled else flex_attention
     out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask,
              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)

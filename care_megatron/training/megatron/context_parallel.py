@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from care_megatron.training.megatron.compiled_flex import compiled_flex_attention
 from care_megatron.training.megatron.parallel_state import context_parallel_split_indices
 
 
@@ -257,10 +258,8 @@ def _cp_block_mask(cu: tuple, cp_size: int, cp_rank: int, q_len: int, kv_len: in
 def _cp_attention_flex(q, k_full, v_full, cu: tuple, cp_size: int, cp_rank: int, scale: float):
     from torch.nn.attention.flex_attention import flex_attention
 
-    from care_megatron.training.megatron.attention import _compiled_flex
-
     block_mask = _cp_block_mask(cu, cp_size, cp_rank, q.shape[0], k_full.shape[0], str(q.device))
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    fn = compiled_flex_attention() if q.is_cuda else flex_attention
     out = fn(q.transpose(0, 1)[None], k_full.transpose(0, 1)[None], v_full.transpose(0, 1)[None],
              block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k_full.shape[1])
     return out[0].transpose(0, 1)
