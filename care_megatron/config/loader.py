@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,36 @@ from typing import Any
 import yaml
 
 from care_megatron.config.schema import RunConfig
+
+# Scientific notation as people type it (1e-3, 1E5, 3e+2, 2.5e-4). PyYAML follows YAML 1.1, whose
+# float pattern needs a dot and a signed exponent, so it reads ``1e-3`` as the string "1e-3".
+_SCIENTIFIC = r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+"
+# Any plain decimal number (typed fields also accept numbers that reached them as strings, e.g. quoted).
+_DECIMAL = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?")
+
+
+class ConfigYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also resolves scientific notation without a dot or exponent sign to a
+    float (YAML 1.2's reading), in config files and in command-line override values alike."""
+
+
+ConfigYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_SCIENTIFIC})$"),
+                                       list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text the way config files and override values are read (see :class:`ConfigYamlLoader`)."""
+    return yaml.load(text, Loader=ConfigYamlLoader)
+
+
+def _number_from_text(value: str) -> int | float | None:
+    """The number a string spells (``"1e-3"``, ``" 7 "``), int when it has no dot or exponent; else None."""
+    text = value.strip()
+    if not _DECIMAL.fullmatch(text):
+        return None
+    if re.fullmatch(r"[-+]?[0-9][0-9_]*", text):
+        return int(text)
+    return float(text)
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -34,6 +65,9 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"config field '{name}': expected true/false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, str):  # e.g. a quoted "1e-3" in a YAML file
+        number = _number_from_text(value)
+        value = value if number is None else number
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ValueError(f"config field '{name}': expected an integer, got {value!r}")
@@ -87,7 +121,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(data, key.strip(), load_yaml(raw) if raw != "" else "")
     return data
 
 
@@ -105,7 +139,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path}: top level must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))
