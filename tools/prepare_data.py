@@ -4,23 +4,29 @@
 Example (the paper's mixture, from local copies of the releases)::
 
     python tools/prepare_data.py --chartqa data/ChartQA --geometry3k data/geometry3k \\
-        --virl39k data/ViRL39K/39Krelease.parquet --out data/mixture
+        --virl39k data/ViRL39K/39Krelease.parquet --out /data/care_mixture
 
 Sources are loaded in the order ChartQA, Geometry3K, ViRL39K, generic parquet, JSONL, easy-vqa;
 deduplication keeps the first occurrence, so earlier sources win ties. Prints a per-source table
 (loaded, skipped, duplicates removed, kept, share) beside the paper's counts (ChartQA 7,398 /
-Geometry3K 2,101 / ViRL39K 38,870 = 48,369), and writes ``<out>/mixture.jsonl``,
-``<out>/images/`` and ``<out>/summary.json``.
+Geometry3K 2,101 / ViRL39K 38,870 = 48,369).
+
+Writes ``<out>/train.jsonl`` (what the paper configs train on: ``data.tasks:
+["jsonl:<out>/train.jsonl"]``), ``<out>/heldout.jsonl`` (``--heldout`` records, drawn per source in
+proportion to its share with ``--seed``, disjoint from training; ``data.eval_tasks:
+["jsonl:<out>/heldout.jsonl"]``), ``<out>/images/`` (shared by both files) and ``<out>/summary.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 # Runs as a script from a source checkout as well as with the package installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +43,9 @@ from care_megatron.data.sources import (  # noqa: E402
 
 PAPER_COUNTS = {"chartqa": 7398, "geometry3k": 2101, "virl39k": 38870}
 """Per-source training counts reported in the paper (total 48,369)."""
+TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
+DEFAULT_HELDOUT = 512
+"""Held-out records by default: the paper configs' ``data.eval_size``."""
 
 
 @dataclass
@@ -79,6 +88,31 @@ def build_mixture(sources: list[tuple[str, list[Record], LoadReport]], max_hammi
         row.duplicates = dedup.removed_by_source.get(row.name, 0)
         row.kept = kept_by_source.get(row.name, 0)
     return kept, MixtureSummary(rows, len(kept), dedup)
+
+
+def split_heldout(records: list[Record], heldout: int, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """``(train, held_out)``: ``heldout`` records drawn without replacement, each source contributing in
+    proportion to its share of ``records`` (largest remainders round), the rest for training.
+
+    Both lists keep the input order. The draw depends only on ``seed`` and the input, so a rerun
+    writes the same split. ValueError when ``heldout`` would leave no training record.
+    """
+    if heldout < 0 or (records and heldout >= len(records)):
+        raise ValueError(f"--heldout must be in [0, {len(records) - 1}] for {len(records)} records, got {heldout}")
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        by_source[record.source].append(index)
+    names = sorted(by_source)
+    exact = [heldout * len(by_source[name]) / len(records) for name in names] if records else []
+    counts = [int(x) for x in exact]
+    for position in sorted(range(len(names)), key=lambda i: (counts[i] - exact[i], names[i]))[:heldout - sum(counts)]:
+        counts[position] += 1
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for name, count in zip(names, counts):
+        chosen.update(int(i) for i in rng.choice(by_source[name], size=count, replace=False))
+    train = [r for i, r in enumerate(records) if i not in chosen]
+    return train, [r for i, r in enumerate(records) if i in chosen]
 
 
 def format_table(summary: MixtureSummary) -> str:
@@ -150,7 +184,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--easy-vqa", type=int, default=0, help="add this many easy-vqa training questions")
     parser.add_argument("--max-hamming", type=int, default=0, help="perceptual-hash bits two images may differ by and still match")
     parser.add_argument("--no-check-images", action="store_true", help="skip decoding every image at load time")
-    parser.add_argument("--out", required=True, help="output folder (mixture.jsonl, images/, summary.json)")
+    parser.add_argument("--heldout", type=int, default=DEFAULT_HELDOUT,
+                        help=f"records set aside in {HELDOUT_FILE}, per source in proportion (default {DEFAULT_HELDOUT})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    parser.add_argument("--out", required=True, help=f"output folder ({TRAIN_FILE}, {HELDOUT_FILE}, images/, summary.json)")
     args = parser.parse_args(argv)
 
     sources = load_requested(args)
@@ -162,9 +199,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  e.g. {example}")
     mixture, summary = build_mixture(sources, args.max_hamming)
     print(format_table(summary))
+    try:
+        train, heldout = split_heldout(mixture, args.heldout, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = write_jsonl(mixture, out / "mixture.jsonl")
+    written = write_jsonl(train, out / TRAIN_FILE)
+    written_heldout = write_jsonl(heldout, out / HELDOUT_FILE)
+    heldout_by_source: dict[str, int] = {}
+    for record in heldout:
+        heldout_by_source[record.source] = heldout_by_source.get(record.source, 0) + 1
     summary_json = {
         "total": summary.total,
         "sources": [row.__dict__ for row in summary.rows],
@@ -172,9 +217,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "cross_source_duplicates": summary.dedup.cross_source,
         "conflicting_answers": summary.dedup.conflicting_answers,
         "paper_counts": PAPER_COUNTS,
+        "train": written,
+        "heldout": written_heldout,
+        "heldout_by_source": heldout_by_source,
+        "heldout_seed": args.seed,
     }
     (out / "summary.json").write_text(json.dumps(summary_json, indent=2))
-    print(f"wrote {written} records to {out / 'mixture.jsonl'}")
+    print(f"wrote {written} training records to {out / TRAIN_FILE} and {written_heldout} held-out records "
+          f"to {out / HELDOUT_FILE}")
     return 0
 
 

@@ -180,6 +180,9 @@ class DataConfig:
     """Records drawn for training (synthetic tasks are generated with the seed)."""
     eval_size: int = 64
     """Held-out records for evaluation (disjoint seeds from training)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Where held-out records come from, spelled like ``tasks`` (e.g. ``jsonl:<out>/heldout.jsonl`` written
+    by ``tools/prepare_data.py``); ``tasks`` then give training records only. Empty: set aside from ``tasks``."""
     difficulty: list[int] = field(default_factory=lambda: [1, 2])
     """Difficulty levels of the synthetic tasks to mix."""
     image_size: int = 56

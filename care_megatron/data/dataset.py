@@ -10,7 +10,10 @@
 * ``jsonl:<path>``: a unified-schema JSONL file, shuffled with the seed and split into disjoint
   held-out and training parts.
 
-``data.train_size`` and ``data.eval_size`` are shared out over the tasks as evenly as possible.
+``data.train_size`` and ``data.eval_size`` are shared out over the tasks as evenly as possible. When
+``data.eval_tasks`` is set (e.g. the ``heldout.jsonl`` that ``tools/prepare_data.py`` writes beside
+``train.jsonl``), held-out records come from those tasks instead, and any that coincide with a
+training record (same question and images) are dropped and counted.
 
 :class:`PromptIterator` yields ``data.prompts_per_step`` records per step, reshuffling each epoch;
 its state (epoch, position, seed) is all the RNG state there is, because each epoch's order is a
@@ -96,28 +99,44 @@ def _jsonl_splits(path: str, train_n: int, eval_n: int, seed: int) -> tuple[list
     return train, held_out, report
 
 
+def _task_splits(task: str, train_n: int, eval_n: int, config, field_name: str):
+    """``(train, held_out, load reports)`` of one task spelling."""
+    if task in synthetic.TASKS:
+        return (*_synthetic_splits(task, train_n, eval_n, config), [])
+    if task == "easy_vqa":
+        return _easy_vqa_splits(train_n, eval_n, config.seed)
+    if task.startswith(JSONL_PREFIX):
+        train, held_out, report = _jsonl_splits(task[len(JSONL_PREFIX):], train_n, eval_n, config.seed)
+        return train, held_out, [report]
+    valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>"])
+    raise ValueError(f"config field '{field_name}': unknown task {task!r}; valid: {valid}")
+
+
 def build_records(config) -> DataSplits:
     """Training and held-out records for ``config`` (a ``care_megatron.config.schema.DataConfig``)."""
     tasks = list(config.tasks)
+    eval_tasks = list(config.eval_tasks)
     train_sizes = share_out(config.train_size, len(tasks))
-    eval_sizes = share_out(config.eval_size, len(tasks))
+    eval_sizes = [0] * len(tasks) if eval_tasks else share_out(config.eval_size, len(tasks))
     splits = DataSplits([], [], [])
     for task, train_n, eval_n in zip(tasks, train_sizes, eval_sizes):
-        if task in synthetic.TASKS:
-            train, held_out = _synthetic_splits(task, train_n, eval_n, config)
-        elif task == "easy_vqa":
-            train, held_out, reports = _easy_vqa_splits(train_n, eval_n, config.seed)
-            splits.reports.extend(reports)
-        elif task.startswith(JSONL_PREFIX):
-            train, held_out, report = _jsonl_splits(task[len(JSONL_PREFIX):], train_n, eval_n, config.seed)
-            splits.reports.append(report)
-        else:
-            valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>"])
-            raise ValueError(f"config field 'data.tasks': unknown task {task!r}; valid: {valid}")
+        train, held_out, reports = _task_splits(task, train_n, eval_n, config, "data.tasks")
+        splits.reports.extend(reports)
         splits.train.extend(train)
         splits.eval.extend(held_out)
     if not splits.train:
         raise ValueError("config field 'data.tasks': no training records could be loaded")
+    if eval_tasks:
+        seen = {_fingerprint(r) for r in splits.train}
+        for task, eval_n in zip(eval_tasks, share_out(config.eval_size, len(eval_tasks))):
+            _, held_out, reports = _task_splits(task, 0, eval_n, config, "data.eval_tasks")
+            overlap = LoadReport(f"{task} (held-out vs training)")
+            for record in held_out:
+                if _fingerprint(record) in seen:
+                    overlap.skip("also_in_training", record.id)
+                else:
+                    splits.eval.append(record)
+            splits.reports.extend(reports + ([overlap] if overlap.num_skipped else []))
     return splits
 
 
