@@ -18,8 +18,10 @@ from sglang_fakes import fake_api
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "sglang_check.py"
 
-# Top-level parameter prefixes of SGLang's Qwen2_5_VLForConditionalGeneration (0.5.3 / 0.5.23
-# models/qwen2_5_vl.py: self.visual, self.model (Qwen2Model: embed_tokens, layers, norm), self.lm_head).
+# Parameter prefixes of SGLang 0.5.3's Qwen2_5_VLForConditionalGeneration (models/qwen2_5_vl.py:
+# self.visual, self.model = Qwen2Model (embed_tokens, layers, norm), self.lm_head), which its
+# load_weights looks up verbatim; 0.5.23 maps the same names (hf_to_sglang_mapper's prefixes for
+# the original checkpoint layout).
 SGLANG_QWEN25VL_PREFIXES = ("visual.", "model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
 
 
