@@ -33,8 +33,22 @@ def _hf_model_dir(config: RunConfig, model, tokenizer) -> str:
     path = os.path.join(config.train.output_dir, "hf_init")
     if is_main_process():
         save_policy(model, tokenizer, __import__("pathlib").Path(path))
+        save_image_processor(config, model, path)
     _barrier()
     return path
+
+
+def save_image_processor(config: RunConfig, model, path: str) -> None:
+    """Write the trainer's image processor (patch sizes of the vision tower, ``data.min_pixels`` /
+    ``data.max_pixels``) as ``preprocessor_config.json`` next to the weights: SGLang loads its
+    processor from the model directory, and with the trainer's bounds it leaves the trainer-sized
+    images the engine sends (``sglang_engine.trainer_sized_image``) as they are."""
+    from care_megatron.data.prompting import build_image_processor
+
+    vision = model.config.vision_config
+    build_image_processor(config.model.arch, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels,
+                          patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                          temporal_patch_size=vision.temporal_patch_size).save_pretrained(path)
 
 
 def _barrier() -> None:

@@ -419,3 +419,33 @@ def test_trainer_rgr_round_trip_resends_the_weights_sglang_freed(tokenizer, imag
         assert torch.isnan(fake.weights[name]).all()  # freed again at the end of the round trip
     assert s.entered[:3] == ["wake_rollout", "update_weights", "wake_rollout_kv"]
     assert "update_weights_rgr" in s.entered and s.entered.index("update_weights_rgr") < s.entered.index("generate_rgr")
+
+
+def test_engine_model_dir_processor_keeps_trainer_sized_images(tmp_path):
+    """The processor SGLang loads from the written model directory leaves the images the engine
+    sends at their size: the same patch grid, so the same image tokens, as the trainer's."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil  # the fast (torchvision) class is not installed here
+
+    from care_megatron.config.schema import RunConfig
+    from care_megatron.data.prompting import build_image_processor
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.rollout.builder import save_image_processor
+
+    config = RunConfig()
+    config.data.min_pixels, config.data.max_pixels = 56 * 56, 112 * 112
+    model, _, trainer_processor = build_model_and_processor(config.model, min_pixels=config.data.min_pixels,
+                                                            max_pixels=config.data.max_pixels)
+    save_image_processor(config, model, str(tmp_path))
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    loaded = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
+    patch = model.config.vision_config.patch_size
+    for size in [(300, 170), (90, 250), (56, 56), (1000, 999)]:
+        image = Image.new("RGB", size, "green")
+        grid = trainer_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        sent = se.trainer_sized_image(image, grid[0].tolist(), patch)
+        assert torch.equal(loaded(images=[sent], return_tensors="pt")["image_grid_thw"], grid), size
+        assert torch.equal(loaded(images=[image], return_tensors="pt")["image_grid_thw"], grid), size  # same bounds
+    assert (loaded.size.shortest_edge, loaded.size.longest_edge) == (56 * 56, 112 * 112)
+    reference = build_image_processor(config.model.arch, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert loaded.merge_size == reference.merge_size and loaded.patch_size == patch
