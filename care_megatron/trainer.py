@@ -37,11 +37,13 @@ from care_megatron.training import step_inputs
 
 log = logging.getLogger(__name__)
 
-RL_PHASES = ("wake_rollout", "update_weights", "generate", "sleep_rollout", "wake_trainer", "logprobs",
-             "sleep_trainer_rgr", "wake_rollout_rgr", "generate_rgr", "sleep_rollout_rgr", "wake_trainer_rgr",
+RL_PHASES = ("wake_rollout", "update_weights", "wake_rollout_kv", "generate", "sleep_rollout", "wake_trainer",
+             "logprobs", "sleep_trainer_rgr", "wake_rollout_rgr", "update_weights_rgr", "wake_rollout_kv_rgr",
+             "generate_rgr", "sleep_rollout_rgr", "wake_trainer_rgr",
              "logprobs_rgr", "reference_logprobs", "train", "sleep_trainer")
 """Colocated step order (issue 7), with CARE's RGR round trip (the engine is needed again after the
-trainer's embedding pass picks the hard negatives) spelled out as its own phases."""
+trainer's embedding pass picks the hard negatives) spelled out as its own phases. The engine wakes in
+two parts: its weights, then (after the sync) its KV cache."""
 
 
 class RLTrainer:
@@ -112,13 +114,7 @@ class RLTrainer:
         advantages, info = self.advantages(rollouts, embeddings)
         targets = [int(t) for t in info["rgr_target"].tolist() if t >= 0] if self.method == "care" and cfg.algorithm.rgr else []
         if targets:  # RGR (spec section 5): training only, in anchored groups with a hard negative
-            with s.phase("sleep_trainer_rgr"):
-                self.backend.sleep()
-            self.rollout_phase(s, "_rgr", sync=False)
-            with s.phase("generate_rgr"):
-                reflected = reflect_hard_negatives(self.engine, rollouts, targets, sampling, self.tokenizer,
-                                                   self.reward_fn, step)
-            self.trainer_phase(s, "_rgr")
+            reflected = self.rgr_round_trip(s, rollouts, targets, sampling, step)
             new = [to_sequence(r, len(rollouts) + i) for i, r in enumerate(reflected)]
             with s.phase("logprobs_rgr"):
                 packed_new = self.pack(new)
@@ -162,13 +158,28 @@ class RLTrainer:
         return dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step, cfg.rollout.max_new_tokens,
                                      cfg.algorithm.dapo_overlong_buffer, cfg.algorithm.dapo_overlong_penalty)
 
-    def rollout_phase(self, s: StepSchedule, suffix: str, sync: bool = True) -> None:
-        """Wake the engine and give it the trainer's current weights (colocated order, issue 7)."""
+    def rollout_phase(self, s: StepSchedule, suffix: str) -> None:
+        """Wake the engine's weights, give it the trainer's current weights, then wake its KV cache
+        (colocated order, issue 7): the KV cache is not allocated while weight buckets are in flight,
+        and a slept SGLang engine has lost its weights, so every wake is followed by a sync."""
         with s.phase("wake_rollout" + suffix):
-            self.engine.wake()
-        if sync:
-            with s.phase("update_weights"):
-                sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
+            self.engine.wake(tags=("weights",))
+        with s.phase("update_weights" + suffix):
+            sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
+        with s.phase("wake_rollout_kv" + suffix):
+            self.engine.wake(tags=("kv_cache",))
+
+    def rgr_round_trip(self, s: StepSchedule, rollouts, targets, sampling, step: int):
+        """The engine again for RGR: trainer off, engine on with the (unchanged) weights re-sent
+        (SGLang freed them at the last sleep), resample the hard negatives, engine off, trainer on."""
+        with s.phase("sleep_trainer_rgr"):
+            self.backend.sleep()
+        self.rollout_phase(s, "_rgr")
+        with s.phase("generate_rgr"):
+            reflected = reflect_hard_negatives(self.engine, rollouts, targets, sampling, self.tokenizer,
+                                               self.reward_fn, step)
+        self.trainer_phase(s, "_rgr")
+        return reflected
 
     def trainer_phase(self, s: StepSchedule, suffix: str) -> None:
         with s.phase("sleep_rollout" + suffix):

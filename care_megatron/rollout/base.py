@@ -6,7 +6,7 @@ Implementations: ``hf_engine.HFRolloutEngine`` (transformers ``generate``; CPU a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -69,6 +69,23 @@ class Completion:
     finish_reason: str
 
 
+MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache")
+"""What an engine's ``sleep`` / ``wake`` can release separately: the model weights and the KV cache
+(SGLang's ``release_memory_occupation`` tags of the same names; CUDA-graph memory goes with the KV cache)."""
+
+
+def memory_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
+    """``tags`` checked against ``MEMORY_TAGS``, in ``MEMORY_TAGS`` order; None or empty means all."""
+    if tags is None or len(tags) == 0:
+        return MEMORY_TAGS
+    if isinstance(tags, str):
+        raise TypeError(f"memory tags must be a sequence of names, got the string {tags!r}")
+    unknown = sorted(set(tags) - set(MEMORY_TAGS))
+    if unknown:
+        raise ValueError(f"unknown memory tag(s) {unknown}; valid: {', '.join(MEMORY_TAGS)}")
+    return tuple(t for t in MEMORY_TAGS if t in tags)
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
@@ -79,11 +96,16 @@ class RolloutEngine(Protocol):
         """Load Hugging-Face-named full tensors into the engine's model (any subset, any order)."""
         ...
 
-    def sleep(self) -> None:
-        """Release weights and KV-cache memory (colocated training runs meanwhile)."""
+    def sleep(self, tags: Sequence[str] | None = None) -> None:
+        """Release the memory named by ``tags`` (``MEMORY_TAGS``; None: all of it) so colocated
+        training can use it. Released weights may be lost: send ``update_weights`` after waking them."""
         ...
 
-    def wake(self) -> None: ...
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate the memory named by ``tags`` (None: all). The colocated step wakes
+        ``("weights",)``, syncs the weights, then wakes ``("kv_cache",)``, so the KV cache is not
+        allocated while the weight buckets are in flight."""
+        ...
 
     def shutdown(self) -> None: ...
 

@@ -33,8 +33,22 @@ def _hf_model_dir(config: RunConfig, model, tokenizer) -> str:
     path = os.path.join(config.train.output_dir, "hf_init")
     if is_main_process():
         save_policy(model, tokenizer, __import__("pathlib").Path(path))
+        save_image_processor(config, model, path)
     _barrier()
     return path
+
+
+def save_image_processor(config: RunConfig, model, path: str) -> None:
+    """Write the trainer's image processor (patch sizes of the vision tower, ``data.min_pixels`` /
+    ``data.max_pixels``) as ``preprocessor_config.json`` next to the weights: SGLang loads its
+    processor from the model directory, and with the trainer's bounds it leaves the trainer-sized
+    images the engine sends (``sglang_engine.trainer_sized_image``) as they are."""
+    from care_megatron.data.prompting import build_image_processor
+
+    vision = model.config.vision_config
+    build_image_processor(config.model.arch, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels,
+                          patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                          temporal_patch_size=vision.temporal_patch_size).save_pretrained(path)
 
 
 def _barrier() -> None:
@@ -50,7 +64,7 @@ def _build_sglang(config: RunConfig, model, tokenizer):
     import torch.distributed as dist
 
     from care_megatron.rollout.grouped import GroupedRolloutEngine, rollout_groups
-    from care_megatron.rollout.sglang_engine import SGLangEngineConfig, rollout_placement
+    from care_megatron.rollout.sglang_engine import rollout_placement
 
     tp = config.rollout.tensor_parallel_size
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -58,10 +72,7 @@ def _build_sglang(config: RunConfig, model, tokenizer):
     model_dir = _hf_model_dir(config, model, tokenizer)
     engine = None
     if placement.is_engine_owner:
-        engine_config = SGLangEngineConfig(
-            model_path=model_dir, tp_size=tp, base_gpu_id=placement.base_gpu_id,
-            mem_fraction_static=config.rollout.mem_fraction_static, dtype=config.model.dtype,
-            random_seed=config.train.seed, weight_bucket_mb=config.rollout.weight_bucket_mb)
+        engine_config = sglang_engine_config(config, placement, model_dir, model)
         engine = get_rollout_engine("sglang", engine_config, tokenizer=tokenizer)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed:
@@ -80,6 +91,22 @@ def _build_sglang(config: RunConfig, model, tokenizer):
     return GroupedRolloutEngine(engine, group=group, owner_rank=owner, stop_token_ids=stops[0],
                                 tp_rank=placement.tp_rank, group_size=tp,
                                 sglang_api=engine.api if engine is not None else _sglang_api())
+
+
+def sglang_engine_config(config: RunConfig, placement, model_dir: str, model):
+    """The start-up settings of the engine of ``placement`` (a ``rollout_placement``): its GPUs, its
+    own NCCL rendezvous port (one range per engine slot of the node, so the node's engines never
+    draw the same one), and the trainer's image geometry (patch size, pixel bounds)."""
+    from care_megatron.rollout.sglang_engine import SGLangEngineConfig, pick_nccl_port
+
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    return SGLangEngineConfig(
+        model_path=model_dir, tp_size=config.rollout.tensor_parallel_size, base_gpu_id=placement.base_gpu_id,
+        mem_fraction_static=config.rollout.mem_fraction_static, dtype=config.model.dtype,
+        random_seed=config.train.seed, weight_bucket_mb=config.rollout.weight_bucket_mb,
+        nccl_port=pick_nccl_port(placement.engine_index),
+        image_patch_size=int(getattr(vision, "patch_size", 14)),
+        image_min_pixels=config.data.min_pixels, image_max_pixels=config.data.max_pixels)
 
 
 def _sglang_api():

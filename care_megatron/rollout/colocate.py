@@ -1,8 +1,9 @@
 """The RL step's phase order on GPU when rollouts and training share the devices, timed per phase.
 
-Order (issue 7): wake rollout -> update weights -> generate (+ RGR resamples) -> sleep rollout ->
-wake trainer -> log-prob passes -> train -> sleep trainer. Weights go to the engine right after it
-wakes (a slept SGLang engine has discarded them), and the engine sleeps before the trainer wakes, so
+Order (issue 7): wake rollout weights -> update weights -> wake rollout KV cache -> generate (+ RGR
+resamples) -> sleep rollout -> wake trainer -> log-prob passes -> train -> sleep trainer. Weights go
+to the engine right after its weights wake (a slept SGLang engine has discarded them), its KV cache
+is allocated only once the weight buckets are through, and the engine sleeps before the trainer wakes, so
 the two never hold their memory at once. ``StepSchedule`` enforces that order (a phase out of order
 raises) and ``PhaseTimer`` times each phase; the trainer logs ``StepSchedule.metrics()``.
 """
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator
 PHASES: tuple[str, ...] = (
     "wake_rollout",
     "update_weights",
+    "wake_rollout_kv",
     "generate",
     "sleep_rollout",
     "wake_trainer",
@@ -79,8 +81,9 @@ class StepSchedule:
     Use::
 
         schedule.begin_step()
-        with schedule.phase("wake_rollout"): engine.wake()
+        with schedule.phase("wake_rollout"): engine.wake(tags=("weights",))
         with schedule.phase("update_weights"): sync_weights(backend, engine, bucket_bytes)
+        with schedule.phase("wake_rollout_kv"): engine.wake(tags=("kv_cache",))
         ...
         metrics = schedule.end_step()
 

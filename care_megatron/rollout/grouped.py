@@ -99,14 +99,16 @@ class GroupedRolloutEngine:
 
         dist.barrier(group=self.group)
 
-    def sleep(self) -> None:
+    def sleep(self, tags=None) -> None:
+        """The owner releases ``tags`` (``base.MEMORY_TAGS``; None: all); every rank waits for it."""
         if self.is_owner:
-            self.engine.sleep()
+            self.engine.sleep(tags)
         self._barrier()
 
-    def wake(self) -> None:
+    def wake(self, tags=None) -> None:
+        """The owner resumes ``tags``; every rank waits, so none starts streaming weights early."""
         if self.is_owner:
-            self.engine.wake()
+            self.engine.wake(tags)
         self._barrier()
 
     def shutdown(self) -> None:

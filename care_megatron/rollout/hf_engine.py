@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import torch
 
-from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams
+from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams, memory_tags
 from care_megatron.rollout.mismatch import logprob_temperature
 
 # Checkpoint (on-disk, SGLang, Megatron-export) names of Qwen-VL weights -> module names of the
@@ -156,7 +156,7 @@ class HFRolloutEngine:
             names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
             suppressed_token_ids = [getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None]
         self.suppressed_token_ids = sorted(set(int(t) for t in suppressed_token_ids))
-        self.asleep = False
+        self.released: set[str] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ set-up helpers
@@ -345,24 +345,28 @@ class HFRolloutEngine:
                 )
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
-    def sleep(self) -> None:
-        """Move the model to CPU (on a CPU-only run this changes nothing) and free cached
-        accelerator memory, so a colocated trainer can use it."""
-        if self.asleep:
-            return
-        if self.device.type != "cpu":
+    def sleep(self, tags=None) -> None:
+        """Release ``tags`` (``base.MEMORY_TAGS``; None: all). ``"weights"`` moves the model to CPU
+        (on a CPU-only run this changes nothing) and frees cached accelerator memory; ``"kv_cache"``
+        holds nothing between calls here (``generate`` allocates its cache per batch)."""
+        todo = [t for t in memory_tags(tags) if t not in self.released]
+        if "weights" in todo and self.device.type != "cpu":
             self.model.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self.asleep = True
+        self.released.update(todo)
 
-    def wake(self) -> None:
-        """Move the model back to its device."""
-        if not self.asleep:
-            return
-        if self.device.type != "cpu":
+    def wake(self, tags=None) -> None:
+        """Resume ``tags`` (None: all); ``"weights"`` moves the model back to its device."""
+        todo = [t for t in memory_tags(tags) if t in self.released]
+        if "weights" in todo and self.device.type != "cpu":
             self.model.to(self.device)
-        self.asleep = False
+        self.released.difference_update(todo)
+
+    @property
+    def asleep(self) -> bool:
+        """True while any memory is released (``generate`` needs all of it)."""
+        return bool(self.released)
 
     def shutdown(self) -> None:
         self._closed = True

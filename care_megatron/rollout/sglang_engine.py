@@ -4,24 +4,38 @@ Targets the SGLang Python API ``SUPPORTED_SGLANG`` (checked at start-up, with a 
 mismatch). The calls used, all on ``sglang.Engine``:
 
 * ``Engine(model_path=..., tp_size=..., base_gpu_id=..., mem_fraction_static=...,
-  enable_memory_saver=True, random_seed=..., dtype=...)``: started from the run's Hugging-Face-format
-  model directory (the weights there are only the starting point; every step overwrites them);
+  enable_memory_saver=True, random_seed=..., dtype=..., nccl_port=...)``: started from the run's
+  Hugging-Face-format model directory (the weights there are only the starting point; every step
+  overwrites them). ``nccl_port`` is the rendezvous port of the engine's own TP processes; left
+  unset, SGLang 0.5.3 draws it from ``random`` (``port + randint(100, 1000)``), which every trainer
+  rank seeds alike, so the engines of one node would collide: :func:`pick_nccl_port` gives each
+  engine slot of a node its own range;
 * ``generate(prompt=... | input_ids=..., image_data=..., sampling_params=..., return_logprob=True,
-  logprob_start_len=-1)``: one dict per request with ``output_ids`` / ``text`` and ``meta_info``
+  logprob_start_len=-1)``: images go already resized to the trainer's size (``image_grid_thw`` times
+  the patch size; see :func:`trainer_sized_image`), so SGLang's own resizing is the identity and its
+  image token counts equal the trainer's. One dict per request with ``output_ids`` / ``text`` and ``meta_info``
   holding ``output_token_logprobs`` = ``[(logprob, token_id, text|None), ...]`` and ``finish_reason``
   = ``{"type": "stop" | "length" | "abort", ...}``;
 * ``update_weights_from_tensor(named_tensors, load_format="flattened_bucket", flush_cache=False)``:
   colocated weight sync. Each bucket is one flat tensor plus ``FlattenedTensorMetadata`` entries,
   serialised with ``MultiprocessingSerializer`` (CUDA tensors travel as CUDA-IPC handles: no copy
   through host memory), one payload per rollout-TP rank;
-* ``init_weights_update_group`` + ``update_weights_from_distributed(names, dtypes, shapes,
-  group_name, flush_cache)``: disaggregated weight sync by NCCL broadcast from trainer rank 0;
 * ``flush_cache()`` once after the last bucket (the radix cache holds KV of the old weights);
-* ``release_memory_occupation()`` / ``resume_memory_occupation(tags)`` for sleep / wake;
+* ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` for sleep / wake, always
+  with explicit tags: ``"weights"``, ``"kv_cache"`` and, where SGLang has it (``GPU_MEMORY_TYPE_CUDA_GRAPH``
+  in ``sglang.srt.constants``, absent from 0.5.3), ``"cuda_graph"`` together with the KV cache. A
+  tag must be resumed only after it was released (SGLang keeps them in a set and ``remove``s them).
+  Released weights are freed without a CPU copy (``enable_weights_cpu_backup`` defaults to False),
+  so after waking the weights the engine refuses to generate until ``update_weights`` has run;
 * ``shutdown()``.
 
+Only the colocated weight sync exists: an NCCL broadcast path (``init_weights_update_group`` /
+``update_weights_from_distributed``) is needed only when the engines sit on other GPUs than the
+trainer, a layout the launcher does not build.
+
 Behaviour log-probs: SGLang reports ``log_softmax(logits / T)`` of the sampled token (after
-temperature, before top-k / top-p) unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, and treats
+temperature, before top-k / top-p) unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (0.5.23; early 0.5.x
+read ``RETURN_ORIGINAL_LOGPROB``) is set, and treats
 ``T == 0`` as greedy at ``T = 1``: the same convention as ``HFRolloutEngine`` and
 ``mismatch.logprob_temperature``. :func:`check_logprob_convention` refuses to start when that
 environment variable would change the meaning.
@@ -36,13 +50,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams, bucket_named_tensors  # noqa: F401 (bucketing re-exported)
+from care_megatron.rollout.base import (MEMORY_TAGS, Completion, GenerationRequest, SamplingParams,  # noqa: F401
+                                        bucket_named_tensors, memory_tags)  # (bucketing re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +83,16 @@ class SGLangAPI:
     FlattenedTensorMetadata: Callable[..., Any]
     """``sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`` (name, shape, dtype,
     start_idx, end_idx, numel)."""
+    cuda_graph_memory_tag: bool = False
+    """True when SGLang releases CUDA-graph memory under its own ``"cuda_graph"`` tag (after 0.5.3;
+    ``sglang.srt.constants.GPU_MEMORY_TYPE_CUDA_GRAPH``); it is then released and resumed with the KV cache."""
 
 
 def load_sglang_api() -> SGLangAPI:
     """Import SGLang (the one place this package does), check its version, return its API surface."""
     try:
         import sglang
+        from sglang.srt import constants as sglang_constants
         from sglang.srt.utils import MultiprocessingSerializer
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
     except ImportError as exc:
@@ -86,6 +105,7 @@ def load_sglang_api() -> SGLangAPI:
         Engine=sglang.Engine,
         MultiprocessingSerializer=MultiprocessingSerializer,
         FlattenedTensorMetadata=FlattenedTensorMetadata,
+        cuda_graph_memory_tag=hasattr(sglang_constants, "GPU_MEMORY_TYPE_CUDA_GRAPH"),
     )
     check_sglang_version(api.version)
     return api
@@ -107,15 +127,21 @@ def check_sglang_version(version: str) -> None:
         )
 
 
+ORIGINAL_LOGPROB_ENV_VARS = ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")
+"""The switch to pre-temperature log-probs: ``SGLANG_RETURN_ORIGINAL_LOGPROB`` in 0.5.23,
+``RETURN_ORIGINAL_LOGPROB`` in early 0.5.x (0.5.3 ``layers/sampler.py``)."""
+
+
 def check_logprob_convention(environ: dict | None = None) -> None:
-    """Refuse ``SGLANG_RETURN_ORIGINAL_LOGPROB``: it makes SGLang report pre-temperature log-probs,
-    which would no longer match what the trainer recomputes (``mismatch.logprob_temperature``)."""
+    """Refuse the original-logprob switch under either name: it makes SGLang report pre-temperature
+    log-probs, which would no longer match what the trainer recomputes (``mismatch.logprob_temperature``)."""
     environ = os.environ if environ is None else environ
-    if str(environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "")).lower() in ("1", "true", "yes"):
-        raise RuntimeError(
-            "SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would report log-probs before temperature scaling, "
-            "but the trainer compares against log_softmax(logits / T); unset it"
-        )
+    for name in ORIGINAL_LOGPROB_ENV_VARS:
+        if str(environ.get(name, "")).strip().lower() in ("1", "true", "yes", "on"):
+            raise RuntimeError(
+                f"{name} is set: SGLang would report log-probs before temperature scaling, "
+                "but the trainer compares against log_softmax(logits / T); unset it"
+            )
 
 
 # --------------------------------------------------------------------------- placement
@@ -157,6 +183,42 @@ def rollout_placement(local_rank: int, local_world_size: int, rollout_tp: int) -
     )
 
 
+NCCL_PORT_BASE = 21000
+"""First port of the engines' NCCL rendezvous ranges: below Linux's ephemeral range (32768+) and
+clear of torchrun's default 29500 at the default span and eight engines per node."""
+NCCL_PORT_SPAN = 100
+"""Ports per engine slot of a node: slot i tries ``NCCL_PORT_BASE + i * NCCL_PORT_SPAN`` upward."""
+
+
+def port_is_free(port: int, host: str = "") -> bool:
+    """True if a TCP socket can bind ``port`` on ``host`` now (what SGLang's rendezvous will do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_nccl_port(engine_index: int, *, base: int = NCCL_PORT_BASE, span: int = NCCL_PORT_SPAN,
+                   is_free: Callable[[int], bool] = port_is_free) -> int:
+    """The first free port of engine slot ``engine_index``'s own range on this node.
+
+    The ranges of a node's slots do not overlap, so engines started at the same moment by different
+    ranks cannot pick the same port, whatever their ``random`` state; ports taken by anything else
+    (another job) are skipped. ``RuntimeError`` when the whole range is taken.
+    """
+    if engine_index < 0:
+        raise ValueError(f"engine_index must be >= 0, got {engine_index}")
+    start = base + engine_index * span
+    if start + span > 65536:
+        raise ValueError(f"NCCL port range of engine {engine_index} ({start}..{start + span - 1}) exceeds 65535")
+    for port in range(start, start + span):
+        if is_free(port):
+            return port
+    raise RuntimeError(f"no free port for SGLang engine {engine_index}'s NCCL rendezvous in {start}..{start + span - 1}")
+
+
 # --------------------------------------------------------------------------- config
 @dataclass
 class SGLangEngineConfig:
@@ -176,6 +238,16 @@ class SGLangEngineConfig:
     """Weights / compute dtype of the engine."""
     random_seed: int = 0
     """Engine-wide sampling seed (SGLang's ``random_seed``)."""
+    nccl_port: int | None = None
+    """Port of the engine's TP rendezvous (SGLang ``nccl_port``); None leaves SGLang's own choice,
+    which collides between engines of one node (see :func:`pick_nccl_port`, which the builder uses)."""
+    image_patch_size: int = 14
+    """Vision patch size of the policy (``vision_config.patch_size``): images are sent at
+    ``image_grid_thw * image_patch_size`` pixels, the size the trainer's processor resized them to."""
+    image_min_pixels: int | None = None
+    """The trainer's ``data.min_pixels`` (checked against SGLang's own resize bounds at start-up)."""
+    image_max_pixels: int | None = None
+    """The trainer's ``data.max_pixels`` (ditto)."""
     forward_sampling_seed: bool = False
     """Forward ``SamplingParams.seed`` as SGLang's per-request ``sampling_seed`` (request i of a
     call gets ``seed + i``, so the G copies of one prompt still differ). Off by default: not every
@@ -183,10 +255,6 @@ class SGLangEngineConfig:
     ``engine_kwargs={"enable_deterministic_inference": True}``."""
     weight_bucket_mb: int = 512
     """Bucket size for ``update_weights`` when given a flat stream, MiB (``RolloutConfig.weight_bucket_mb``)."""
-    colocated: bool = True
-    """True: weights by CUDA IPC (``update_weights_from_tensor``); False: NCCL broadcast from trainer rank 0."""
-    weight_group_name: str = "care_weight_sync"
-    """Name of the NCCL group of the disaggregated path."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further ``sglang.Engine`` keyword arguments, passed through unchanged (they win over the above)."""
 
@@ -201,6 +269,19 @@ class SGLangEngineConfig:
             raise ValueError(f"SGLangEngineConfig.mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
         if self.weight_bucket_mb < 1:
             raise ValueError(f"SGLangEngineConfig.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
+        if self.nccl_port is not None and not 0 < self.nccl_port < 65536:
+            raise ValueError(f"SGLangEngineConfig.nccl_port must be a TCP port, got {self.nccl_port}")
+        if self.image_patch_size < 1:
+            raise ValueError(f"SGLangEngineConfig.image_patch_size must be >= 1, got {self.image_patch_size}")
+        # SGLang 0.5.3 resizes every image into [SGLANG_MIN_IMAGE_PIXELS, SGLANG_MAX_IMAGE_PIXELS]
+        # before its processor; a trainer size outside that range would be changed there.
+        if self.image_min_pixels is not None and self.image_min_pixels < SGLANG_MIN_IMAGE_PIXELS:
+            raise ValueError(f"config field 'data.min_pixels' is {self.image_min_pixels}, below SGLang's fixed "
+                             f"minimum {SGLANG_MIN_IMAGE_PIXELS}: SGLang would enlarge smaller images and its "
+                             "image tokens would differ from the trainer's; raise data.min_pixels")
+        if self.image_max_pixels is not None and self.image_max_pixels > SGLANG_MAX_IMAGE_PIXELS:
+            raise ValueError(f"config field 'data.max_pixels' is {self.image_max_pixels}, above SGLang's default "
+                             f"maximum {SGLANG_MAX_IMAGE_PIXELS}: SGLang would shrink larger images; lower it")
 
     def engine_args(self) -> dict[str, Any]:
         args = dict(
@@ -212,11 +293,36 @@ class SGLangEngineConfig:
             dtype=self.dtype,
             random_seed=self.random_seed,
         )
+        if self.nccl_port is not None:
+            args["nccl_port"] = self.nccl_port
         args.update(self.engine_kwargs)
         return args
 
 
 # --------------------------------------------------------------------------- pure helpers
+SGLANG_IMAGE_FACTOR = 28
+SGLANG_MIN_IMAGE_PIXELS = 4 * 28 * 28
+SGLANG_MAX_IMAGE_PIXELS = 16384 * 28 * 28
+"""SGLang's Qwen-VL image resize: factor 28 and pixel bounds ``MIN_PIXELS`` / ``MAX_PIXELS`` of
+``multimodal/processors/qwen_vl.py`` (0.5.3 fixed; 0.5.23 the default of ``SGLANG_IMAGE_MAX_PIXELS``)."""
+
+
+def trainer_sized_image(image: Any, grid_thw: Sequence[int], patch_size: int) -> Any:
+    """``image`` resized to the size the trainer's processor gave it: ``grid_h * patch_size`` by
+    ``grid_w * patch_size`` pixels (bicubic, as the Qwen-VL processors resample).
+
+    A multiple of the merge factor times the patch size, inside the trainer's pixel bounds, so
+    SGLang's smart resize leaves it as it is and its processor cuts the same patch grid: the engine
+    computes exactly the trainer's ``<|image_pad|>`` count for it.
+    """
+    from PIL import Image
+
+    _, grid_h, grid_w = (int(v) for v in grid_thw)
+    size = (grid_w * patch_size, grid_h * patch_size)  # PIL sizes are (width, height)
+    if image.size == size:
+        return image
+    return image.resize(size, Image.BICUBIC)
+
 def sglang_sampling_params(sampling: SamplingParams, stop_token_ids: Iterable[int] = ()) -> dict[str, Any]:
     """SGLang ``sampling_params`` for one request. ``T == 0`` is passed through: SGLang decodes it
     greedily (top-k 1 at T = 1), matching ``logprob_temperature``."""
@@ -407,7 +513,11 @@ class SGLangRolloutEngine:
         self.placeholder_truncations = 0
         """Completions cut at a sampled vision placeholder (see ``cut_at_placeholder``)."""
         self.engine = self.api.Engine(**config.engine_args())
-        self.asleep = False
+        self.released: set[str] = set()
+        """Protocol memory tags (``MEMORY_TAGS``) released and not yet resumed."""
+        self.weights_lost = False
+        """True from a release of the weights until the next completed ``update_weights``."""
+        self._updates_at_release = 0
         self.weight_updates = 0
         """Buckets sent since start-up (for logs and tests)."""
 
@@ -448,15 +558,28 @@ class SGLangRolloutEngine:
                     prefix = self.tokenizer.decode(r.prefix_ids, skip_special_tokens=False)
                 prompts.append(r.prompt_text + prefix)
             calls.append((with_images, dict(
-                prompt=prompts, image_data=[list(requests[i].images) for i in with_images],
+                prompt=prompts, image_data=[self.images_for_engine(requests[i]) for i in with_images],
                 sampling_params=per_request(with_images), return_logprob=True, logprob_start_len=-1,
             )))
         return calls
 
+    def images_for_engine(self, request: GenerationRequest) -> list[Any]:
+        """The request's images at the trainer's resized size (see :func:`trainer_sized_image`)."""
+        grid = request.image_grid_thw
+        if grid is None or len(grid) != len(request.images):
+            raise ValueError(f"request {request.request_id!r}: {len(request.images)} image(s) but image_grid_thw "
+                             f"{None if grid is None else tuple(grid.shape)}; SGLang needs the trainer's image sizes")
+        return [trainer_sized_image(image, row.tolist(), self.config.image_patch_size)
+                for image, row in zip(request.images, grid)]
+
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
         """One completion per request, in request order."""
         if self.asleep:
-            raise RuntimeError("SGLangRolloutEngine.generate called while asleep; call wake() first")
+            raise RuntimeError(f"SGLangRolloutEngine.generate called while {', '.join(self.released)} "
+                               "is released; call wake() first")
+        if self.weights_lost:
+            raise RuntimeError("SGLangRolloutEngine.generate: the weights were released (SGLang keeps no copy) and "
+                               "not sent again; call update_weights after wake(('weights',)) before generating")
         if not requests:
             return []
         results: list[Completion | None] = [None] * len(requests)
@@ -487,14 +610,19 @@ class SGLangRolloutEngine:
         not flush the cache: call ``flush_cache`` after the last bucket."""
         if len(payloads) != self.config.tp_size:
             raise ValueError(f"update_weights_from_payloads: {len(payloads)} payloads for tp_size {self.config.tp_size}")
+        if "weights" in self.released:
+            raise RuntimeError("update_weights while SGLang's weights are released; call wake(('weights',)) first")
         self._check(self.engine.update_weights_from_tensor(
             named_tensors=list(payloads), load_format="flattened_bucket", flush_cache=False,
         ), "update_weights_from_tensor")
         self.weight_updates += 1
 
     def flush_cache(self) -> None:
-        """Drop the radix / KV cache (computed with the previous weights)."""
+        """Drop the radix / KV cache (computed with the previous weights). Ends a weight update: the
+        weights sent since the last release are the engine's weights again."""
         self.engine.flush_cache()
+        if self.weight_updates > self._updates_at_release:
+            self.weights_lost = False
 
     def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """Send buckets as they come (e.g. ``TrainingBackend.export_weights``), then flush the cache.
@@ -504,8 +632,6 @@ class SGLangRolloutEngine:
         bucket on its own GPU, use :func:`update_weights_colocated_group` instead. Peak extra memory
         is one flattened copy of the current bucket (the call is synchronous, then it is released).
         """
-        if not self.config.colocated:
-            raise RuntimeError("update_weights_from_buckets is the colocated path; use update_weights_distributed")
         for bucket in buckets:
             if not bucket:
                 continue
@@ -516,48 +642,6 @@ class SGLangRolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Protocol entry: bucket the stream by ``weight_bucket_mb`` and send it (colocated)."""
         self.update_weights_from_buckets(bucket_named_tensors(named_tensors, self.config.weight_bucket_mb << 20))
-
-    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """Disaggregated path: join the NCCL group in which trainer rank 0 is rank 0 and the engine's
-        TP ranks are ``rank_offset ...`` (call concurrently with the trainer creating its side)."""
-        self._check(self.engine.init_weights_update_group(
-            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
-            world_size=world_size, group_name=self.config.weight_group_name, backend="nccl",
-        ), "init_weights_update_group")
-
-    def update_weights_distributed(self, buckets: Iterable[list[tuple[str, torch.Tensor]]],
-                                   broadcast: Callable[[torch.Tensor], None]) -> None:
-        """Disaggregated path: for each bucket announce names / dtypes / shapes to SGLang (its
-        ranks then wait on broadcasts from rank 0) while ``broadcast(tensor)`` sends each tensor in
-        the same order from the trainer. The SGLang call blocks until its ranks have received
-        everything, so it runs on a helper thread while this thread broadcasts."""
-        for bucket in buckets:
-            if not bucket:
-                continue
-            names = [n for n, _ in bucket]
-            dtypes = [str(t.dtype).replace("torch.", "") for _, t in bucket]
-            shapes = [list(t.shape) for _, t in bucket]
-            outcome: dict[str, Any] = {}
-
-            def announce():
-                try:
-                    outcome["result"] = self.engine.update_weights_from_distributed(
-                        names=names, dtypes=dtypes, shapes=shapes, group_name=self.config.weight_group_name,
-                        flush_cache=False,
-                    )
-                except BaseException as exc:  # re-raised on the caller's thread
-                    outcome["error"] = exc
-
-            worker = threading.Thread(target=announce, name="sglang-weight-announce")
-            worker.start()
-            for _, tensor in bucket:
-                broadcast(tensor)
-            worker.join()
-            if "error" in outcome:
-                raise outcome["error"]
-            self._check(outcome.get("result"), "update_weights_from_distributed")
-            self.weight_updates += 1
-        self.engine.flush_cache()
 
     @staticmethod
     def _check(result: Any, what: str) -> None:
@@ -574,22 +658,42 @@ class SGLangRolloutEngine:
             raise RuntimeError(f"SGLang {what} failed: {message}")
 
     # ------------------------------------------------------------------ memory
-    def sleep(self) -> None:
-        """Release weights and KV cache (needs ``enable_memory_saver``); the weights are gone until
-        the next ``update_weights``, which the step schedule always does right after ``wake``."""
-        if not self.asleep:
-            self.engine.release_memory_occupation()
-            self.asleep = True
+    @property
+    def asleep(self) -> bool:
+        """True while any memory is released (generation needs weights and KV cache)."""
+        return bool(self.released)
 
-    def wake(self, tags: list[str] | None = None) -> None:
-        """Re-allocate weights and KV cache (``tags`` e.g. ``["weights"]`` then ``["kv_cache"]`` to
-        keep the peak low while weights stream in)."""
-        if tags is None:
-            self.engine.resume_memory_occupation()
-        else:
-            self.engine.resume_memory_occupation(tags)
-        if tags is None or "kv_cache" in tags:
-            self.asleep = False
+    def sglang_memory_tags(self, tags: Sequence[str]) -> list[str]:
+        """SGLang's tags for protocol ``tags``: CUDA-graph memory, where SGLang tags it separately,
+        travels with the KV cache (both are only needed for decoding)."""
+        out = []
+        for tag in tags:
+            out.append(tag)
+            if tag == "kv_cache" and self.api.cuda_graph_memory_tag:
+                out.append("cuda_graph")
+        return out
+
+    def sleep(self, tags: Sequence[str] | None = None) -> None:
+        """Release ``tags`` (None: weights and KV cache; needs ``enable_memory_saver``). Released
+        weights are gone (no CPU backup): the next ``wake`` must be followed by ``update_weights``,
+        which the colocated step does, before ``generate``."""
+        todo = [t for t in memory_tags(tags) if t not in self.released]
+        if not todo:
+            return
+        self.engine.release_memory_occupation(tags=self.sglang_memory_tags(todo))
+        self.released.update(todo)
+        if "weights" in todo:
+            self.weights_lost = True
+            self._updates_at_release = self.weight_updates
+
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Resume ``tags`` (None: all released). Colocated order: ``wake(("weights",))``, weight
+        sync, ``wake(("kv_cache",))``, so the KV cache is not allocated while buckets are in flight."""
+        todo = [t for t in memory_tags(tags) if t in self.released]
+        if not todo:
+            return
+        self.engine.resume_memory_occupation(tags=self.sglang_memory_tags(todo))
+        self.released.difference_update(todo)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -79,3 +79,24 @@ def test_sync_weights_into_hf_engine(tokenizer):
     assert sent == sum(t.numel() * t.element_size() for t in source.state_dict().values())
     for name, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], tensor)
+
+
+def test_hf_engine_follows_the_tagged_wake_order(tokenizer, image_processor):
+    """The HF engine takes the colocated step's tagged calls: it generates only once both the
+    weights and the KV cache are awake, and an unknown tag is refused."""
+    from _rollout_helpers import build_model, make_request
+    from care_megatron.rollout.base import RolloutEngine, SamplingParams
+
+    engine = HFRolloutEngine(build_model(tokenizer, seed=1), tokenizer)
+    assert isinstance(engine, RolloutEngine)
+    request = [make_request(tokenizer, image_processor, "a", "what is 2 + 3")]
+    engine.sleep()
+    engine.wake(tags=("weights",))
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(request, SamplingParams(max_new_tokens=2))
+    engine.wake(tags=("kv_cache",))
+    assert len(engine.generate(request, SamplingParams(max_new_tokens=2))) == 1
+    engine.sleep(tags=("kv_cache",))
+    assert engine.released == {"kv_cache"}
+    with pytest.raises(ValueError, match="unknown memory tag"):
+        engine.wake(tags=("kv",))

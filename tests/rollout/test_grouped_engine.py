@@ -15,7 +15,7 @@ class EchoEngine:
     """Deterministic engine: the completion of a request is its prompt reversed; records every call."""
 
     def __init__(self):
-        self.calls, self.loaded, self.awake = [], {}, True
+        self.calls, self.loaded, self.awake, self.memory_calls = [], {}, True, []
 
     def generate(self, requests, sampling):
         self.calls.append([r.request_id for r in requests])
@@ -25,11 +25,13 @@ class EchoEngine:
     def update_weights(self, named):
         self.loaded.update({n: t.clone() for n, t in named})
 
-    def sleep(self):
+    def sleep(self, tags=None):
+        self.memory_calls.append(("sleep", tags))
         self.awake = False
 
-    def wake(self):
-        self.awake = True
+    def wake(self, tags=None):
+        self.memory_calls.append(("wake", tags))
+        self.awake = tags is None or "kv_cache" in tags
 
 
 def _worker(rank, port, out):
@@ -40,11 +42,13 @@ def _worker(rank, port, out):
     requests = [GenerationRequest(f"r{rank}-{i}", prompt_ids=[rank, i, 10 + i]) for i in range(2 + rank)]
     completions = grouped.generate(requests, SamplingParams())
     grouped.sleep()
-    grouped.wake()
+    grouped.wake(("weights",))
+    grouped.wake(("kv_cache",))
     grouped.update_weights([("w", torch.full((2,), float(rank)))])
     result = {"ids": [c.request_id for c in completions], "tokens": [c.token_ids for c in completions]}
     if engine is not None:
-        result.update(calls=engine.calls, loaded=engine.loaded["w"].tolist(), awake=engine.awake)
+        result.update(calls=engine.calls, loaded=engine.loaded["w"].tolist(), awake=engine.awake,
+                      memory_calls=engine.memory_calls)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -64,6 +68,8 @@ def test_requests_are_gathered_on_the_owner_and_completions_scattered_back(tmp_p
     # the owner decoded the whole group's requests in one call, in rank order
     assert r0["calls"] == [["r0-0", "r0-1", "r1-0", "r1-1", "r1-2"]]
     assert r0["loaded"] == [0.0, 0.0] and r0["awake"] is True  # the owner loads its own copy
+    # the tagged wake reaches the owner's engine unchanged, in order
+    assert r0["memory_calls"] == [("sleep", None), ("wake", ("weights",)), ("wake", ("kv_cache",))]
 
 
 def test_rollout_groups_tile_nodes():

@@ -1,14 +1,14 @@
 """SGLangRolloutEngine with the SGLang API surface faked at the import boundary.
 
-The fake ``sglang.Engine`` records calls and answers like SGLang's offline engine (dicts with
-``output_ids`` / ``meta_info``); the fake serializer pickles what it is given and the fake engine
-unpickles and rebuilds the bucket as SGLang would, so bucket serialisation is checked end to end
-on CPU tensors. Everything in ``sglang_engine`` itself runs for real.
+The fake ``sglang.Engine`` (``sglang_fakes``) records calls and answers like SGLang's offline engine
+of the faked version: dicts with ``output_ids`` / ``meta_info``, SGLang's image-token arithmetic,
+its memory tags, and garbage weights after a release that no weight update followed. Everything
+in ``sglang_engine`` itself runs for real.
 """
 from __future__ import annotations
 
 import os
-import queue
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +19,12 @@ import torch
 from care_megatron.rollout import sglang_engine as se
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 from _rollout_helpers import make_image, make_request
-from sglang_fakes import FakeEngine, FakeMetadata, fake_api
+from sglang_fakes import FAKED_VERSIONS, FakeMetadata, fake_api
 
 
-def make_engine(tokenizer=None, **cfg):
+def make_engine(tokenizer=None, version=FAKED_VERSIONS[-1], **cfg):
     config = se.SGLangEngineConfig(model_path="/runs/x/hf", **cfg)
-    return se.SGLangRolloutEngine(config, tokenizer, api=fake_api())
+    return se.SGLangRolloutEngine(config, tokenizer, api=fake_api(version))
 
 
 def sglang_output(tokens, logprobs, finish="stop", text="", with_output_ids=True):
@@ -56,17 +56,24 @@ def test_version_check(version, ok):
 
 def test_original_logprob_env_is_refused():
     se.check_logprob_convention({})
+    se.check_logprob_convention({"SGLANG_RETURN_ORIGINAL_LOGPROB": "0", "RETURN_ORIGINAL_LOGPROB": "false"})
     with pytest.raises(RuntimeError, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
         se.check_logprob_convention({"SGLANG_RETURN_ORIGINAL_LOGPROB": "True"})
+    # the name early 0.5.x reads (0.5.3 layers/sampler.py)
+    with pytest.raises(RuntimeError, match="^RETURN_ORIGINAL_LOGPROB is set"):
+        se.check_logprob_convention({"RETURN_ORIGINAL_LOGPROB": "1"})
 
 
 def test_engine_start_arguments(tokenizer):
-    engine = make_engine(tokenizer, tp_size=2, base_gpu_id=4, mem_fraction_static=0.4,
+    engine = make_engine(tokenizer, tp_size=2, base_gpu_id=4, mem_fraction_static=0.4, nccl_port=21007,
                          engine_kwargs={"disable_cuda_graph": True})
     assert isinstance(engine, RolloutEngine)
     assert engine.engine.kwargs == dict(model_path="/runs/x/hf", tp_size=2, base_gpu_id=4, mem_fraction_static=0.4,
-                                        enable_memory_saver=True, dtype="bfloat16", random_seed=0,
+                                        enable_memory_saver=True, dtype="bfloat16", random_seed=0, nccl_port=21007,
                                         disable_cuda_graph=True)
+    assert "nccl_port" not in se.SGLangEngineConfig(model_path="m").engine_args()  # SGLang's own choice
+    with pytest.raises(TypeError, match="no_such_server_arg"):  # the fake takes only real ServerArgs fields
+        make_engine(tokenizer, engine_kwargs={"no_such_server_arg": 1})
     assert engine.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     with pytest.raises(ValueError, match="mem_fraction_static"):
         se.SGLangEngineConfig(model_path="m", mem_fraction_static=1.0)
@@ -96,7 +103,9 @@ def test_request_building_splits_text_and_images(tokenizer, image_processor):
     assert text_idx == [1] and img_idx == [0, 2]
     assert text_kw["input_ids"] == [reqs[1].prompt_ids + reqs[1].prefix_ids]
     assert img_kw["prompt"] == [reqs[0].prompt_text, reqs[2].prompt_text + "<think> 2"]
-    assert img_kw["image_data"] == [[img], reqs[2].images]
+    # images travel at the trainer's size (grid x patch 14); these 56 px ones already are, so unchanged
+    assert [im.size for im in img_kw["image_data"][1]] == [(56, 56), (56, 56)]
+    assert img_kw["image_data"][0][0] is img
     for kw in (text_kw, img_kw):
         assert kw["return_logprob"] is True and kw["logprob_start_len"] == -1
         assert kw["sampling_params"] == {"temperature": 0.8, "top_p": 0.9, "top_k": -1, "max_new_tokens": 32,
@@ -197,23 +206,6 @@ def test_colocated_update_sends_every_tensor_per_rank_then_flushes(tokenizer):
         assert torch.equal(engine.engine.weights[name], tensor)
 
 
-def test_disaggregated_update_broadcasts_in_announced_order(tokenizer):
-    engine = make_engine(tokenizer, colocated=False, weight_group_name="g")
-    engine.init_weight_sync_group("10.0.0.1", 29600, rank_offset=1, world_size=3)
-    assert engine.engine.calls[0] == ("init_weights_update_group", dict(
-        master_address="10.0.0.1", master_port=29600, rank_offset=1, world_size=3, group_name="g", backend="nccl"))
-    engine.engine.channel = queue.Queue()
-    buckets = [[("x", torch.ones(2, 3)), ("y", torch.zeros(4, dtype=torch.bfloat16))], [("z", torch.full((1,), 5.0))]]
-    engine.update_weights_distributed(iter(buckets), broadcast=lambda t: engine.engine.channel.put(t.clone()))
-    announced = [kw for name, kw in engine.engine.calls if name == "update_weights_from_distributed"]
-    assert [kw["names"] for kw in announced] == [["x", "y"], ["z"]]
-    assert announced[0]["dtypes"] == ["float32", "bfloat16"] and announced[0]["shapes"] == [[2, 3], [4]]
-    assert torch.equal(engine.engine.weights["z"], torch.full((1,), 5.0))
-    assert engine.engine.calls[-1][0] == "flush_cache"
-    with pytest.raises(RuntimeError, match="colocated path"):
-        engine.update_weights([("x", torch.ones(1))])
-
-
 def test_failed_update_raises(tokenizer):
     engine = make_engine(tokenizer)
     engine.engine.update_weights_from_tensor = lambda **kw: (False, "shape mismatch for lm_head.weight")
@@ -221,20 +213,53 @@ def test_failed_update_raises(tokenizer):
         engine.update_weights([("lm_head.weight", torch.zeros(2))])
 
 
-def test_sleep_wake_shutdown_calls(tokenizer, image_processor):
-    engine = make_engine(tokenizer)
+@pytest.mark.parametrize("version", FAKED_VERSIONS)
+def test_tagged_sleep_wake_follow_sglang_tags(tokenizer, image_processor, version):
+    engine = make_engine(tokenizer, version=version)
+    kv = ["kv_cache", "cuda_graph"] if version != "0.5.3" else ["kv_cache"]  # 0.5.3 has no cuda_graph tag
     engine.sleep()
     engine.sleep()  # idempotent
-    with pytest.raises(RuntimeError, match="asleep"):
+    with pytest.raises(RuntimeError, match="released"):
         engine.generate([make_request(tokenizer, image_processor, "a", "count")], SamplingParams())
-    engine.wake(["weights"])
-    assert engine.asleep
-    engine.wake(["kv_cache"])
+    engine.wake(("weights",))
+    assert engine.asleep and engine.released == {"kv_cache"}
+    engine.wake(("weights",))  # already resumed: nothing sent (SGLang would raise KeyError)
+    engine.update_weights([("lm_head.weight", torch.ones(2, 2))])
+    engine.wake(("kv_cache",))
     assert not engine.asleep
+    engine.sleep(("kv_cache",))
+    engine.wake()
+    with pytest.raises(ValueError, match="unknown memory tag"):
+        engine.sleep(("cuda_graph",))  # not a protocol tag: it goes with the KV cache
     engine.shutdown()
-    names = [(n, kw.get("tags")) for n, kw in engine.engine.calls]
-    assert names == [("release_memory_occupation", None), ("resume_memory_occupation", ["weights"]),
-                     ("resume_memory_occupation", ["kv_cache"]), ("shutdown", None)]
+    memory = [(n, kw.get("tags")) for n, kw in engine.engine.calls if "memory" in n]
+    assert memory == [("release_memory_occupation", ["weights"] + kv), ("resume_memory_occupation", ["weights"]),
+                      ("resume_memory_occupation", kv), ("release_memory_occupation", kv),
+                      ("resume_memory_occupation", kv)]
+    assert engine.engine.offload_tags == set() and engine.engine.calls[-1][0] == "shutdown"
+
+
+@pytest.mark.parametrize("version", FAKED_VERSIONS)
+def test_released_weights_must_be_sent_again_before_generating(tokenizer, image_processor, version):
+    request = [make_request(tokenizer, image_processor, "a", "count")]
+    engine = make_engine(tokenizer, version=version)
+    engine.update_weights([("lm_head.weight", torch.ones(2, 2))])
+    engine.sleep()
+    assert torch.isnan(engine.engine.weights["lm_head.weight"]).all()  # the fake frees without a copy
+    engine.wake()
+    with pytest.raises(RuntimeError, match="weights were released"):
+        engine.generate(request, SamplingParams())
+    # the fake itself refuses too, so a caller that skipped the adapter's check would still fail
+    with pytest.raises(RuntimeError, match="released weights never sent again"):
+        engine.engine.generate(input_ids=[[1]], sampling_params={}, return_logprob=True)
+    with pytest.raises(RuntimeError, match="weights are released"):
+        engine.sleep(("weights",))
+        engine.update_weights([("lm_head.weight", torch.ones(2, 2))])
+    engine.wake(("weights",))
+    engine.update_weights([("lm_head.weight", torch.full((2, 2), 3.0))])
+    assert torch.equal(engine.engine.weights["lm_head.weight"], torch.full((2, 2), 3.0))
+    engine.engine.script = [[sglang_output([30], [-0.5])]]
+    assert engine.generate(request, SamplingParams())[0].token_ids == [30]
 
 
 def test_registry_lazy_and_unknown_names():
@@ -271,3 +296,156 @@ def test_colocated_group_update_gathers_each_ranks_payload(tmp_path):
     assert result["origins"] == [[0, 1]] * 3  # SGLang rank i got rank i's own copy
     assert result["calls"].count("update_weights_from_tensor") == 3 and result["calls"][-1] == "flush_cache"
     assert result["exact"] and len(result["names"]) == 4
+
+
+# --------------------------------------------------------------------------- NCCL ports (issue 12.6)
+def test_engines_of_one_node_get_distinct_nccl_ports_whatever_the_seed():
+    from care_megatron.config.schema import RunConfig
+    from care_megatron.rollout.builder import sglang_engine_config
+
+    config = RunConfig()
+    ports = []
+    for local_rank in (0, 2, 4, 6):  # four TP-2 engines of an 8-GPU node, each started by its own rank
+        random.seed(config.train.seed)  # every rank seeds identically (seed_everything)
+        placement = se.rollout_placement(local_rank, local_world_size=8, rollout_tp=2)
+        engine_config = sglang_engine_config(config, placement, "/runs/x/hf", model=None)
+        ports.append(engine_config.engine_args()["nccl_port"])
+    assert len(set(ports)) == 4
+    ranges = [range(se.NCCL_PORT_BASE + i * se.NCCL_PORT_SPAN, se.NCCL_PORT_BASE + (i + 1) * se.NCCL_PORT_SPAN)
+              for i in range(4)]
+    assert all(port in r for port, r in zip(ports, ranges))  # disjoint ranges: no race between the ranks
+
+
+def test_nccl_port_skips_ports_in_use():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        taken = busy.getsockname()[1]
+        assert not se.port_is_free(taken)
+        assert se.pick_nccl_port(0, base=taken, span=5) != taken  # the next free one of the slot
+    assert se.pick_nccl_port(3, is_free=lambda port: port % 2 == 1) == se.NCCL_PORT_BASE + 3 * se.NCCL_PORT_SPAN + 1
+    with pytest.raises(RuntimeError, match="no free port"):
+        se.pick_nccl_port(1, is_free=lambda port: False)
+
+
+# --------------------------------------------------------------------------- images (issue 12.7)
+def test_engine_receives_the_trainers_image_token_count(tokenizer):
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    # the trainer caps images at 112 x 112 pixels; SGLang's own bounds would keep them far larger
+    trainer_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    images = [Image.new("RGB", (300, 170), "red"), Image.new("RGB", (90, 250), "blue"), make_image(3, size=56)]
+    requests = [make_request(tokenizer, trainer_processor, f"r{i}", "count", [im]) for i, im in enumerate(images)]
+    engine = make_engine(tokenizer, image_min_pixels=56 * 56, image_max_pixels=112 * 112)
+    engine.engine.script = [[sglang_output([30], [-0.1]) for _ in requests]]
+    engine.generate(requests, SamplingParams())
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    trainer_counts = [[sum(t == pad for t in r.prompt_ids)] for r in requests]
+    assert engine.engine.image_token_counts == trainer_counts
+    # sent raw (the old behaviour), SGLang would have counted other tokens for the first two images
+    from sglang_fakes import sglang_image_tokens
+
+    assert [sglang_image_tokens(*im.size) for im in images[:2]] != [c[0] for c in trainer_counts[:2]]
+
+
+def test_trainer_pixel_bounds_outside_sglangs_are_refused_at_start():
+    with pytest.raises(ValueError, match="data.min_pixels"):
+        se.SGLangEngineConfig(model_path="m", image_min_pixels=28 * 28)
+    with pytest.raises(ValueError, match="data.max_pixels"):
+        se.SGLangEngineConfig(model_path="m", image_max_pixels=se.SGLANG_MAX_IMAGE_PIXELS + 1)
+    bad = GenerationRequest(request_id="x", prompt_ids=[1], prompt_text="t", images=[make_image(0)])
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        make_engine().build_generate_calls([bad], SamplingParams())
+
+
+# --------------------------------------------------------------------------- the trainer's wake order (12.5, 13.6)
+class ExportingBackend:
+    """The trainer side of a colocated step: exports fixed weights, records sleep / wake."""
+
+    def __init__(self, weights):
+        self.weights, self.calls = weights, []
+
+    def export_weights(self, bucket_bytes):
+        self.calls.append("export")
+        return se.bucket_named_tensors(iter(self.weights.items()), bucket_bytes)
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def wake(self):
+        self.calls.append("wake")
+
+
+@pytest.mark.parametrize("version", FAKED_VERSIONS)
+def test_trainer_rgr_round_trip_resends_the_weights_sglang_freed(tokenizer, image_processor, monkeypatch, version):
+    import care_megatron.trainer as trainer_module
+    from care_megatron.config.schema import RunConfig
+    from care_megatron.rollout.colocate import StepSchedule
+
+    weights = {"model.layers.0.mlp.up_proj.weight": torch.randn(4, 4), "lm_head.weight": torch.randn(8, 4)}
+    trainer = trainer_module.RLTrainer.__new__(trainer_module.RLTrainer)
+    trainer.config, trainer.backend = RunConfig(), ExportingBackend(weights)
+    trainer.engine = make_engine(tokenizer, version=version)
+    trainer.tokenizer, trainer.reward_fn = tokenizer, None
+    request = [make_request(tokenizer, image_processor, "a", "count")]
+
+    def reflect(engine, rollouts, targets, sampling, tokenizer, reward_fn, step):
+        return engine.generate(request, sampling)  # what reflect_hard_negatives asks of the engine
+
+    monkeypatch.setattr(trainer_module, "reflect_hard_negatives", reflect)
+    fake = trainer.engine.engine
+    fake.script = [[sglang_output([30], [-0.1])], [sglang_output([31], [-0.2])]]
+    s = StepSchedule(phases=trainer_module.RL_PHASES, timer=None)
+    s.begin_step()
+    trainer.engine.sleep()  # where the previous step left it
+    trainer.rollout_phase(s, "")
+    with s.phase("generate"):
+        trainer.engine.generate(request, SamplingParams())
+    trainer.trainer_phase(s, "")
+    with s.phase("logprobs"):
+        pass
+    reflected = trainer.rgr_round_trip(s, [], [0], SamplingParams(), step=0)  # fails if the weights are not re-sent
+    assert reflected[0].token_ids == [31]
+    s.end_step()
+    kv = ["kv_cache"] + (["cuda_graph"] if version != "0.5.3" else [])
+    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n != "update_weights_from_tensor"]
+    one_trip = [("resume_memory_occupation", ["weights"]), ("flush_cache", None), ("resume_memory_occupation", kv),
+                ("generate", None), ("release_memory_occupation", ["weights"] + kv)]
+    assert sequence == [("release_memory_occupation", ["weights"] + kv)] + one_trip + one_trip
+    assert trainer.backend.calls == ["export", "wake", "sleep", "export", "wake"]
+    for name, tensor in weights.items():
+        assert torch.isnan(fake.weights[name]).all()  # freed again at the end of the round trip
+    assert s.entered[:3] == ["wake_rollout", "update_weights", "wake_rollout_kv"]
+    assert "update_weights_rgr" in s.entered and s.entered.index("update_weights_rgr") < s.entered.index("generate_rgr")
+
+
+def test_engine_model_dir_processor_keeps_trainer_sized_images(tmp_path):
+    """The processor SGLang loads from the written model directory leaves the images the engine
+    sends at their size: the same patch grid, so the same image tokens, as the trainer's."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil  # the fast (torchvision) class is not installed here
+
+    from care_megatron.config.schema import RunConfig
+    from care_megatron.data.prompting import build_image_processor
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.rollout.builder import save_image_processor
+
+    config = RunConfig()
+    config.data.min_pixels, config.data.max_pixels = 56 * 56, 112 * 112
+    model, _, trainer_processor = build_model_and_processor(config.model, min_pixels=config.data.min_pixels,
+                                                            max_pixels=config.data.max_pixels)
+    save_image_processor(config, model, str(tmp_path))
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    loaded = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
+    patch = model.config.vision_config.patch_size
+    for size in [(300, 170), (90, 250), (56, 56), (1000, 999)]:
+        image = Image.new("RGB", size, "green")
+        grid = trainer_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        sent = se.trainer_sized_image(image, grid[0].tolist(), patch)
+        assert torch.equal(loaded(images=[sent], return_tensors="pt")["image_grid_thw"], grid), size
+        assert torch.equal(loaded(images=[image], return_tensors="pt")["image_grid_thw"], grid), size  # same bounds
+    assert (loaded.size.shortest_edge, loaded.size.longest_edge) == (56 * 56, 112 * 112)
+    reference = build_image_processor(config.model.arch, min_pixels=56 * 56, max_pixels=112 * 112)
+    assert loaded.merge_size == reference.merge_size and loaded.patch_size == patch
