@@ -125,15 +125,16 @@ def generate_rollouts(engine, records: list, prompts: list[PromptInputs], group_
 
 
 def reflect_hard_negatives(engine, rollouts: list[Rollout], targets: list[int], sampling, tokenizer,
-                           reward_fn: Callable, step: int) -> list[Rollout]:
-    """Reflection-Guided Resampling (spec section 5): one repair-cue continuation per target row,
-    decoded with the same sampling parameters and scored by the same verifier."""
-    from care_megatron.rollout.reflection import build_reflection_request
+                           reward_fn: Callable, step: int, mode: str = "repair") -> list[Rollout]:
+    """Reflection-Guided Resampling (spec section 5): one repair-cue continuation per target row
+    (``mode`` ``resample`` / ``fresh``: the paper's cue-free controls), decoded with the same
+    sampling parameters and scored by the same verifier."""
+    from care_megatron.rollout.reflection import build_rgr_request
 
     if not targets:
         return []
-    requests = [build_reflection_request(prompt_request(rollouts[t].prompt, f"s{step}/rgr{t}"),
-                                         rollouts[t].response_text, tokenizer) for t in targets]
+    requests = [build_rgr_request(prompt_request(rollouts[t].prompt, f"s{step}/rgr{t}"),
+                                  rollouts[t].response_text, tokenizer, mode) for t in targets]
     completions = engine.generate(requests, sampling)
     stop_ids = set(sampling.stop_token_ids) | set(getattr(engine, "stop_token_ids", []))
     return [make_rollout(rollouts[t].group, rollouts[t].record, rollouts[t].prompt, c, tokenizer, reward_fn,
