@@ -136,14 +136,17 @@ class ScriptedRolloutEngine:
         self.awake = False
 
 
-def install(records_from_config: bool = True) -> None:
+def build_scripted_engine(config, model, tokenizer) -> ScriptedRolloutEngine:
+    """Stand-in for ``care_megatron.rollout.builder.build_rollout_engine``: the records come from the
+    run's own data config, so the engine knows every prompt's answer."""
+    from care_megatron.data.dataset import build_records
+
+    data = build_records(config.data)
+    return ScriptedRolloutEngine(tokenizer, data.train + data.eval, config.rollout.group_size)
+
+
+def install() -> None:
     """Make ``build_rollout_engine`` return a scripted engine (for runs started in a subprocess)."""
     import care_megatron.rollout.builder as builder
 
-    def build(config, model, tokenizer):
-        from care_megatron.data.dataset import build_records
-
-        data = build_records(config.data)
-        return ScriptedRolloutEngine(tokenizer, data.train + data.eval, config.rollout.group_size)
-
-    builder.build_rollout_engine = build
+    builder.build_rollout_engine = build_scripted_engine
