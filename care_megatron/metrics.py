@@ -124,7 +124,7 @@ def merge_diagnostic_payloads(payloads: list[dict]) -> dict:
 
 
 def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None) -> dict[str, float]:
-    """One RL step's metrics: spec section 8 diagnostics from the rollouts and advantages, plus the
+    """One RL step's metrics: docs/algorithm.md section 9 diagnostics from the rollouts and advantages, plus the
     update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
     fractions are rebuilt from summed counts; per-micro-batch means are averaged.
 

@@ -80,7 +80,7 @@ class SubgroupRole(IntEnum):
 
 @dataclass
 class CareConfig:
-    """Hyper-parameters of CARE's advantage computation (spec sections 2-6)."""
+    """Hyper-parameters of CARE's advantage computation (docs/algorithm.md sections 2-6)."""
 
     k: int = 4
     """K: target number of hard negatives per subgroup (paper: G = 8, K = 4)."""
@@ -288,7 +288,7 @@ def care_advantages(
     config: CareConfig | None = None,
     reflected_from: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """CARE sequence-level advantages for a batch of groups (spec sections 2-5).
+    """CARE sequence-level advantages for a batch of groups (docs/algorithm.md sections 2-5).
 
     Args (N rollouts, G distinct groups, D embedding size):
         group_index: LongTensor[N]; rollouts of one prompt share a value.
@@ -346,7 +346,7 @@ def care_advantages(
 
     r_all = rewards.detach().double()
     r = layout.gather(r_all)
-    # a float "correct" is read as accuracy: the gate is accuracy == 1 (spec section 1), not > 0
+    # a float "correct" is read as accuracy: the gate is accuracy == 1 (docs/algorithm.md section 1), not > 0
     gate = correct >= 1 if correct.is_floating_point() else correct.bool()
     is_pos = layout.gather(gate) & valid
     is_fail = valid & ~is_pos

@@ -1,11 +1,11 @@
-"""Per-step diagnostics of spec section 8, as a flat ``dict[str, float]`` ready for JSONL / TensorBoard.
+"""Per-step diagnostics of docs/algorithm.md section 9, as a flat ``dict[str, float]`` ready for JSONL / TensorBoard.
 
 :func:`advantage_diagnostics` covers everything computed from rewards and advantages (any
 estimator; the CARE-only keys appear when its ``info`` is given). Clip fractions, KL and entropy
 come from the policy loss metrics (:mod:`.policy_losses`), which the trainer sums over
 micro-batches; :func:`clip_fractions` turns those summed counts into exact step fractions.
 
-Definitions chosen where section 8 leaves room:
+Definitions chosen where the paper leaves room:
 
 * ``reward/mean``, ``accuracy/mean``, ``format/mean``, ``length/*``: over the G original rollouts
   per prompt only, so CARE's curves compare with the baselines' (which have no RGR samples). The

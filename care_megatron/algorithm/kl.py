@@ -1,4 +1,4 @@
-"""Per-token KL estimators between the policy and the frozen reference (spec section 6).
+"""Per-token KL estimators between the policy and the frozen reference (docs/algorithm.md sections 6 and 8).
 
 With samples drawn from the policy and ``log_ratio = ref_logprobs - logprobs`` (log pi_ref/pi):
 
@@ -14,7 +14,7 @@ Numerical guards (see ``docs/algorithm.md``):
   estimator; its ``kl`` (k1) and ``mse`` (k2) are unclamped. Clamping k1 / k2 as well is this
   project's choice (it only matters for tokens more than 20 nats off the reference).
 * The k3 *value* is then clamped to ``[-kl_clamp, kl_clamp]`` (default 10, ``None`` disables), as
-  verl / EasyR1 ``low_var_kl`` do (spec section 6): one token far off the reference cannot dominate
+  verl / EasyR1 ``low_var_kl`` do (docs/algorithm.md section 8): one token far off the reference cannot dominate
   the step's KL term, and a clamped token gets no KL gradient. k3 >= 0, so only the upper bound
   ever acts. k1 and k2 are never value-clamped.
 

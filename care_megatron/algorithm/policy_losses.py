@@ -1,4 +1,4 @@
-"""Region weights, per-token advantages and the policy losses, registered by name (spec sections 6-7).
+"""Region weights, per-token advantages and the policy losses, registered by name (docs/algorithm.md sections 6-8).
 
 Every loss works on the FLAT per-token tensors of one packed micro-batch (THD layout, see
 :mod:`care_megatron.data.batch`) and has one signature::
@@ -34,7 +34,7 @@ never splits one). Concretely:
   estimator ``config.kl_estimator`` (:mod:`.kl`). Entropy bonus (when ``config.entropy_coef > 0``):
   ``-entropy_coef * sum_{i,t} H_t / N_tok``.
 
-Safety limits (spec section 6, on by default): the **dual clip** caps the per-token loss of a
+Safety limits (docs/algorithm.md section 8, on by default): the **dual clip** caps the per-token loss of a
 negative-advantage token at ``config.dual_clip * |A_hat|`` (0 disables; counted in
 ``count/dual_clipped``), for every token-level loss above but not gspo's sequence ratio; the k3 KL
 value is clamped to ``[-config.kl_clamp, config.kl_clamp]`` (None disables).
@@ -62,7 +62,7 @@ import torch
 from care_megatron.algorithm.kl import DEFAULT_KL_CLAMP, KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_penalty
 from care_megatron.rewards.regions import Region
 
-# spec section 7: (clip_low, clip_high, kl_coef) of each method
+# docs/algorithm.md section 7: (clip_low, clip_high, kl_coef) of each method
 METHOD_DEFAULTS: dict[str, tuple[float, float, float]] = {
     "care": (0.2, 0.28, 0.02),
     "grpo": (0.2, 0.2, 0.02),
@@ -78,7 +78,7 @@ the baselines keep uniform token weights (paper appendix 8: "token-uniform weigh
 
 @dataclass
 class PolicyLossConfig:
-    """Coefficients of the policy loss (spec sections 6-7)."""
+    """Coefficients of the policy loss (docs/algorithm.md sections 6-7)."""
 
     clip_low: float = 0.2
     """eps_low: the ratio is clipped below at 1 - clip_low."""
@@ -91,7 +91,7 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     """Entropy bonus weight (0 = off); the bonus is subtracted from the loss."""
     dual_clip: float = 3.0
-    """c of the dual clip (spec section 6): a token with a negative advantage loses at most
+    """c of the dual clip (docs/algorithm.md section 8): a token with a negative advantage loses at most
     ``c * |A_hat|`` (its ratio's influence stops at ``rho = c``); every token-level clipped loss
     (care, grpo, dapo, rloo, dr_grpo), not gspo's sequence ratio. 0 disables; otherwise > 1
     (verl ``clip_ratio_c`` = 3.0)."""
@@ -148,7 +148,7 @@ def region_weights(
     think_weight_pos: float = 0.005,
     think_weight_neg: float = 0.0,
 ) -> torch.Tensor:
-    """Token weights w_{i,t} of spec section 6 -> FloatTensor[T].
+    """Token weights w_{i,t} of docs/algorithm.md section 6 -> FloatTensor[T].
 
     ``region_ids`` LongTensor[T] (:class:`Region` codes); ``response_mask`` BoolTensor[T];
     ``token_sequence_ids`` LongTensor[T] (-1 on padding); ``positive`` BoolTensor[n] per sequence

@@ -32,7 +32,7 @@ REPAIR_CUE = (
     "Your previous reasoning was incorrect. Identify the failing operation, correct it, and "
     "re-derive the necessary quantities. Keep this section concise. Do not restate the question."
 )
-"""The repair cue of spec section 5, verbatim."""
+"""The repair cue of docs/algorithm.md section 5, verbatim."""
 
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
@@ -107,7 +107,7 @@ def build_rgr_request(original: GenerationRequest, negative_response_text: str, 
     * ``resample``: h's same truncated rationale continued with no cue (does the cue matter?);
     * ``fresh``: a new rollout of the prompt, no prefix (does conditioning on h matter at all?).
 
-    Whatever the mode, the result takes h's place exactly as a reflection does (spec section 5).
+    Whatever the mode, the result takes h's place exactly as a reflection does (docs/algorithm.md section 5).
     """
     if mode == "repair":
         return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id)

@@ -227,3 +227,20 @@ def test_think_weight_neg_unmasks_failed_think(tmp_path):
                 assert torch.allclose(mb.token_fields["token_weights"][tokens][think], torch.tensor(0.005))
                 checked += 1
     assert checked == 6  # rows 2, 3, 5, 6, 7, 8
+
+
+def test_switches_rescue_equalisation_k_and_reflect_scale_reach_the_step(tmp_path):
+    """algorithm.care={k: 3, equalize: false, rescue: false, reflect_neg_scale: 0.5} on the same script:
+    no sqrt(K/K') factor, the all-negative group gets nothing, the failed reflection the full scale."""
+    _, metrics, captured = run_scripted_step(
+        tmp_path, "algorithm.care={k: 3, equalize: false, rescue: false, reflect_neg_scale: 0.5}")
+    _, (adv, info) = captured["advantages"][1]
+    expected = {row: 0.0 for row in range(18)}
+    z_pos, z_neg = two_value_z(3, 2, 0.9)  # slot 0: K' = 2, reflected success
+    expected[0] = expected[16] = z_pos
+    expected[3] = -0.5 * abs(z_neg)
+    z_a, z_n = two_value_z(4, 1, 0.9)  # slot 1: K' = min(3, 3) = 3, failed reflection at scale 0.5
+    expected[4] = z_a
+    expected[17] = expected[6] = expected[7] = -0.5 * abs(z_n)
+    assert adv.tolist() == pytest.approx([expected[row] for row in range(18)], rel=1e-5, abs=1e-6)
+    assert info["rescue"].tolist() == [False] * 4 and metrics[0]["rescue/rate"] == 0.0

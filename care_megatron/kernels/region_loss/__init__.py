@@ -1,4 +1,4 @@
-"""Fused region-weighted clipped surrogate + k3 KL (CARE_SPEC.md section 6), one op.
+"""Fused region-weighted clipped surrogate + k3 KL (docs/algorithm.md sections 6 and 8), one op.
 
 ``region_policy_loss`` returns ``(loss, stats)``: the scalar loss, already divided by the global
 normalisers (training/base.py loss contract), and a :class:`RegionLossStats` whose tensors stay on

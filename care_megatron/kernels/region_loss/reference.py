@@ -1,4 +1,4 @@
-"""Torch reference for CARE's region-weighted token objective (CARE_SPEC.md section 6).
+"""Torch reference for CARE's region-weighted token objective (docs/algorithm.md sections 6 and 8).
 
 Pure, readable and differentiable by torch autograd; the Triton kernels in ``triton.py`` must match
 it to the tolerances of ``tests/kernels/test_region_loss.py``.
