@@ -138,7 +138,9 @@ def clip_fractions(summed_loss_metrics: dict[str, float]) -> dict[str, float]:
             part = key[len("count/tokens/"):]
             clipped = summed_loss_metrics.get(f"count/clipped/{part}", 0.0)
             out[f"clip_frac/{part}"] = clipped / total if total else 0.0
-    if "count/dual_clipped" in summed_loss_metrics:  # share of negative-advantage tokens the dual clip capped
-        total = summed_loss_metrics.get("count/tokens/neg_adv", 0.0)
+    # share of negative-advantage tokens the dual clip capped (the fused CARE kernel buckets its counts by
+    # correctness, not advantage sign, so its steps omit this fraction)
+    if "count/dual_clipped" in summed_loss_metrics and "count/tokens/neg_adv" in summed_loss_metrics:
+        total = summed_loss_metrics["count/tokens/neg_adv"]
         out["clip_frac/dual"] = summed_loss_metrics["count/dual_clipped"] / total if total else 0.0
     return out

@@ -337,6 +337,9 @@ def test_dual_clip_and_kl_clamp_hand_values(name):
     assert metrics["kl"] == pytest.approx(kl, rel=1e-6)
     assert loss.item() == pytest.approx(pg + 0.1 * kl, rel=1e-6)
     assert metrics["count/dual_clipped"] == 1.0
+    from care_megatron.algorithm.diagnostics import clip_fractions
+
+    assert clip_fractions(metrics)["clip_frac/dual"] == 0.5  # one of the two negative-advantage tokens
     # d/dlogp: t0 nothing (both limits hold it constant); t1 -rho A; t2 -rho A plus the KL's (1 - e^d)
     expected = torch.tensor([0.0, -1.0 / divisor, 2.0 / divisor + 0.1 * (1 - math.exp(-0.5)) / 3.0])
     assert torch.allclose(logprobs.grad, expected, atol=1e-6), logprobs.grad
