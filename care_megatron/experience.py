@@ -1,7 +1,7 @@
 """Experience: what one RL step collects, from generated tokens to the per-token tensors of training.
 
 One :class:`Rollout` per generated response: its prompt (group), the completion, its reward, and the
-region of every response token. Reflection-Guided Resampling samples (spec section 5) are rollouts
+region of every response token. Reflection-Guided Resampling samples (docs/algorithm.md section 5) are rollouts
 too: their ``prefix_ids`` (the failed rationale with the repair cue) are trained as prompt, only the
 continuation carries loss, and ``reflected_from`` names the hard negative they replace.
 """
@@ -91,7 +91,7 @@ def to_sequence(rollout: Rollout, index: int) -> Sequence:
 
 
 def advantage_inputs(rollouts: list[Rollout], think_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-rollout tensors every advantage estimator takes (spec sections 2-5, 7)."""
+    """The per-rollout tensors every advantage estimator takes (docs/algorithm.md sections 2-5, 7)."""
     return dict(
         group_index=torch.tensor([r.group for r in rollouts], dtype=torch.long),
         rewards=torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
@@ -125,15 +125,16 @@ def generate_rollouts(engine, records: list, prompts: list[PromptInputs], group_
 
 
 def reflect_hard_negatives(engine, rollouts: list[Rollout], targets: list[int], sampling, tokenizer,
-                           reward_fn: Callable, step: int) -> list[Rollout]:
-    """Reflection-Guided Resampling (spec section 5): one repair-cue continuation per target row,
-    decoded with the same sampling parameters and scored by the same verifier."""
-    from care_megatron.rollout.reflection import build_reflection_request
+                           reward_fn: Callable, step: int, mode: str = "repair") -> list[Rollout]:
+    """Reflection-Guided Resampling (docs/algorithm.md section 5): one repair-cue continuation per target row
+    (``mode`` ``resample`` / ``fresh``: the paper's cue-free controls), decoded with the same
+    sampling parameters and scored by the same verifier."""
+    from care_megatron.rollout.reflection import build_rgr_request
 
     if not targets:
         return []
-    requests = [build_reflection_request(prompt_request(rollouts[t].prompt, f"s{step}/rgr{t}"),
-                                         rollouts[t].response_text, tokenizer) for t in targets]
+    requests = [build_rgr_request(prompt_request(rollouts[t].prompt, f"s{step}/rgr{t}"),
+                                  rollouts[t].response_text, tokenizer, mode) for t in targets]
     completions = engine.generate(requests, sampling)
     stop_ids = set(sampling.stop_token_ids) | set(getattr(engine, "stop_token_ids", []))
     return [make_rollout(rollouts[t].group, rollouts[t].record, rollouts[t].prompt, c, tokenizer, reward_fn,
@@ -144,7 +145,7 @@ def reflect_hard_negatives(engine, rollouts: list[Rollout], targets: list[int], 
 def dapo_dynamic_sampling(rollouts: list[Rollout], more_rollouts: Callable[[int, int], list[Rollout]], target_groups: int,
                           max_new_tokens: int, overlong_buffer: int, overlong_penalty: float,
                           max_rounds: int = 2) -> tuple[list[Rollout], dict[str, float]]:
-    """DAPO (spec section 7): soft overlong penalty on the reward, drop groups whose rewards have zero
+    """DAPO (docs/algorithm.md section 7): soft overlong penalty on the reward, drop groups whose rewards have zero
     variance, refill with ``more_rollouts(num_prompts, group_offset)`` (at most ``max_rounds`` extra
     generations) up to ``target_groups`` groups. Never returns an empty step."""
     from care_megatron.algorithm.dapo import dynamic_sampling_filter, soft_overlong_penalty

@@ -124,7 +124,7 @@ def merge_diagnostic_payloads(payloads: list[dict]) -> dict:
 
 
 def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None) -> dict[str, float]:
-    """One RL step's metrics: spec section 8 diagnostics from the rollouts and advantages, plus the
+    """One RL step's metrics: docs/algorithm.md section 9 diagnostics from the rollouts and advantages, plus the
     update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
     fractions are rebuilt from summed counts; per-micro-batch means are averaged.
 
@@ -148,7 +148,11 @@ def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None)
     parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
     metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
     metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate, skipped=float(result.skipped))
-    metrics["length/response_mean"] = float(np.mean(rows["response_length"].numpy())) if len(rows["response_length"]) else float("nan")
+    # over the original rollouts, like reward/* (RGR continuations are reported under rgr/*)
+    original = rows["response_length"]
+    if payload["info"] is not None:
+        original = original[~payload["info"]["is_reflected"].bool()]
+    metrics["length/response_mean"] = float(np.mean(original.numpy())) if len(original) else float("nan")
     return metrics
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -46,6 +47,15 @@ trainer's embedding pass picks the hard negatives) spelled out as its own phases
 two parts: its weights, then (after the sync) its KV cache."""
 
 
+def derive_seed(run_seed: int, step: int, dp_rank: int, stream: str, base: int = 0) -> int:
+    """A 31-bit seed (small enough for every engine) for one random stream of one step on one
+    data-parallel rank (``stream``: ``care`` for the random anchor / selector ablations, ``rgr`` for
+    RGR's decoding), so every step draws afresh, ranks draw independently, and a resumed run draws
+    what the uninterrupted one did."""
+    key = f"{run_seed}/{base}/{step}/{dp_rank}/{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 33
+
+
 class RLTrainer:
     def __init__(self, config: RunConfig, progress: bool = True):
         from care_megatron.models import build_model_and_processor
@@ -71,9 +81,11 @@ class RLTrainer:
         self.care_config = CareConfig(**algo.care)
         self.advantage_fn = get_advantage_fn(algo.name)
         self.loss_config = PolicyLossConfig.for_method(algo.name, algo.clip_low, algo.clip_high, algo.kl_coef,
-                                                       algo.kl_estimator, algo.entropy_coef)
+                                                       algo.kl_estimator, algo.entropy_coef,
+                                                       dual_clip=algo.dual_clip, kl_clamp=algo.kl_clamp)
         self.loss_fn = step_inputs.make_loss_fn(get_policy_loss(algo.name), self.loss_config, algo.name,
-                                                self.care_config.think_weight_pos)
+                                                self.care_config.think_weight_pos,
+                                                think_weight_neg=self.care_config.think_weight_neg)
         self.reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(format_weight=algo.format_weight))
         stops = list(getattr(self.engine, "stop_token_ids", []))
         self.sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
@@ -95,6 +107,9 @@ class RLTrainer:
         # data-parallel ranks sample different prompts with independent streams (rank 0 keeps the
         # single-process seed; the ranks of one TP / CP group share a DP rank, so their rollouts agree)
         sampling = SamplingParams(**self.sampling, seed=cfg.train.seed * 1_000_003 + step + self.dp_rank * 10_000_019)
+        # the random anchor / selector ablations and RGR's decoding draw fresh per step and rank
+        care_config = dataclasses.replace(self.care_config, seed=derive_seed(
+            cfg.train.seed, step, self.dp_rank, "care", base=self.care_config.seed))
         s.begin_step()
         records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size])
         self.rollout_phase(s, "")
@@ -111,10 +126,11 @@ class RLTrainer:
             outputs = self.backend.forward_logprobs(packed, with_think_embeddings=True)
             old = step_inputs.per_sequence_logprobs(packed, outputs)
             embeddings = step_inputs.per_sequence_embeddings(packed, outputs)
-        advantages, info = self.advantages(rollouts, embeddings)
+        advantages, info = self.advantages(rollouts, embeddings, care_config)
         targets = [int(t) for t in info["rgr_target"].tolist() if t >= 0] if self.method == "care" and cfg.algorithm.rgr else []
         if targets:  # RGR (spec section 5): training only, in anchored groups with a hard negative
-            reflected = self.rgr_round_trip(s, rollouts, targets, sampling, step)
+            rgr_sampling = dataclasses.replace(sampling, seed=derive_seed(cfg.train.seed, step, self.dp_rank, "rgr"))
+            reflected = self.rgr_round_trip(s, rollouts, targets, rgr_sampling, step)
             new = [to_sequence(r, len(rollouts) + i) for i, r in enumerate(reflected)]
             with s.phase("logprobs_rgr"):
                 packed_new = self.pack(new)
@@ -122,7 +138,7 @@ class RLTrainer:
                 old += step_inputs.per_sequence_logprobs(packed_new, out_new)
                 embeddings = torch.cat([embeddings, step_inputs.per_sequence_embeddings(packed_new, out_new)])
             rollouts, sequences = rollouts + reflected, sequences + new
-            advantages, info = self.advantages(rollouts, embeddings)
+            advantages, info = self.advantages(rollouts, embeddings, care_config)
         for seq, lp in zip(sequences, old):
             seq.token_fields["old_logprobs"] = lp.float()
         packed = self.pack(sequences)
@@ -130,7 +146,8 @@ class RLTrainer:
         normalisers, mismatch = step_inputs.attach_loss_inputs(
             packed, self.method, advantages, positive, self.care_config.think_weight_pos,
             cfg.rollout.max_new_tokens, cfg.rollout.tis_cap,
-            group=getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None)
+            group=getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None,
+            think_weight_neg=self.care_config.think_weight_neg)
         if self.loss_config.kl_coef > 0:
             with s.phase("reference_logprobs"):
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
@@ -177,7 +194,7 @@ class RLTrainer:
         self.rollout_phase(s, "_rgr")
         with s.phase("generate_rgr"):
             reflected = reflect_hard_negatives(self.engine, rollouts, targets, sampling, self.tokenizer,
-                                               self.reward_fn, step)
+                                               self.reward_fn, step, mode=self.config.algorithm.rgr_mode)
         self.trainer_phase(s, "_rgr")
         return reflected
 
@@ -206,9 +223,9 @@ class RLTrainer:
                               pad_multiple=int(getattr(self.backend, "pack_multiple", 1)),
                               pad_token_id=self.tokenizer.pad_token_id or 0)
 
-    def advantages(self, rollouts, embeddings):
+    def advantages(self, rollouts, embeddings, care_config: CareConfig | None = None):
         inputs = AdvantageInputs(**advantage_inputs(rollouts, embeddings))
-        return self.advantage_fn(inputs, self.care_config)
+        return self.advantage_fn(inputs, care_config or self.care_config)
 
     # ---------------------------------------------------------------- evaluation / checkpoints
     def evaluate(self) -> dict[str, float]:

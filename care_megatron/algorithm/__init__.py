@@ -1,4 +1,4 @@
-"""care_megatron.algorithm: CARE and its baselines as pure, vectorised PyTorch (spec sections 2-8).
+"""care_megatron.algorithm: CARE and its baselines as pure, vectorised PyTorch (docs/algorithm.md).
 
 No torch.distributed, Megatron or SGLang here: everything runs the same on CPU and GPU and is
 unit-tested against closed forms and a per-group loop reference (``tools/bench_advantages.py``).

@@ -1,4 +1,4 @@
-"""Advantage estimators registered by name, one shared signature (spec section 7).
+"""Advantage estimators registered by name, one shared signature (docs/algorithm.md section 7).
 
 Every estimator is ``fn(batch: AdvantageInputs, config) -> (advantages FloatTensor[N], info dict)``
 so the trainer calls any of them by ``AlgorithmConfig.name``:
@@ -8,7 +8,7 @@ so the trainer calls any of them by ``AlgorithmConfig.name``:
 ``config`` is a :class:`~care_megatron.algorithm.care.CareConfig` for ``care``; the baselines only
 read its ``eps`` (1e-6 when ``config`` is None).
 
-Baseline conventions (spec section 7), all vectorised over groups with scatter/bincount:
+Baseline conventions (docs/algorithm.md section 7), all vectorised over groups with scatter/bincount:
 
 * ``grpo`` / ``dapo`` / ``gspo``: ``(r - mean_g) / (std_g + eps)`` with the *sample*
   (Bessel-corrected) std, as verl and TRL compute it; the three differ only in their losses, and
@@ -47,7 +47,7 @@ class AdvantageInputs:
     group_index: torch.Tensor
     """Which prompt each rollout answers; rollouts of one prompt share a value."""
     rewards: torch.Tensor
-    """Overall reward r (spec section 1)."""
+    """Overall reward r (docs/algorithm.md section 1)."""
     correct: torch.Tensor | None = None
     """Correctness gate (accuracy == 1); ``care`` requires it."""
     think_lengths: torch.Tensor | None = None
@@ -152,7 +152,7 @@ def group_zscore(batch: AdvantageInputs, config=None) -> tuple[torch.Tensor, dic
 
 @register_advantage("grpo")
 def grpo_advantages(batch: AdvantageInputs, config=None) -> tuple[torch.Tensor, dict]:
-    """GRPO: z-score over the whole group with the sample std (spec section 7)."""
+    """GRPO: z-score over the whole group with the sample std (docs/algorithm.md section 7)."""
     return group_zscore(batch, config)
 
 
@@ -170,7 +170,7 @@ def gspo_advantages(batch: AdvantageInputs, config=None) -> tuple[torch.Tensor, 
 
 @register_advantage("dr_grpo")
 def dr_grpo_advantages(batch: AdvantageInputs, config=None) -> tuple[torch.Tensor, dict]:
-    """Dr.GRPO: ``r - mean_g``, no std division (spec section 7)."""
+    """Dr.GRPO: ``r - mean_g``, no std division (docs/algorithm.md section 7)."""
     group_of, size, mean, std = group_statistics(batch.group_index, batch.rewards)
     adv = batch.rewards.detach().double() - mean[group_of]
     return adv.to(_out_dtype(batch.rewards)), _baseline_info(group_of, size, mean, std)
@@ -178,7 +178,7 @@ def dr_grpo_advantages(batch: AdvantageInputs, config=None) -> tuple[torch.Tenso
 
 @register_advantage("rloo")
 def rloo_advantages(batch: AdvantageInputs, config=None) -> tuple[torch.Tensor, dict]:
-    """RLOO: ``r_i - (sum_g - r_i) / (n_g - 1)``; 0 for groups of one (spec section 7)."""
+    """RLOO: ``r_i - (sum_g - r_i) / (n_g - 1)``; 0 for groups of one (docs/algorithm.md section 7)."""
     group_of, size, mean, std = group_statistics(batch.group_index, batch.rewards)
     r = batch.rewards.detach().double()
     n = size[group_of].double()
@@ -197,7 +197,7 @@ def _as_care_config(config) -> CareConfig:
 
 @register_advantage("care")
 def care_advantage_fn(batch: AdvantageInputs, config: CareConfig | None = None) -> tuple[torch.Tensor, dict]:
-    """CARE (spec sections 2-5) through :func:`care_megatron.algorithm.care.care_advantages`."""
+    """CARE (docs/algorithm.md sections 2-5) through :func:`care_megatron.algorithm.care.care_advantages`."""
     if batch.correct is None or batch.think_embeddings is None:
         raise ValueError("care advantages need AdvantageInputs.correct and AdvantageInputs.think_embeddings")
     n = batch.rewards.numel()

@@ -1,6 +1,7 @@
 """CARE advantages: anchor, hard negatives, subgroup z-scores, all-negative rescue, RGR bookkeeping.
 
-Implements ``shared/CARE_SPEC.md`` sections 2-5 over a whole batch of groups at once. Every step is
+Implements sections 2-5 of the project's algorithm document, ``docs/algorithm.md``, over a whole
+batch of groups at once. Every step is
 a tensor operation on a padded ``[G, S]`` view of the batch (see :mod:`.groups`); the only Python
 loops run over the K negatives picked farthest-first (K <= ~8), never over groups or rollouts.
 
@@ -79,7 +80,7 @@ class SubgroupRole(IntEnum):
 
 @dataclass
 class CareConfig:
-    """Hyper-parameters of CARE's advantage computation (spec sections 2-6)."""
+    """Hyper-parameters of CARE's advantage computation (docs/algorithm.md sections 2-6)."""
 
     k: int = 4
     """K: target number of hard negatives per subgroup (paper: G = 8, K = 4)."""
@@ -107,9 +108,14 @@ class CareConfig:
     """Hard-negative selector: ``cosine`` (nearest M, farthest-first), ``random``, ``farthest``, ``mixed``."""
     think_weight_pos: float = 0.005
     """gamma_pos: token weight of a positive's <think> tokens in the region-weighted loss (section 6)."""
+    think_weight_neg: float = 0.0
+    """Token weight of a failed response's <think> tokens (section 6: 0, failed rationales are masked;
+    the paper's "RW (fail-think unmasked)" ablation sets it to gamma_pos)."""
     seed: int = 0
     """Seed of the ``random`` anchor rule and the ``random`` selector (a fresh CPU generator per call, so
-    the calls before and after RGR draw the same); the trainer varies it per step (e.g. base + step)."""
+    the calls before and after RGR draw the same). The trainer replaces it every step with a value
+    derived from (``train.seed``, this base seed, step, data-parallel rank): see
+    ``care_megatron.trainer.derive_seed``."""
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, message: str) -> None:
@@ -128,6 +134,7 @@ class CareConfig:
         check(self.negative_selector in NEGATIVE_SELECTORS, "negative_selector",
               f"unknown selector {self.negative_selector!r}; valid: {', '.join(NEGATIVE_SELECTORS)}")
         check(0 <= self.think_weight_pos <= 1, "think_weight_pos", f"must be in [0, 1], got {self.think_weight_pos!r}")
+        check(0 <= self.think_weight_neg <= 1, "think_weight_neg", f"must be in [0, 1], got {self.think_weight_neg!r}")
         check(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
 
 
@@ -281,7 +288,7 @@ def care_advantages(
     config: CareConfig | None = None,
     reflected_from: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """CARE sequence-level advantages for a batch of groups (spec sections 2-5).
+    """CARE sequence-level advantages for a batch of groups (docs/algorithm.md sections 2-5).
 
     Args (N rollouts, G distinct groups, D embedding size):
         group_index: LongTensor[N]; rollouts of one prompt share a value.
@@ -339,7 +346,7 @@ def care_advantages(
 
     r_all = rewards.detach().double()
     r = layout.gather(r_all)
-    # a float "correct" is read as accuracy: the gate is accuracy == 1 (spec section 1), not > 0
+    # a float "correct" is read as accuracy: the gate is accuracy == 1 (docs/algorithm.md section 1), not > 0
     gate = correct >= 1 if correct.is_floating_point() else correct.bool()
     is_pos = layout.gather(gate) & valid
     is_fail = valid & ~is_pos

@@ -1,4 +1,4 @@
-"""DAPO's data-side mechanisms (spec section 7): dynamic sampling and the soft overlong penalty.
+"""DAPO's data-side mechanisms (docs/algorithm.md section 7): dynamic sampling and the soft overlong penalty.
 
 * :func:`dynamic_sampling_filter` drops every group whose rewards have zero variance (all equal:
   every rollout right, or every rollout wrong with the same format score), because its GRPO

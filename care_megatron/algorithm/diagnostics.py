@@ -1,12 +1,17 @@
-"""Per-step diagnostics of spec section 8, as a flat ``dict[str, float]`` ready for JSONL / TensorBoard.
+"""Per-step diagnostics of docs/algorithm.md section 9, as a flat ``dict[str, float]`` ready for JSONL / TensorBoard.
 
 :func:`advantage_diagnostics` covers everything computed from rewards and advantages (any
 estimator; the CARE-only keys appear when its ``info`` is given). Clip fractions, KL and entropy
 come from the policy loss metrics (:mod:`.policy_losses`), which the trainer sums over
 micro-batches; :func:`clip_fractions` turns those summed counts into exact step fractions.
 
-Definitions chosen where section 8 leaves room:
+Definitions chosen where the paper leaves room:
 
+* ``reward/mean``, ``accuracy/mean``, ``format/mean``, ``length/*``: over the G original rollouts
+  per prompt only, so CARE's curves compare with the baselines' (which have no RGR samples). The
+  RGR samples are reported apart: ``rgr/reward_mean``, ``rgr/success_rate``, ``rgr/trigger_rate``.
+  Advantage-based keys (``signal/*``, ``adv/*``, ``signature/*``) cover every trained sequence,
+  reflected ones included: they describe the update.
 * ``signal/failure_share``: ``sum_{failures} |A_i| / sum_i |A_i|`` with failures = ``accuracy < 1``
   (so a rescue pseudo-anchor counts as a failure); 0 when every advantage is 0.
 * ``signature/*``: from CARE's pre-scaling z-scores of anchored groups (true anchors and selected
@@ -21,7 +26,8 @@ Definitions chosen where section 8 leaves room:
 * ``adv/neg_var_ratio``: variance of the failures' advantages over the variance of all advantages,
   both over subgroup members for CARE (over all rollouts for baselines); omitted when undefined.
 * ``rgr/trigger_rate``: reflected samples per group; ``rgr/eligible_rate``: groups with an RGR target
-  per group; ``rgr/success_rate``: correct reflected samples / reflected samples.
+  per group; ``rgr/success_rate``: correct reflected samples / reflected samples;
+  ``rgr/reward_mean``: mean reward of the reflected samples (0 when none).
 """
 from __future__ import annotations
 
@@ -57,16 +63,18 @@ def advantage_diagnostics(
     answer_lengths: torch.Tensor | None = None,
     info: dict | None = None,
 ) -> dict[str, float]:
-    """Section-8 metrics from one step's rollouts. All inputs [N]; ``info`` from ``care_advantages``."""
+    """Section-8 metrics from one step's rollouts. All inputs [N]; ``info`` from ``care_advantages``
+    (its ``is_reflected`` separates the RGR samples from the original rollouts)."""
     rewards, accuracy, advantages = rewards.detach(), accuracy.detach().double(), advantages.detach().double()
     failed = accuracy < 1
-    out = {"reward/mean": _mean(rewards), "accuracy/mean": _mean(accuracy)}
+    original = torch.ones_like(failed) if info is None else ~info["is_reflected"].bool()
+    out = {"reward/mean": _mean(rewards[original]), "accuracy/mean": _mean(accuracy[original])}
     if format_scores is not None:
-        out["format/mean"] = _mean(format_scores)
+        out["format/mean"] = _mean(format_scores[original])
     if think_lengths is not None:
-        out["length/think_mean"] = _mean(think_lengths)
+        out["length/think_mean"] = _mean(think_lengths[original])
     if answer_lengths is not None:
-        out["length/answer_mean"] = _mean(answer_lengths)
+        out["length/answer_mean"] = _mean(answer_lengths[original])
     magnitude = advantages.abs()
     total = float(magnitude.sum())
     out["signal/failure_share"] = float(magnitude[failed].sum()) / total if total > 0 else 0.0
@@ -118,6 +126,7 @@ def advantage_diagnostics(
     out["rgr/eligible_rate"] = float((info["rgr_target"] >= 0).sum()) / num_groups
     out["rgr/trigger_rate"] = float(reflected.sum()) / num_groups
     out["rgr/success_rate"] = _mean((accuracy[reflected] >= 1).double()) if bool(reflected.any()) else 0.0
+    out["rgr/reward_mean"] = _mean(rewards[reflected])
     return out
 
 
@@ -129,4 +138,9 @@ def clip_fractions(summed_loss_metrics: dict[str, float]) -> dict[str, float]:
             part = key[len("count/tokens/"):]
             clipped = summed_loss_metrics.get(f"count/clipped/{part}", 0.0)
             out[f"clip_frac/{part}"] = clipped / total if total else 0.0
+    # share of negative-advantage tokens the dual clip capped (the fused CARE kernel buckets its counts by
+    # correctness, not advantage sign, so its steps omit this fraction)
+    if "count/dual_clipped" in summed_loss_metrics and "count/tokens/neg_adv" in summed_loss_metrics:
+        total = summed_loss_metrics["count/tokens/neg_adv"]
+        out["clip_frac/dual"] = summed_loss_metrics["count/dual_clipped"] / total if total else 0.0
     return out

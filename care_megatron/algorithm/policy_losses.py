@@ -1,4 +1,4 @@
-"""Region weights, per-token advantages and the policy losses, registered by name (spec sections 6-7).
+"""Region weights, per-token advantages and the policy losses, registered by name (docs/algorithm.md sections 6-8).
 
 Every loss works on the FLAT per-token tensors of one packed micro-batch (THD layout, see
 :mod:`care_megatron.data.batch`) and has one signature::
@@ -34,6 +34,11 @@ never splits one). Concretely:
   estimator ``config.kl_estimator`` (:mod:`.kl`). Entropy bonus (when ``config.entropy_coef > 0``):
   ``-entropy_coef * sum_{i,t} H_t / N_tok``.
 
+Safety limits (docs/algorithm.md section 8, on by default): the **dual clip** caps the per-token loss of a
+negative-advantage token at ``config.dual_clip * |A_hat|`` (0 disables; counted in
+``count/dual_clipped``), for every token-level loss above but not gspo's sequence ratio; the k3 KL
+value is clamped to ``[-config.kl_clamp, config.kl_clamp]`` (None disables).
+
 Numerics: inputs are upcast to float32 (bf16 log-probs are fine); the log-ratio is clamped to
 [-20, 20] before ``exp`` and masked positions never enter an ``exp``, so padding cannot produce
 inf * 0 = NaN.
@@ -54,10 +59,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from care_megatron.algorithm.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_penalty
+from care_megatron.algorithm.kl import DEFAULT_KL_CLAMP, KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_penalty
 from care_megatron.rewards.regions import Region
 
-# spec section 7: (clip_low, clip_high, kl_coef) of each method
+# docs/algorithm.md section 7: (clip_low, clip_high, kl_coef) of each method
 METHOD_DEFAULTS: dict[str, tuple[float, float, float]] = {
     "care": (0.2, 0.28, 0.02),
     "grpo": (0.2, 0.2, 0.02),
@@ -73,7 +78,7 @@ the baselines keep uniform token weights (paper appendix 8: "token-uniform weigh
 
 @dataclass
 class PolicyLossConfig:
-    """Coefficients of the policy loss (spec sections 6-7)."""
+    """Coefficients of the policy loss (docs/algorithm.md sections 6-7)."""
 
     clip_low: float = 0.2
     """eps_low: the ratio is clipped below at 1 - clip_low."""
@@ -85,11 +90,22 @@ class PolicyLossConfig:
     """KL estimator: k1, k2 or k3 (:mod:`care_megatron.algorithm.kl`)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (0 = off); the bonus is subtracted from the loss."""
+    dual_clip: float = 3.0
+    """c of the dual clip (docs/algorithm.md section 8): a token with a negative advantage loses at most
+    ``c * |A_hat|`` (its ratio's influence stops at ``rho = c``); every token-level clipped loss
+    (care, grpo, dapo, rloo, dr_grpo), not gspo's sequence ratio. 0 disables; otherwise > 1
+    (verl ``clip_ratio_c`` = 3.0)."""
+    kl_clamp: float | None = DEFAULT_KL_CLAMP
+    """Bound of the per-token k3 value, ``[-kl_clamp, kl_clamp]`` (verl ``low_var_kl``: 10); None disables."""
 
     def __post_init__(self) -> None:
-        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef"):
+        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "dual_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PolicyLossConfig field '{name}': must be >= 0, got {getattr(self, name)!r}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"PolicyLossConfig field 'dual_clip': must be 0 (off) or > 1, got {self.dual_clip!r}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            raise ValueError(f"PolicyLossConfig field 'kl_clamp': must be None (off) or > 0, got {self.kl_clamp!r}")
         if self.clip_low >= 1:
             raise ValueError(f"PolicyLossConfig field 'clip_low': must be < 1, got {self.clip_low!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -98,13 +114,15 @@ class PolicyLossConfig:
 
     @classmethod
     def for_method(cls, name: str, clip_low: float | None = None, clip_high: float | None = None,
-                   kl_coef: float | None = None, kl_estimator: str = "k3", entropy_coef: float = 0.0) -> "PolicyLossConfig":
+                   kl_coef: float | None = None, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                   dual_clip: float = 3.0, kl_clamp: float | None = DEFAULT_KL_CLAMP) -> "PolicyLossConfig":
         """The method's section-7 defaults, with any of them overridden (None keeps the default)."""
         if name not in METHOD_DEFAULTS:
             raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHOD_DEFAULTS)}")
         low, high, beta = METHOD_DEFAULTS[name]
         return cls(clip_low=low if clip_low is None else clip_low, clip_high=high if clip_high is None else clip_high,
-                   kl_coef=beta if kl_coef is None else kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+                   kl_coef=beta if kl_coef is None else kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                   dual_clip=dual_clip, kl_clamp=kl_clamp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +146,15 @@ def region_weights(
     token_sequence_ids: torch.Tensor,
     positive: torch.Tensor,
     think_weight_pos: float = 0.005,
+    think_weight_neg: float = 0.0,
 ) -> torch.Tensor:
-    """Token weights w_{i,t} of spec section 6 -> FloatTensor[T].
+    """Token weights w_{i,t} of docs/algorithm.md section 6 -> FloatTensor[T].
 
     ``region_ids`` LongTensor[T] (:class:`Region` codes); ``response_mask`` BoolTensor[T];
     ``token_sequence_ids`` LongTensor[T] (-1 on padding); ``positive`` BoolTensor[n] per sequence
     (verifier-correct rollouts and successful reflections). Answer tokens (tags included) get 1;
-    think tokens ``think_weight_pos`` for a positive, 0 for a negative; other tokens 0; a response
+    think tokens ``think_weight_pos`` for a positive, ``think_weight_neg`` for a negative (0 by
+    default: the paper masks failed rationales; > 0 is its "fail-think unmasked" ablation); other tokens 0; a response
     with no answer token gets 1 on every response token. Non-response tokens always get 0.
     Choice: "positive" is the correctness gate, so a rescue pseudo-anchor (a failure with a positive
     advantage) gets no think weight; its answer tokens carry its update.
@@ -145,7 +165,7 @@ def region_weights(
     is_answer = valid & (region_ids == int(Region.ANSWER))
     is_think = valid & (region_ids == int(Region.THINK))
     has_answer = _per_sequence_sum(is_answer.float(), token_sequence_ids, n) > 0
-    think_weight = torch.where(positive.bool()[seq], think_weight_pos, 0.0)
+    think_weight = torch.where(positive.bool()[seq], think_weight_pos, think_weight_neg)
     weights = torch.where(is_answer, 1.0, torch.where(is_think, think_weight, 0.0))
     weights = torch.where(has_answer[seq], weights, 1.0)
     return torch.where(valid, weights, 0.0).float()
@@ -185,6 +205,7 @@ def build_token_advantages(
     positive: torch.Tensor | None = None,
     think_weight_pos: float = 0.005,
     eps: float = 1e-6,
+    think_weight_neg: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token weights and token advantages the way ``method`` wants them -> ``(weights [T], A_hat [T])``.
 
@@ -195,7 +216,7 @@ def build_token_advantages(
     if method in REGION_WEIGHTED_METHODS:
         if region_ids is None or positive is None:
             raise ValueError(f"{method} token advantages need region_ids and positive")
-        weights = region_weights(region_ids, mask, token_sequence_ids, positive, think_weight_pos)
+        weights = region_weights(region_ids, mask, token_sequence_ids, positive, think_weight_pos, think_weight_neg)
         return weights, token_advantages(sequence_advantages, token_sequence_ids, weights, eps, normalise=True)
     weights = mask.float()
     return weights, token_advantages(sequence_advantages, token_sequence_ids, weights, eps, normalise=False)
@@ -309,7 +330,7 @@ def _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy):
     kl_sum = zero
     if ref_logprobs is not None:
         kl_tok = kl_penalty(torch.where(mask, logprobs.float(), 0.0), torch.where(mask, ref_logprobs.float(), 0.0),
-                            config.kl_estimator)
+                            config.kl_estimator, config.kl_clamp)
         kl_sum = torch.where(mask, kl_tok, 0.0).sum()
     elif config.kl_coef > 0:
         raise ValueError(f"kl_coef = {config.kl_coef} needs ref_logprobs")
@@ -325,16 +346,25 @@ def _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy):
 
 
 def _token_clipped_surrogate(logprobs, old_logprobs, token_advantages, mask, config):
-    """Per-token ``-min(rho A, clip(rho) A)`` (0 off the mask) and the clipped-branch indicator."""
+    """Per-token ``-min(rho A, clip(rho) A)`` (0 off the mask), dual-clipped for ``A < 0``, the
+    clipped-branch indicator and the dual-clip indicator."""
     log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = token_advantages.detach().float()
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * adv
-    per_token = torch.where(mask, -torch.minimum(unclipped, clipped), 0.0)
+    per_token = -torch.minimum(unclipped, clipped)
     ratio_d = ratio.detach()
+    dual_clipped = torch.zeros_like(mask)
+    if config.dual_clip:
+        # a negative-advantage token far above the trust region (rho > c) would otherwise push with
+        # its whole ratio: cap its loss at c |A| (the capped branch is constant, so no gradient)
+        cap = -config.dual_clip * adv
+        dual_clipped = mask & (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    per_token = torch.where(mask, per_token, 0.0)
     is_clipped = mask & (((adv > 0) & (ratio_d > 1.0 + config.clip_high)) | ((adv < 0) & (ratio_d < 1.0 - config.clip_low)))
-    return per_token, is_clipped, ratio_d
+    return per_token, is_clipped, ratio_d, dual_clipped
 
 
 def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, response_mask, token_sequence_ids,
@@ -343,7 +373,8 @@ def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, re
                   response_mask=response_mask, token_sequence_ids=token_sequence_ids, ref_logprobs=ref_logprobs,
                   entropy=entropy, region_ids=region_ids)
     mask = response_mask.bool() & (token_sequence_ids >= 0)
-    per_token, is_clipped, ratio = _token_clipped_surrogate(logprobs, old_logprobs, token_advantages, mask, config)
+    per_token, is_clipped, ratio, dual_clipped = _token_clipped_surrogate(logprobs, old_logprobs, token_advantages,
+                                                                          mask, config)
     divisor = 1.0
     for key in divisor_keys:
         divisor *= _normaliser(normalisers, key)
@@ -360,6 +391,7 @@ def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, re
         "entropy_loss": float(entropy_loss.detach()),
         "ratio_mean": float(ratio[mask].mean()) if n_tok else 1.0,
         "count/response_tokens": float(n_tok),
+        "count/dual_clipped": float(dual_clipped.sum()),
     })
     return loss, metrics
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 ALGORITHMS = ("care", "grpo", "dapo", "gspo", "dr_grpo", "rloo")
+RGR_MODES = ("repair", "resample", "fresh")
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -138,8 +139,18 @@ class AlgorithmConfig:
     """w_fmt: weight of the format reward in the overall reward."""
     rgr: bool = True
     """Reflection-Guided Resampling (CARE only; spec section 5)."""
+    rgr_mode: str = "repair"
+    """What RGR decodes for the chosen hard negative (paper section 4.3 controls): ``repair`` (its
+    rationale + the repair cue, the method), ``resample`` (the same truncated rationale continued
+    with no cue) or ``fresh`` (a new rollout of the prompt). The result is used the same way."""
+    dual_clip: float = 3.0
+    """c of the dual clip on negative-advantage tokens of every token-level clipped loss (0 disables)."""
+    kl_clamp: Optional[float] = 10.0
+    """Bound of the per-token k3 KL value (null disables)."""
     care: dict[str, Any] = field(default_factory=dict)
-    """Overrides of ``care_megatron.algorithm.care.CareConfig`` fields (k, preselect_m, neg_scale, ...)."""
+    """Overrides of ``care_megatron.algorithm.care.CareConfig`` fields (k, preselect_m, neg_scale,
+    reflect_neg_scale, equalize, rescue, anchor_rule, negative_selector, think_weight_pos,
+    think_weight_neg, ...)."""
     dapo_overlong_buffer: int = 16
     """DAPO soft overlong penalty: tokens before max_new_tokens where the penalty ramps in."""
     dapo_overlong_penalty: float = 1.0
@@ -152,6 +163,9 @@ class AlgorithmConfig:
         for name in ("clip_low", "clip_high", "kl_coef"):
             v = getattr(self, name)
             _check(v is None or v >= 0, f"algorithm.{name}", "must be null or >= 0")
+        _check(self.rgr_mode in RGR_MODES, "algorithm.rgr_mode", f"must be one of {', '.join(RGR_MODES)}, got {self.rgr_mode!r}")
+        _check(self.dual_clip == 0 or self.dual_clip > 1, "algorithm.dual_clip", f"must be 0 (off) or > 1, got {self.dual_clip!r}")
+        _check(self.kl_clamp is None or self.kl_clamp > 0, "algorithm.kl_clamp", f"must be null (off) or > 0, got {self.kl_clamp!r}")
         if self.care:
             from care_megatron.algorithm.care import CareConfig  # validates names and values
 

@@ -159,13 +159,12 @@ class GraphedRegionLoss:
         inputs = dict(logprobs=logprobs, old_logprobs=old, ref_logprobs=ref, advantages=advantages, region_ids=regions,
                       is_positive=positive, has_answer=has_answer, loss_mask=mask, weight_sums=sums)
         config = self.config
-        stats = triton_ops.region_loss_forward(inputs, config.gamma_pos, config.clip_low, config.clip_high, config.weight_eps)
+        stats = triton_ops.region_loss_forward(inputs, config)
         loss = stats[0] / seq_norm
         if ref is not None:
             loss = loss + config.kl_coef * stats[1] / tok_norm
         unit = torch.ones((), dtype=torch.float32, device=logprobs.device)
-        grad = triton_ops.region_loss_backward(inputs, unit, seq_norm, tok_norm, config.gamma_pos, config.clip_low,
-                                               config.clip_high, config.kl_coef, config.weight_eps)
+        grad = triton_ops.region_loss_backward(inputs, unit, seq_norm, tok_norm, config)
         return loss, stats, grad
 
     def _forward_backward_with_ref(self, logprobs, old, ref, *rest):

@@ -1,4 +1,5 @@
-"""Reflection-Guided Resampling (RGR): the reflection request built from a hard negative (spec section 5).
+"""Reflection-Guided Resampling (RGR): the reflection request built from a hard negative
+(``docs/algorithm.md``, section 5).
 
 Given the original prompt and the response of h (the nearest hard negative), the reflection prompt
 is: the original prompt, then h's rationale (its response cut before ``<answer>``), with the repair
@@ -22,7 +23,7 @@ mask on the continuation). ``reflected_response_text`` rebuilds the full respons
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from care_megatron.rollout.base import GenerationRequest
@@ -31,7 +32,7 @@ REPAIR_CUE = (
     "Your previous reasoning was incorrect. Identify the failing operation, correct it, and "
     "re-derive the necessary quantities. Keep this section concise. Do not restate the question."
 )
-"""The repair cue of spec section 5, verbatim."""
+"""The repair cue of docs/algorithm.md section 5, verbatim."""
 
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
@@ -42,6 +43,8 @@ def reflection_prefix_text(response_text: str, cue: str = REPAIR_CUE) -> str:
 
     >>> reflection_prefix_text("<think>2+2=5</think><answer>5</answer>", cue="FIX")
     '<think>2+2=5\\nFIX\\n'
+
+    An empty ``cue`` gives the bare truncated rationale (the ``resample`` control): ``'<think>2+2=5\\n'``.
     """
     answer_at = response_text.find(ANSWER_OPEN)
     rationale = response_text if answer_at < 0 else response_text[:answer_at]
@@ -49,6 +52,8 @@ def reflection_prefix_text(response_text: str, cue: str = REPAIR_CUE) -> str:
     if close_at >= 0:
         rationale = rationale[:close_at]
     rationale = rationale.rstrip()
+    if not cue:
+        return f"{rationale}\n" if rationale else ""
     separator = "\n" if rationale else ""
     return f"{rationale}{separator}{cue}\n"
 
@@ -90,48 +95,27 @@ def reflected_response_text(prefix_text: str, continuation_text: str) -> str:
     return prefix_text + continuation_text
 
 
-@dataclass
-class RGRStats:
-    """Running RGR bookkeeping for one step (spec sections 5 and 8: trigger and success rates)."""
+RGR_MODES = ("repair", "resample", "fresh")
+"""What RGR decodes (``algorithm.rgr_mode``): the paper's method and its two controls (section 4.3)."""
 
-    eligible_groups: int = 0
-    """Groups in which RGR could trigger (had a positive anchor and at least one hard negative)."""
-    groups: int = 0
-    """All groups seen (the trigger rate's denominator)."""
-    triggered: int = 0
-    """Reflection requests actually decoded."""
-    succeeded: int = 0
-    """Reflections the verifier scored correct (accuracy == 1)."""
-    reasons: dict[str, int] = field(default_factory=dict)
-    """Why a group did not trigger, counted by reason (``no_positive``, ``no_negative``, ``disabled``)."""
 
-    def record_group(self, *, has_positive: bool, num_hard_negatives: int, enabled: bool = True) -> bool:
-        """Count one group; return True when RGR should trigger in it (spec section 5)."""
-        self.groups += 1
-        if not enabled:
-            reason = "disabled"
-        elif not has_positive:
-            reason = "no_positive"  # all-negative groups are handled by the rescue, never by RGR
-        elif num_hard_negatives < 1:
-            reason = "no_negative"
-        else:
-            self.eligible_groups += 1
-            self.triggered += 1
-            return True
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        return False
+def build_rgr_request(original: GenerationRequest, negative_response_text: str, tokenizer: Any, mode: str = "repair",
+                      *, request_id: str | None = None) -> GenerationRequest:
+    """The request RGR decodes for hard negative h, by ``mode``:
 
-    def record_outcome(self, accuracy: float) -> None:
-        """Count the verifier's verdict on one reflected continuation."""
-        if accuracy >= 1.0:
-            self.succeeded += 1
+    * ``repair``: h's rationale with the repair cue (:func:`build_reflection_request`), the method;
+    * ``resample``: h's same truncated rationale continued with no cue (does the cue matter?);
+    * ``fresh``: a new rollout of the prompt, no prefix (does conditioning on h matter at all?).
 
-    def metrics(self) -> dict[str, float]:
-        """``rgr/trigger_rate`` (triggered / groups), ``rgr/success_rate`` (succeeded / triggered;
-        0 when nothing triggered), and the raw counts."""
-        return {
-            "rgr/trigger_rate": self.triggered / self.groups if self.groups else 0.0,
-            "rgr/success_rate": self.succeeded / self.triggered if self.triggered else 0.0,
-            "rgr/triggered": float(self.triggered),
-            "rgr/succeeded": float(self.succeeded),
-        }
+    Whatever the mode, the result takes h's place exactly as a reflection does (docs/algorithm.md section 5).
+    """
+    if mode == "repair":
+        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id)
+    if mode == "resample":
+        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id, cue="")
+    if mode == "fresh":
+        if original.prefix_ids:
+            raise ValueError(f"build_rgr_request: request {original.request_id!r} already has a prefix")
+        return replace(original, request_id=request_id if request_id is not None else f"{original.request_id}/rgr",
+                       images=list(original.images))
+    raise ValueError(f"unknown RGR mode {mode!r}; valid: {', '.join(RGR_MODES)}")

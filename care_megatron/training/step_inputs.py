@@ -31,7 +31,8 @@ def per_sequence_embeddings(packed: list[PackedMicroBatch], outputs: list[Forwar
 
 def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_advantages: torch.Tensor,
                        positive: torch.Tensor, think_weight_pos: float, max_response_length: int,
-                       tis_cap: float | None = None, group=None) -> tuple[dict[str, float], dict[str, float]]:
+                       tis_cap: float | None = None, group=None,
+                       think_weight_neg: float = 0.0) -> tuple[dict[str, float], dict[str, float]]:
     """Fill ``token_weights`` / ``token_advantages`` on every micro-batch; return ``(normalisers, metrics)``.
 
     ``group``: the data-parallel process group; the mismatch / TIS metrics are then token-weighted
@@ -50,7 +51,8 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
         seq_ids = mb.token_sequence_ids()
         index = mb.sequence_indices
         weights, token_adv = build_token_advantages(method, sequence_advantages[index], seq_ids, mb.loss_mask,
-                                                    mb.region_ids, positive[index], think_weight_pos)
+                                                    mb.region_ids, positive[index], think_weight_pos,
+                                                    think_weight_neg=think_weight_neg)
         if "rollout_logprobs" in mb.token_fields:
             _, m = rollout_mismatch(mb.token_fields["old_logprobs"], mb.token_fields["rollout_logprobs"], mb.loss_mask)
             gaps.append(m["rollout/mismatch_abs_mean"] * int(mb.loss_mask.sum()))
@@ -108,7 +110,7 @@ def fused_region_loss_applies(method: str, loss_config: PolicyLossConfig, mb: Pa
 
 
 def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: dict, loss_config: PolicyLossConfig,
-                    think_weight_pos: float):
+                    think_weight_pos: float, think_weight_neg: float = 0.0):
     """CARE's spec-section-6 loss through ``kernels.region_loss`` (one Triton kernel each way on CUDA).
 
     Same value and gradient as the ``care`` policy loss (tested); its clip statistics are bucketed by
@@ -118,7 +120,8 @@ def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: 
 
     f = mb.token_fields
     config = RegionLossConfig(gamma_pos=think_weight_pos, clip_low=loss_config.clip_low,
-                              clip_high=loss_config.clip_high, kl_coef=loss_config.kl_coef)
+                              clip_high=loss_config.clip_high, kl_coef=loss_config.kl_coef,
+                              dual_clip=loss_config.dual_clip, kl_clamp=loss_config.kl_clamp, gamma_neg=think_weight_neg)
     ref = f.get("ref_logprobs") if loss_config.kl_coef > 0 else None
     loss, stats = region_policy_loss(
         outputs.logprobs, f["old_logprobs"], f["sequence_advantages"], mb.region_ids, f["is_positive"],
@@ -133,11 +136,13 @@ def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: 
             metrics[f"count/clipped/{bucket}"] = metrics.get(f"count/clipped/{bucket}", 0.0) + value
         elif key.startswith("active/"):
             metrics[f"count/tokens/{key.split('/', 1)[1]}"] = value
+        elif key.startswith("dual_clipped/"):
+            metrics["count/dual_clipped"] = metrics.get("count/dual_clipped", 0.0) + value
     return loss, metrics
 
 
 def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", think_weight_pos: float = 0.005,
-                 fused: bool | None = None):
+                 fused: bool | None = None, think_weight_neg: float = 0.0):
     """Adapt a registered policy loss to the backend loss contract ``loss_fn(outputs, micro_batch, normalisers)``.
 
     ``fused``: use the fused CARE kernel (``kernels.region_loss``) when it computes the same loss;
@@ -147,7 +152,7 @@ def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", t
     def loss_fn(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: dict[str, Any]):
         use_fused = outputs.logprobs.is_cuda if fused is None else fused
         if use_fused and fused_region_loss_applies(method, loss_config, mb):
-            return fused_care_loss(outputs, mb, normalisers, loss_config, think_weight_pos)
+            return fused_care_loss(outputs, mb, normalisers, loss_config, think_weight_pos, think_weight_neg)
         return policy_loss(outputs.logprobs, mb.token_fields["old_logprobs"], mb.token_fields["token_advantages"],
                            mb.loss_mask, mb.token_sequence_ids().to(outputs.logprobs.device), normalisers, loss_config,
                            ref_logprobs=mb.token_fields.get("ref_logprobs"), entropy=outputs.entropy,

@@ -304,3 +304,79 @@ def test_empty_micro_batch_and_errors():
     for field, value in (("clip_low", -0.1), ("clip_low", 1.0), ("kl_estimator", "k9"), ("entropy_coef", -1.0)):
         with pytest.raises(ValueError, match=field):
             PolicyLossConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ safety limits (spec section 6)
+
+def _three_token_case():
+    """t0: A=-1, rho=50, ref-logp=25; t1: A=+1, rho=1, ref=logp; t2: A=-1, rho=2, ref-logp=-0.5."""
+    old = torch.tensor([-6.0, -1.0, -2.0])
+    logprobs = (old + torch.tensor([50.0, 1.0, 2.0]).log()).requires_grad_()
+    ref = logprobs.detach() + torch.tensor([25.0, 0.0, -0.5])
+    adv = torch.tensor([-1.0, 1.0, -1.0])
+    mask = torch.ones(3, dtype=torch.bool)
+    seq = torch.tensor([0, 1, 2])
+    return logprobs, old, ref, adv, mask, seq
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "rloo", "care", "dr_grpo"])
+def test_dual_clip_and_kl_clamp_hand_values(name):
+    """Ratio 50 on a negative-advantage token costs c|A| = 3 (not 50) with no gradient; a token 25 nats
+    below the reference adds k3 = 10 (not e^20 - 21) with no KL gradient; the other tokens are untouched."""
+    logprobs, old, ref, adv, mask, seq = _three_token_case()
+    normalisers = {"num_tokens": 3.0, "num_sequences": 3.0, "max_response_length": 2.0}
+    config = PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, dual_clip=3.0, kl_clamp=10.0)
+    loss, metrics = get_policy_loss(name)(logprobs, old, adv, mask, seq, normalisers, config, ref_logprobs=ref)
+    loss.backward()
+    divisor = 3.0 * (2.0 if name == "dr_grpo" else 1.0)
+    k3_t2 = math.exp(-0.5) + 0.5 - 1
+    # t0 capped at 3 * 1; t1: -1 (rho = 1); t2: rho 2 > 1.28 but A < 0 -> the unclipped rho|A| = 2 (< 3)
+    pg = (3.0 - 1.0 + 2.0) / divisor
+    kl = (10.0 + 0.0 + k3_t2) / 3.0
+    assert metrics["pg_loss"] == pytest.approx(pg, rel=1e-6)
+    assert metrics["kl"] == pytest.approx(kl, rel=1e-6)
+    assert loss.item() == pytest.approx(pg + 0.1 * kl, rel=1e-6)
+    assert metrics["count/dual_clipped"] == 1.0
+    from care_megatron.algorithm.diagnostics import clip_fractions
+
+    assert clip_fractions(metrics)["clip_frac/dual"] == 0.5  # one of the two negative-advantage tokens
+    # d/dlogp: t0 nothing (both limits hold it constant); t1 -rho A; t2 -rho A plus the KL's (1 - e^d)
+    expected = torch.tensor([0.0, -1.0 / divisor, 2.0 / divisor + 0.1 * (1 - math.exp(-0.5)) / 3.0])
+    assert torch.allclose(logprobs.grad, expected, atol=1e-6), logprobs.grad
+
+
+def test_dual_clip_and_kl_clamp_switch_off():
+    logprobs, old, ref, adv, mask, seq = _three_token_case()
+    normalisers = {"num_tokens": 3.0, "num_sequences": 3.0}
+    config = PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, dual_clip=0.0, kl_clamp=None)
+    loss, metrics = get_policy_loss("grpo")(logprobs, old, adv, mask, seq, normalisers, config, ref_logprobs=ref)
+    loss.backward()
+    # without the limits t0 costs its whole ratio 50 and k3 of the log ratio clamped at 20: e^20 - 21
+    assert metrics["pg_loss"] == pytest.approx((50.0 - 1.0 + 2.0) / 3.0, rel=1e-5)
+    assert metrics["kl"] == pytest.approx((math.exp(20) - 21 + math.exp(-0.5) - 0.5) / 3.0, rel=1e-5)
+    assert metrics["count/dual_clipped"] == 0.0
+    assert logprobs.grad[0].item() == pytest.approx(50.0 / 3.0, rel=1e-5)  # -rho A / N, the KL clamp at 20 holds
+
+
+def test_dual_clip_leaves_gspo_and_positive_advantages_alone():
+    logprobs, old, ref, adv, mask, seq = _three_token_case()
+    normalisers = {"num_tokens": 3.0, "num_sequences": 3.0}
+    on, off = PolicyLossConfig(kl_coef=0.0, dual_clip=3.0), PolicyLossConfig(kl_coef=0.0, dual_clip=0.0)
+    gspo = get_policy_loss("gspo")
+    assert gspo(logprobs, old, adv, mask, seq, normalisers, on)[0].item() == gspo(logprobs, old, adv, mask, seq,
+                                                                                  normalisers, off)[0].item()
+    positive = adv.abs()  # rho 50 with A > 0 is the ordinary upper clip: 1.28 A
+    loss, metrics = get_policy_loss("grpo")(logprobs, old, positive, mask, seq, normalisers, on)
+    assert loss.item() == pytest.approx(-(1.28 + 1.0 + 1.28) / 3.0, rel=1e-6)
+    assert metrics["count/dual_clipped"] == 0.0
+
+
+def test_safety_limit_validation_and_defaults():
+    config = PolicyLossConfig.for_method("care")
+    assert (config.dual_clip, config.kl_clamp) == (3.0, 10.0)
+    assert kl_k3(torch.tensor([0.0]), torch.tensor([25.0]), clamp=10.0).item() == 10.0
+    assert kl_penalty(torch.tensor([0.0]), torch.tensor([25.0]), "k1", k3_clamp=10.0).item() == -20.0  # k1 unclamped
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLossConfig(dual_clip=1.0)
+    with pytest.raises(ValueError, match="kl_clamp"):
+        PolicyLossConfig(kl_clamp=0.0)

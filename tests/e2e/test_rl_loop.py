@@ -1,4 +1,5 @@
-"""End to end on the embedded default: SFT + RL steps, golden metrics, resume equivalence.
+"""End to end on the embedded default: SFT + RL steps, resume equivalence, bad-step handling.
+(CARE's anchored path with closed-form expectations: test_scripted_step.py.)
 
 These run the real trainer (HF rollouts, verifier, CARE / GRPO, packed training) on a shrunken
 config: a handful of prompts, short responses, one intra-op thread so runs are bit-reproducible.
@@ -14,7 +15,6 @@ from care_megatron.config import load_config
 from care_megatron.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = Path(__file__).with_name("golden_tiny_care.json")
 
 SMALL = [
     "data.train_size=40", "data.eval_size=4", "data.prompts_per_step=2", "rollout.group_size=4",
@@ -81,7 +81,7 @@ def test_sft_then_rl_runs_and_learns_something(tmp_path, algorithm):
     from care_megatron.evaluation.run import run_evaluation
 
     report = run_evaluation(config, checkpoint=str(tmp_path / "final"), progress=False)
-    assert report.num_examples == config.data.eval_size and 0 <= report.accuracy <= 1
+    assert report.num_examples == config.data.eval_size
     assert json.loads((tmp_path / "eval_report.json").read_text())["num_examples"] == config.data.eval_size
 
 
@@ -122,27 +122,6 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     a, b = _rl_rows(full / "metrics.jsonl"), _rl_rows(part / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
-
-
-def test_golden_metrics_of_a_fixed_seed_run(tmp_path):
-    """A fixed-seed 5-step CARE run reproduces the recorded metrics (regenerate with CARE_UPDATE_GOLDEN=1)."""
-    import os
-
-    from care_megatron.trainer import train
-
-    train(small_config(tmp_path, "train.steps=5", "train.save_every=5"), progress=False)
-    rows = _rl_rows(tmp_path / "metrics.jsonl")
-    keys = ["reward/mean", "accuracy/mean", "format/mean", "loss", "grad_norm", "entropy", "kl",
-            "signal/failure_share", "kprime/mean", "rescue/rate", "length/response_mean"]
-    got = [{k: r[k] for k in keys if k in r} for r in rows]
-    if os.environ.get("CARE_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
-    want = json.loads(GOLDEN.read_text())
-    assert len(got) == len(want) == 5
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.slow

@@ -229,3 +229,60 @@ def test_validation():
         region_policy_loss(logprobs, old[:-1], **batch, seq_normaliser=1.0, token_normaliser=1.0)
     with pytest.raises(ValueError, match="seq_normaliser"):
         region_policy_loss(logprobs, old, **batch, seq_normaliser=0.0, token_normaliser=1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dual_clip_and_kl_clamp_hand_values(backend, request):
+    """Same hand case as the ``care`` policy loss: rho 50 on A < 0 costs 3 |A_hat| and no gradient;
+    ref - logp = 25 adds k3 = 10 and no KL gradient."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    sequences = [([A], [True], -1.0, False), ([A], [True], 1.0, True), ([A], [True], -1.0, False)]
+    batch, _, _ = _batch(sequences)
+    old = torch.tensor([-6.0, -1.0, -2.0])
+    logprobs = (old + torch.tensor([50.0, 1.0, 2.0]).log()).requires_grad_()
+    ref = logprobs.detach() + torch.tensor([25.0, 0.0, -0.5])
+    config = RegionLossConfig(kl_coef=0.1, dual_clip=3.0, kl_clamp=10.0, weight_eps=1e-6)
+    with force_kernel_backend(backend):
+        loss, stats = region_policy_loss(logprobs, old, seq_normaliser=3.0, token_normaliser=3.0, ref_logprobs=ref,
+                                         config=config, **batch)
+        loss.backward()
+    scale = 1 / (1 + 1e-6)
+    k3_t2 = math.exp(-0.5) + 0.5 - 1
+    assert loss.item() == pytest.approx((3.0 - 1.0 + 2.0) * scale / 3.0 + 0.1 * (10.0 + k3_t2) / 3.0, rel=1e-5)
+    expected = torch.tensor([0.0, -scale / 3.0, 2.0 * scale / 3.0 + 0.1 * (1 - math.exp(-0.5)) / 3.0])
+    assert_close_finite(logprobs.grad, expected, atol=1e-7, rtol=1e-5, what="grad")
+    metrics = stats.to_metrics()
+    assert metrics["dual_clipped/negative_answer"] == 1.0 and metrics["kl_sum"] == pytest.approx(10.0 + k3_t2, rel=1e-5)
+
+
+@pytest.mark.parametrize("dual_clip,kl_clamp,gamma_neg", [(3.0, 10.0, 0.0), (0.0, None, 0.005), (1.5, 0.05, 0.0)])
+def test_triton_matches_reference_with_safety_limits(triton_interpreter, dual_clip, kl_clamp, gamma_neg):
+    """Parity with the limits active on many tokens: log-ratios wide enough that the dual clip
+    (c = 1.5) and the KL clamp (0.05) both bite, and with failed-think weights unmasked."""
+    batch, _, logprobs, old, ref = _random_batch(5, seed=31, pad=4)
+    generator = torch.Generator().manual_seed(5)
+    old = logprobs + torch.randn(logprobs.numel(), generator=generator) * 1.5
+    ref = logprobs + torch.randn(logprobs.numel(), generator=generator) * 1.5
+    config = RegionLossConfig(gamma_pos=0.05, dual_clip=dual_clip, kl_clamp=kl_clamp, gamma_neg=gamma_neg)
+    weights = region_token_weights(batch["region_ids"], batch["is_positive"], batch["has_answer"], batch["loss_mask"],
+                                   0.05, gamma_neg)
+    results = {}
+    for backend in ("reference", "triton"):
+        x = logprobs.clone().requires_grad_()
+        with force_kernel_backend(backend):
+            loss, stats = region_policy_loss(x, old, **batch, seq_normaliser=5.0,
+                                             token_normaliser=float(batch["loss_mask"].sum()), ref_logprobs=ref,
+                                             config=config)
+            loss.backward()
+        results[backend] = (loss.detach(), stats.values, x.grad)
+    (ref_loss, ref_stats, ref_grad), (tri_loss, tri_stats, tri_grad) = results["reference"], results["triton"]
+    assert_close_finite(tri_loss, ref_loss, atol=1e-6, rtol=1e-5, what="loss")
+    assert torch.equal(tri_stats[2:], ref_stats[2:])
+    assert_close_finite(tri_grad, ref_grad, atol=1e-8, rtol=1e-5, what="grad")
+    names = dict(zip(STAT_NAMES, ref_stats.tolist()))
+    dual = sum(v for k, v in names.items() if k.startswith("dual_clipped/"))
+    assert (dual > 0) == (dual_clip > 0)
+    if gamma_neg:
+        think_neg = (batch["region_ids"] == T_) & ~batch["is_positive"] & batch["has_answer"] & batch["loss_mask"]
+        assert torch.all(weights[think_neg] == gamma_neg) and think_neg.any()

@@ -1,4 +1,4 @@
-"""RGR request building (spec section 5) and its bookkeeping."""
+"""RGR request building (docs/algorithm.md section 5) and the paper's RGR controls (rgr_mode)."""
 import pytest
 import torch
 
@@ -6,21 +6,18 @@ from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.hf_engine import HFRolloutEngine, multimodal_token_types
 from care_megatron.rollout.reflection import (
     REPAIR_CUE,
-    RGRStats,
     build_reflection_request,
+    build_rgr_request,
     reflected_response_text,
     reflection_prefix_text,
 )
 from _rollout_helpers import make_image, make_request
 
 
-def test_cue_is_the_spec_text():
-    import os
-
-    spec_path = "/work/shared/CARE_SPEC.md"
-    if not os.path.exists(spec_path):
-        pytest.skip("spec not available on this machine")
-    assert " ".join(REPAIR_CUE.split()) in " ".join(open(spec_path).read().split())
+def test_cue_is_the_papers_text():
+    # the cue of the paper's section 3.6 / docs/algorithm.md, word for word
+    assert REPAIR_CUE == ("Your previous reasoning was incorrect. Identify the failing operation, correct it, and "
+                          "re-derive the necessary quantities. Keep this section concise. Do not restate the question.")
 
 
 def test_prefix_inserts_cue_before_think_close_and_drops_answer():
@@ -68,17 +65,21 @@ def test_reflection_request_decodes_only_the_continuation(model, tokenizer, imag
     assert reflected_response_text("<think> a\n", "b </think>") == "<think> a\nb </think>"
 
 
-def test_rgr_stats_rates():
-    stats = RGRStats()
-    assert stats.record_group(has_positive=True, num_hard_negatives=2)
-    assert not stats.record_group(has_positive=False, num_hard_negatives=3)  # all-negative: rescue, not RGR
-    assert not stats.record_group(has_positive=True, num_hard_negatives=0)
-    assert stats.record_group(has_positive=True, num_hard_negatives=1)
-    assert not stats.record_group(has_positive=True, num_hard_negatives=1, enabled=False)
-    stats.record_outcome(1.0)
-    stats.record_outcome(0.0)
-    m = stats.metrics()
-    assert m["rgr/trigger_rate"] == pytest.approx(2 / 5)
-    assert m["rgr/success_rate"] == pytest.approx(1 / 2)
-    assert stats.reasons == {"no_positive": 1, "no_negative": 1, "disabled": 1}
-    assert RGRStats().metrics()["rgr/success_rate"] == 0.0
+def test_rgr_modes_repair_resample_fresh(tokenizer, image_processor):
+    """repair = rationale + cue; resample = the same truncated rationale, no cue; fresh = the bare prompt."""
+    original = make_request(tokenizer, image_processor, "q3", "count", [make_image(0)])
+    negative = "<think> 2 + 3 = 6 </think> <answer> 6 </answer>"
+    repair = build_rgr_request(original, negative, tokenizer, "repair")
+    resample = build_rgr_request(original, negative, tokenizer, "resample")
+    fresh = build_rgr_request(original, negative, tokenizer, "fresh")
+    assert repair.prefix_ids == tokenizer.encode("<think> 2 + 3 = 6\n" + REPAIR_CUE + "\n", add_special_tokens=False)
+    assert resample.prefix_ids == tokenizer.encode("<think> 2 + 3 = 6\n", add_special_tokens=False)
+    assert fresh.prefix_ids == []
+    for req in (repair, resample, fresh):
+        assert req.request_id == "q3/rgr" and req.prompt_ids == original.prompt_ids
+        assert req.pixel_values is original.pixel_values
+    assert reflection_prefix_text("<answer> 6 </answer>", cue="") == ""
+    with pytest.raises(ValueError, match="unknown RGR mode"):
+        build_rgr_request(original, negative, tokenizer, "retry")
+    with pytest.raises(ValueError, match="already has a prefix"):
+        build_rgr_request(repair, negative, tokenizer, "fresh")

@@ -391,7 +391,7 @@ def test_trainer_rgr_round_trip_resends_the_weights_sglang_freed(tokenizer, imag
     trainer.tokenizer, trainer.reward_fn = tokenizer, None
     request = [make_request(tokenizer, image_processor, "a", "count")]
 
-    def reflect(engine, rollouts, targets, sampling, tokenizer, reward_fn, step):
+    def reflect(engine, rollouts, targets, sampling, tokenizer, reward_fn, step, mode="repair"):
         return engine.generate(request, sampling)  # what reflect_hard_negatives asks of the engine
 
     monkeypatch.setattr(trainer_module, "reflect_hard_negatives", reflect)

@@ -51,9 +51,7 @@ def test_packed_logprobs_and_think_embeddings_match_plain_forward(tiny):
     packed = pack_sequences(seqs, token_budget=max(len(s) for s in seqs) + 8, mrope=mrope, pad_multiple=8)
     assert len(packed) >= 2 and any(mb.num_pad for mb in packed)
     outs = backend.forward_logprobs(packed, with_think_embeddings=True, with_entropy=True)
-    ref_outs = backend.forward_logprobs(packed, model="reference")
-    for mb, out, ref_out in zip(packed, outs, ref_outs):
-        torch.testing.assert_close(out.logprobs, ref_out.logprobs)  # reference starts as a copy
+    for mb, out in zip(packed, outs):
         for k, idx in enumerate(mb.sequence_indices.tolist()):
             a, b = int(mb.cu_seqlens[k]), int(mb.cu_seqlens[k + 1])
             want, hidden = _reference_logprobs(model, seqs[idx], mrope)

@@ -1,4 +1,4 @@
-"""Fused region-weighted clipped surrogate + k3 KL (CARE_SPEC.md section 6), one op.
+"""Fused region-weighted clipped surrogate + k3 KL (docs/algorithm.md sections 6 and 8), one op.
 
 ``region_policy_loss`` returns ``(loss, stats)``: the scalar loss, already divided by the global
 normalisers (training/base.py loss contract), and a :class:`RegionLossStats` whose tensors stay on
@@ -50,6 +50,12 @@ class RegionLossConfig:
     """beta, the coefficient of the token-mean k3 KL to the reference policy; 0 disables it."""
     weight_eps: float = 1e-6
     """eps in A_hat = A w / (sum_t w + eps): keeps all-zero-weight sequences finite (they get 0)."""
+    dual_clip: float = 3.0
+    """c of the dual clip: a negative-advantage token loses at most c |A_hat| (0 disables, else > 1)."""
+    kl_clamp: float | None = 10.0
+    """Bound of the per-token k3 value (None disables)."""
+    gamma_neg: float = 0.0
+    """Weight of ``<think>`` tokens of negative responses (0: the paper's masked failed think)."""
 
     def __post_init__(self) -> None:
         if self.gamma_pos < 0:
@@ -62,6 +68,12 @@ class RegionLossConfig:
             raise ValueError(f"kl_coef must be >= 0; got {self.kl_coef}")
         if self.weight_eps <= 0:
             raise ValueError(f"weight_eps must be > 0; got {self.weight_eps}")
+        if self.dual_clip < 0 or 0 < self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be 0 (off) or > 1; got {self.dual_clip}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            raise ValueError(f"kl_clamp must be None (off) or > 0; got {self.kl_clamp}")
+        if self.gamma_neg < 0:
+            raise ValueError(f"gamma_neg must be >= 0; got {self.gamma_neg}")
 
 
 @dataclass
@@ -101,7 +113,7 @@ class _FusedRegionLoss(torch.autograd.Function):
             region_ids=region_ids, is_positive=is_positive, has_answer=has_answer, loss_mask=loss_mask,
             weight_sums=weight_sums,
         )
-        stats = triton_ops.region_loss_forward(inputs, config.gamma_pos, config.clip_low, config.clip_high, config.weight_eps)
+        stats = triton_ops.region_loss_forward(inputs, config)
         loss = stats[0] / seq_normaliser
         if ref_logprobs is not None:
             loss = loss + config.kl_coef * stats[1] / token_normaliser
@@ -123,9 +135,7 @@ class _FusedRegionLoss(torch.autograd.Function):
         )
         config = ctx.config
         grad_logprobs = triton_ops.region_loss_backward(
-            inputs, grad_loss.reshape(()).contiguous(), seq_normaliser, token_normaliser,
-            config.gamma_pos, config.clip_low, config.clip_high, config.kl_coef, config.weight_eps,
-        )
+            inputs, grad_loss.reshape(()).contiguous(), seq_normaliser, token_normaliser, config)
         return (grad_logprobs,) + (None,) * 11
 
 
@@ -181,6 +191,6 @@ def region_policy_loss(
         loss, values = region_policy_loss_reference(
             logprobs, old_logprobs, advantages, region_ids, is_positive, has_answer, loss_mask, weight_sums,
             seq_norm, token_norm, ref, config.gamma_pos, config.clip_low, config.clip_high, config.kl_coef,
-            config.weight_eps,
+            config.weight_eps, config.dual_clip, config.kl_clamp, config.gamma_neg,
         )
     return loss, RegionLossStats(values=values, seq_normaliser=seq_norm, token_normaliser=token_norm)

@@ -28,10 +28,15 @@ def _region_loss_forward_kernel(
     block_stats_ptr,
     num_tokens,
     gamma_pos,
+    gamma_neg,
     clip_low,
     clip_high,
     weight_eps,
+    dual_clip,
+    kl_clamp,
     HAS_REF: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    KL_CLAMP: tl.constexpr,
     NUM_STATS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -43,7 +48,7 @@ def _region_loss_forward_kernel(
     positive = tl.load(is_positive_ptr + offsets, mask=in_range, other=0) != 0
     has_answer = tl.load(has_answer_ptr + offsets, mask=in_range, other=0) != 0
     is_think = region == 1
-    weight = tl.where(region == 2, 1.0, tl.where(is_think & positive, gamma_pos, 0.0))
+    weight = tl.where(region == 2, 1.0, tl.where(is_think, tl.where(positive, gamma_pos, gamma_neg), 0.0))
     weight = tl.where(has_answer, weight, 1.0)
     weight = tl.where(mask, weight, 0.0)
     active = weight > 0
@@ -56,13 +61,22 @@ def _region_loss_forward_kernel(
     ratio = tl.exp(logp - old)
     clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     surrogate = -tl.minimum(ratio * token_advantage, clipped_ratio * token_advantage)
+    if DUAL_CLIP:
+        cap = -dual_clip * token_advantage
+        dual_clipped = active & (token_advantage < 0) & (surrogate > cap)
+        surrogate = tl.where(token_advantage < 0, tl.minimum(surrogate, cap), surrogate)
+    else:
+        dual_clipped = active & (token_advantage != token_advantage)  # all False
     surrogate = tl.where(active, surrogate, 0.0)
     stats_row = block_stats_ptr + block * NUM_STATS
     tl.store(stats_row + 0, tl.sum(surrogate, axis=0))
     if HAS_REF:
         ref = tl.where(mask, tl.load(ref_logprobs_ptr + offsets, mask=in_range, other=0.0).to(tl.float32), logp)
-        delta = ref - logp
-        k3 = tl.where(mask, tl.exp(delta) - delta - 1.0, 0.0)
+        delta = tl.minimum(tl.maximum(ref - logp, -20.0), 20.0)
+        k3 = tl.exp(delta) - delta - 1.0
+        if KL_CLAMP:
+            k3 = tl.minimum(tl.maximum(k3, -kl_clamp), kl_clamp)
+        k3 = tl.where(mask, k3, 0.0)
         tl.store(stats_row + 1, tl.sum(k3, axis=0))
     else:
         tl.store(stats_row + 1, 0.0)
@@ -75,6 +89,7 @@ def _region_loss_forward_kernel(
         tl.store(stats_row + 2 + bucket, tl.sum(tl.where(clipped_high & in_bucket, 1.0, 0.0), axis=0))
         tl.store(stats_row + 6 + bucket, tl.sum(tl.where(clipped_low & in_bucket, 1.0, 0.0), axis=0))
         tl.store(stats_row + 10 + bucket, tl.sum(tl.where(active & in_bucket, 1.0, 0.0), axis=0))
+        tl.store(stats_row + 14 + bucket, tl.sum(tl.where(dual_clipped & in_bucket, 1.0, 0.0), axis=0))
 
 
 def _region_loss_backward_kernel(
@@ -93,11 +108,16 @@ def _region_loss_backward_kernel(
     grad_logprobs_ptr,
     num_tokens,
     gamma_pos,
+    gamma_neg,
     clip_low,
     clip_high,
     kl_coef,
     weight_eps,
+    dual_clip,
+    kl_clamp,
     HAS_REF: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    KL_CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -107,7 +127,7 @@ def _region_loss_backward_kernel(
     region = tl.load(region_ids_ptr + offsets, mask=in_range, other=0)
     positive = tl.load(is_positive_ptr + offsets, mask=in_range, other=0) != 0
     has_answer = tl.load(has_answer_ptr + offsets, mask=in_range, other=0) != 0
-    weight = tl.where(region == 2, 1.0, tl.where((region == 1) & positive, gamma_pos, 0.0))
+    weight = tl.where(region == 2, 1.0, tl.where(region == 1, tl.where(positive, gamma_pos, gamma_neg), 0.0))
     weight = tl.where(has_answer, weight, 1.0)
     weight = tl.where(mask, weight, 0.0)
     active = weight > 0
@@ -120,12 +140,24 @@ def _region_loss_backward_kernel(
     # the clipped branch is constant in logp: it wins (and kills the gradient) only strictly
     # outside the trust region in the direction the advantage pushes
     clipped = ((token_advantage > 0) & (ratio > 1.0 + clip_high)) | ((token_advantage < 0) & (ratio < 1.0 - clip_low))
+    if DUAL_CLIP:
+        # the cap c |A_hat| is constant too: a negative-advantage token above it has no gradient
+        clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+        surrogate = -tl.minimum(ratio * token_advantage, clipped_ratio * token_advantage)
+        clipped = clipped | ((token_advantage < 0) & (surrogate > -dual_clip * token_advantage))
     grad_surrogate = tl.where(active & (~clipped), -ratio * token_advantage, 0.0)
     grad_output = tl.load(grad_output_ptr).to(tl.float32)
     grad = grad_surrogate / tl.load(seq_normaliser_ptr).to(tl.float32)
     if HAS_REF:
         ref = tl.where(mask, tl.load(ref_logprobs_ptr + offsets, mask=in_range, other=0.0).to(tl.float32), logp)
-        grad_k3 = tl.where(mask, 1.0 - tl.exp(ref - logp), 0.0)
+        raw_delta = ref - logp
+        delta = tl.minimum(tl.maximum(raw_delta, -20.0), 20.0)
+        # d k3 / d logp = 1 - exp(delta), zero where either clamp holds the value constant
+        live = mask & (raw_delta >= -20.0) & (raw_delta <= 20.0)
+        if KL_CLAMP:
+            k3 = tl.exp(delta) - delta - 1.0
+            live = live & (k3 <= kl_clamp) & (k3 >= -kl_clamp)
+        grad_k3 = tl.where(live, 1.0 - tl.exp(delta), 0.0)
         grad += kl_coef * grad_k3 / tl.load(token_normaliser_ptr).to(tl.float32)
     grad = grad * grad_output
     tl.store(grad_logprobs_ptr + offsets, grad.to(grad_logprobs_ptr.dtype.element_ty), mask=in_range)
@@ -145,8 +177,17 @@ def _token_inputs(inputs: dict) -> tuple:
             _flag(inputs["loss_mask"]), inputs["weight_sums"])
 
 
-def region_loss_forward(inputs: dict, gamma_pos: float, clip_low: float, clip_high: float, weight_eps: float) -> torch.Tensor:
-    """Stats vector [NUM_STATS] fp32 (see reference.STAT_NAMES) from the per-token ``inputs``."""
+def _scalars(config) -> dict:
+    """The config's scalars and switches as the kernels take them (disabled limits pass a dummy 0)."""
+    return dict(gamma_pos=float(config.gamma_pos), gamma_neg=float(config.gamma_neg), clip_low=float(config.clip_low),
+                clip_high=float(config.clip_high), weight_eps=float(config.weight_eps),
+                dual_clip=float(config.dual_clip), kl_clamp=float(config.kl_clamp or 0.0),
+                DUAL_CLIP=bool(config.dual_clip), KL_CLAMP=config.kl_clamp is not None)
+
+
+def region_loss_forward(inputs: dict, config) -> torch.Tensor:
+    """Stats vector [NUM_STATS] fp32 (see reference.STAT_NAMES) from the per-token ``inputs`` and a
+    ``RegionLossConfig``."""
     logprobs = inputs["logprobs"]
     num_tokens = logprobs.numel()
     num_blocks = max(triton.cdiv(num_tokens, BLOCK_TOKENS), 1)
@@ -156,10 +197,7 @@ def region_loss_forward(inputs: dict, gamma_pos: float, clip_low: float, clip_hi
         *_token_inputs(inputs),
         block_stats,
         num_tokens,
-        float(gamma_pos),
-        float(clip_low),
-        float(clip_high),
-        float(weight_eps),
+        **_scalars(config),
         HAS_REF=inputs["ref_logprobs"] is not None,
         NUM_STATS=NUM_STATS,
         BLOCK=BLOCK_TOKENS,
@@ -172,13 +210,10 @@ def region_loss_backward(
     grad_output: torch.Tensor,
     seq_normaliser: torch.Tensor,
     token_normaliser: torch.Tensor,
-    gamma_pos: float,
-    clip_low: float,
-    clip_high: float,
-    kl_coef: float,
-    weight_eps: float,
+    config,
 ) -> torch.Tensor:
-    """d loss / d logprobs [T] (dtype of logprobs), scaled by the 0-dim ``grad_output``."""
+    """d loss / d logprobs [T] (dtype of logprobs), scaled by the 0-dim ``grad_output``; ``config`` a
+    ``RegionLossConfig``."""
     logprobs = inputs["logprobs"]
     num_tokens = logprobs.numel()
     grad_logprobs = torch.empty_like(logprobs)
@@ -192,11 +227,8 @@ def region_loss_backward(
         token_normaliser,
         grad_logprobs,
         num_tokens,
-        float(gamma_pos),
-        float(clip_low),
-        float(clip_high),
-        float(kl_coef),
-        float(weight_eps),
+        kl_coef=float(config.kl_coef),
+        **_scalars(config),
         HAS_REF=inputs["ref_logprobs"] is not None,
         BLOCK=BLOCK_TOKENS,
     )
