@@ -278,3 +278,25 @@ def test_fast_decode_path_is_bitwise_the_reference(model, tokenizer, requests_mi
 def test_decode_path_is_validated(model, tokenizer):
     with pytest.raises(ValueError, match="decode_path"):
         HFRolloutEngine(model, tokenizer, decode_path="turbo")
+
+
+@pytest.mark.parametrize("name, arch", [("tiny_qwen2_5_vl", "qwen2_5_vl"), ("tiny_qwen3_vl", "qwen3_vl")])
+def test_fast_decode_path_is_bitwise_the_reference_on_registry_models(name, arch):
+    """Same on the project's tiny models with the real prompt builder (Qwen3-VL has its own attention
+    module, interleaved M-RoPE and DeepStack)."""
+    from care_megatron.config.schema import ModelConfig
+    from care_megatron.data.prompting import build_prompt
+    from care_megatron.models.registry import build_model_and_processor
+
+    model, tok, processor = build_model_and_processor(ModelConfig(name=name, arch=arch), min_pixels=28 * 28,
+                                                      max_pixels=56 * 56)
+    requests = []
+    for i, (question, n_images) in enumerate([("How many shapes?", 1), ("What is 2 + 3?", 0), ("Which bar?", 2)]):
+        p = build_prompt(question, [make_image(10 * i + k, 56 - 28 * k) for k in range(n_images)], tok, processor)
+        requests.append(GenerationRequest(request_id=f"r{i}", prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
+                                          images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    runs = {path: HFRolloutEngine(model.eval(), tok, batch_size=3, decode_path=path).generate(requests, sampling)
+            for path in ("reference", "fast")}
+    assert [c.token_ids for c in runs["fast"]] == [c.token_ids for c in runs["reference"]]
+    assert [c.logprobs for c in runs["fast"]] == [c.logprobs for c in runs["reference"]]

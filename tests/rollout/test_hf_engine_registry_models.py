@@ -43,12 +43,3 @@ def test_batched_equals_single_and_logprobs_match_forward(stack):
         start = len(req.prompt_ids)
         expected = torch.log_softmax(logits, -1)[torch.arange(start - 1, ids.shape[1] - 1), ids[0, start:]]
         torch.testing.assert_close(torch.tensor(b.logprobs), expected, atol=1e-5, rtol=0)
-
-
-def test_fast_decode_path_is_bitwise_the_reference(stack):
-    model, tokenizer, reqs = stack
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
-    runs = {path: HFRolloutEngine(model, tokenizer, batch_size=3, decode_path=path).generate(reqs, sampling)
-            for path in ("reference", "fast")}
-    assert [c.token_ids for c in runs["fast"]] == [c.token_ids for c in runs["reference"]]
-    assert [c.logprobs for c in runs["fast"]] == [c.logprobs for c in runs["reference"]]
