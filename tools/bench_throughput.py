@@ -24,7 +24,9 @@ prompts are the config's own (synthetic tasks need no download).
 path and/or dotted overrides applied on top of the base, e.g. ``--compare algorithm.name=grpo``,
 ``--compare rollout.engine=sglang``, ``--compare examples/configs/tiny_cpu_megatron.yaml``.
 ``--compare-decode-path reference`` is the same for the HF engine's reference decoding path (the one
-before the speed-up), to measure before / after in one invocation.
+before the speed-up), to measure before / after in one invocation. The variants' steps are
+interleaved (step k of each before step k + 1 of any), so load from other processes on a shared
+machine falls on both alike.
 
 Usage::
 
@@ -216,33 +218,44 @@ def build_config(config_path: str | None, overrides: list[str], shape: str, step
     return load_config(config_path, list(overrides) + forced)
 
 
-def run_benchmark(config_path: str | None, overrides: list[str], shape: str | None, steps: int, warmup: int,
-                  peak_tflops: float | None = None, decode_path: str | None = None) -> dict:
-    """Benchmark one configuration; returns the JSON-able report (see the module docstring)."""
+def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: int,
+                   peak_tflops: float | None = None) -> dict[str, dict]:
+    """Benchmark several configurations, their steps interleaved (step k of every variant before step
+    k + 1 of any), so that load from other processes on a shared machine falls on all of them alike.
+
+    ``variants``: ``{"label", "config", "overrides", "decode_path"}`` each. Returns ``{label: report}``
+    (see the module docstring).
+    """
     from care_megatron.trainer import RLTrainer
 
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as out:
-        config = build_config(config_path, overrides, shape, warmup + steps, out)
-        trainer = RLTrainer(config, progress=False)
-        if decode_path is not None:
-            trainer.engine.decode_path = decode_path
-        counter = TokenCounter(trainer)
-        memory = MemoryProbe(trainer.schedule)
-        parameters = sum(p.numel() for p in trainer.model.parameters())
-        per_step, last_metrics = [], {}
+        runs = []
+        for index, variant in enumerate(variants):
+            config = build_config(variant["config"], variant["overrides"], shape, warmup + steps, f"{out}/{index}")
+            trainer = RLTrainer(config, progress=False)
+            if variant.get("decode_path") is not None:
+                trainer.engine.decode_path = variant["decode_path"]
+            runs.append({"label": variant["label"], "config": config, "trainer": trainer, "per_step": [],
+                         "counter": TokenCounter(trainer), "memory": MemoryProbe(trainer.schedule), "last": {}})
         for step in range(warmup + steps):
-            memory.peaks.clear()
-            counter.take()
-            start = time.perf_counter()
-            metrics = trainer.step(step)
-            wall = time.perf_counter() - start
-            if step >= warmup:
-                per_step.append({"wall": wall, "tokens": counter.take(), "memory": dict(memory.peaks),
-                                 "seconds": {p: metrics.get(f"timing/{p}", 0.0) for p in RL_PHASES},
-                                 "entered": [p for p in RL_PHASES if f"timing/{p}" in metrics]})
-                last_metrics = metrics
-        trainer.engine.shutdown()
-    return summarise(per_step, parameters, config, peak_tflops, last_metrics)
+            for run in runs:
+                run["memory"].peaks.clear()
+                run["counter"].take()
+                start = time.perf_counter()
+                metrics = run["trainer"].step(step)
+                wall = time.perf_counter() - start
+                if step >= warmup:
+                    run["per_step"].append({"wall": wall, "tokens": run["counter"].take(),
+                                            "memory": dict(run["memory"].peaks),
+                                            "seconds": {p: metrics.get(f"timing/{p}", 0.0) for p in RL_PHASES},
+                                            "entered": [p for p in RL_PHASES if f"timing/{p}" in metrics]})
+                    run["last"] = metrics
+        reports = {}
+        for run in runs:
+            run["trainer"].engine.shutdown()
+            parameters = sum(p.numel() for p in run["trainer"].model.parameters())
+            reports[run["label"]] = summarise(run["per_step"], parameters, run["config"], peak_tflops, run["last"])
+    return reports
 
 
 def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float | None, last_metrics: dict) -> dict:
@@ -339,9 +352,13 @@ def format_table(reports: dict[str, dict]) -> str:
         f"| {_fmt(reports[l]['groups']['train']['mfu'] and reports[l]['groups']['train']['mfu'] * 100, '7.2f') + '%':>34s} "
         for l in labels))
     lines.append(f"{'dominant':24s}" + "".join(f"| {reports[l]['dominant_group']:>34s} " for l in labels))
-    if len(labels) == 2:
-        a, b = (reports[l]["step_seconds"] for l in labels)
-        lines.append(f"step time {labels[1]} / {labels[0]}: {b / a:.3f}")
+    for label in labels[1:]:
+        for group in ("rollout", "train"):
+            a, b = reports[labels[0]]["groups"][group]["seconds"], reports[label]["groups"][group]["seconds"]
+            if a > 0:
+                lines.append(f"{group} time {label} / {labels[0]}: {b / a:.3f}")
+        a, b = reports[labels[0]]["step_seconds"], reports[label]["step_seconds"]
+        lines.append(f"step time {label} / {labels[0]}: {b / a:.3f}")
     return "\n".join(lines)
 
 
@@ -369,18 +386,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the reports here")
     args = parser.parse_args(argv)
 
-    reports = {}
     base_label = "base" if not args.decode_path else f"decode={args.decode_path}"
-    reports[base_label] = run_benchmark(args.config, args.overrides, args.shape, args.steps, args.warmup,
-                                        args.peak_tflops, args.decode_path)
+    variants = [{"label": base_label, "config": args.config, "overrides": args.overrides, "decode_path": args.decode_path}]
     if args.compare:
         path, extra = parse_compare(args.compare)
-        label = " ".join(args.compare)
-        reports[label] = run_benchmark(path or args.config, args.overrides + extra, args.shape, args.steps,
-                                       args.warmup, args.peak_tflops, args.decode_path)
+        variants.append({"label": " ".join(args.compare), "config": path or args.config,
+                         "overrides": args.overrides + extra, "decode_path": args.decode_path})
     if args.compare_decode_path:
-        reports[f"decode={args.compare_decode_path}"] = run_benchmark(
-            args.config, args.overrides, args.shape, args.steps, args.warmup, args.peak_tflops, args.compare_decode_path)
+        variants.append({"label": f"decode={args.compare_decode_path}", "config": args.config,
+                         "overrides": args.overrides, "decode_path": args.compare_decode_path})
+    reports = run_benchmarks(variants, args.shape, args.steps, args.warmup, args.peak_tflops)
     result = {"hardware": hardware_name(), "torch": torch.__version__, "config": args.config,
               "overrides": args.overrides, "shape": args.shape, "reports": reports}
     print(f"hardware: {result['hardware']}; {args.steps} measured steps after {args.warmup} warm-up")
