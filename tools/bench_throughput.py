@@ -7,7 +7,8 @@ sleep / wake, and ``other``: the step's time outside any phase - verifier, advan
 
 * seconds per step (mean over the measured steps) and share of the step;
 * tokens / s of the phases that process tokens (generated tokens for rollouts, packed tokens for
-  the forward passes and the update), per GPU when there are GPUs;
+  the forward passes and the update), per GPU when there are GPUs (each process counts its own
+  tokens; under ``torchrun`` rank 0 reports, one rank per GPU);
 * MFU of the train phase: ``6 * N * tokens / seconds / peak`` with N the policy's parameter count
   (forward + backward of a dense decoder; attention's quadratic term is left out, as is usual), and
   ``peak`` the accelerator's dense bf16 peak (``--peak-tflops``; a table of known GPUs otherwise;
@@ -260,7 +261,10 @@ def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: 
 
 def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float | None, last_metrics: dict) -> dict:
     n = len(per_step)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # one process drives one GPU (torchrun: one rank per GPU), and the counters see this rank's
+    # tokens only, so rates below are per GPU as they stand
+    gpus = 1 if torch.cuda.is_available() else 0
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     wall = sum(s["wall"] for s in per_step) / n
     tokens = {}
     for s in per_step:
@@ -273,7 +277,7 @@ def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float 
     def rate(count: float, seconds: float) -> float | None:
         if not count or seconds <= 0:
             return None
-        return count / seconds / max(gpus, 1)
+        return count / seconds
 
     phases = {}
     for phase in RL_PHASES:
@@ -298,7 +302,7 @@ def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float 
     groups["train"]["tokens_per_s"] = rate(tokens.get("train", 0.0), phases["train"]["seconds"])
     train_seconds = phases["train"]["seconds"]
     train_flops = 6.0 * parameters * tokens.get("train", 0.0)
-    achieved = train_flops / train_seconds / max(gpus, 1) if train_seconds > 0 else None
+    achieved = train_flops / train_seconds if train_seconds > 0 else None
     groups["train"]["tflops_per_s"] = None if achieved is None else achieved / 1e12
     groups["train"]["mfu"] = None if (achieved is None or not peak_tflops) else achieved / (peak_tflops * 1e12)
     in_phases = sum(p["seconds"] for p in phases.values())
@@ -307,7 +311,7 @@ def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float 
     dominant = max(groups, key=lambda g: groups[g]["seconds"])
     return {
         "model": config.model.name, "algorithm": config.algorithm.name, "engine": config.rollout.engine,
-        "backend": config.parallel.backend, "parameters": parameters, "gpus": gpus, "steps": n,
+        "backend": config.parallel.backend, "parameters": parameters, "ranks": ranks, "steps": n,
         "peak_tflops": peak_tflops, "step_seconds": wall, "tokens_per_step": tokens, "phases": phases,
         "groups": groups, "dominant_group": dominant,
         "reward_mean": last_metrics.get("reward/mean"),
@@ -396,6 +400,8 @@ def main(argv=None) -> dict:
         variants.append({"label": f"decode={args.compare_decode_path}", "config": args.config,
                          "overrides": args.overrides, "decode_path": args.compare_decode_path})
     reports = run_benchmarks(variants, args.shape, args.steps, args.warmup, args.peak_tflops)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return {"reports": reports}
     result = {"hardware": hardware_name(), "torch": torch.__version__, "config": args.config,
               "overrides": args.overrides, "shape": args.shape, "reports": reports}
     print(f"hardware: {result['hardware']}; {args.steps} measured steps after {args.warmup} warm-up")
