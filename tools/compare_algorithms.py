@@ -26,8 +26,8 @@ Decoded tokens of a step are rebuilt from what the trainer logs (``care_megatron
 ``length/response_mean`` times the number of responses decoded that step, with the number of groups
 from ``groups/count`` (else ``data.prompts_per_step``; DAPO: kept + dropped groups of
 ``dapo/*_groups``) times ``rollout.group_size``, plus ``rgr/trigger_rate`` x groups reflected
-samples. When the log carries the reflected samples' length separately (a ``rgr/*`` key with
-``length`` in its name), ``length/response_mean`` is read as the first-pass rollouts' mean and the
+samples. When the log carries the reflected samples' response length separately (a ``rgr/*`` key
+with ``length`` and neither ``think`` nor ``answer`` in its name), ``length/response_mean`` is read as the first-pass rollouts' mean and the
 reflected tokens are added from that key; otherwise ``length/response_mean`` covers both.
 
 On a cluster, ``--slurm`` prints one ``sbatch`` line per unfinished run (``--submit``: submits them)
@@ -189,7 +189,9 @@ def decoded_tokens(row: dict, prompts_per_step: int, group_size: int) -> float:
         groups = row.get("groups/count", prompts_per_step)
     rollouts = groups * group_size
     reflected = row.get("rgr/trigger_rate", 0.0) * groups
-    separate = [k for k in row if k.startswith("rgr/") and "length" in k and isinstance(row[k], (int, float))]
+    # a whole-response length of the reflected samples (not a think- or answer-only one)
+    separate = sorted(k for k in row if k.startswith("rgr/") and "length" in k and "think" not in k
+                      and "answer" not in k and isinstance(row[k], (int, float)))
     if separate:
         return rollouts * response_mean + reflected * row[separate[0]]
     return (rollouts + reflected) * response_mean

@@ -70,7 +70,8 @@ def test_decoded_tokens_from_logged_metrics(tool):
     # baseline without groups/count: prompts_per_step x group size
     assert tool.decoded_tokens({"length/response_mean": 5.0}, 3, 2) == 30.0
     # reflected samples logged separately under rgr/*
-    row = {"length/response_mean": 10.0, "groups/count": 4.0, "rgr/trigger_rate": 0.5, "rgr/length/response_mean": 20.0}
+    row = {"length/response_mean": 10.0, "groups/count": 4.0, "rgr/trigger_rate": 0.5, "rgr/length/think_mean": 3.0,
+           "rgr/length/response_mean": 20.0}
     assert tool.decoded_tokens(row, 4, 8) == 4 * 8 * 10 + 2 * 20
     # DAPO decodes the dropped groups too
     assert tool.decoded_tokens({"length/response_mean": 2.0, "dapo/kept_groups": 2.0, "dapo/dropped_groups": 1.0}, 2, 4) == 24.0
