@@ -80,3 +80,16 @@ def test_named_shapes_build_the_released_layer_sizes(bench):
     assert q3.model_type == "qwen3_vl" and q3.text_config.head_dim == 128
     assert sum(q3.text_config.rope_parameters["mrope_section"]) * 2 == 128
     assert bench.register_shape("tiny", "qwen3_vl") == "tiny_qwen3_vl"
+
+
+def test_weight_sync_bench_smoke(tmp_path):
+    """tools/bench_weight_sync.py on a tiny shape: every path timed, the rollout model ends equal to the
+    trainer's (the tool checks it and exits otherwise)."""
+    sync = _tool("bench_weight_sync")
+    report = sync.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "1",
+                        "--bucket-mb", "1", "--json", str(tmp_path / "sync.json")])
+    assert set(report["results"]) == {"plain_copy", "fresh_copy", "export_only", "export_update_hf",
+                                      "torch_export_update_hf", "flattened_bucket"}
+    for row in report["results"].values():
+        assert row["seconds"] > 0 and row["GB_per_s"] == pytest.approx(report["bytes"] / row["seconds"] / 1e9)
+    assert json.loads((tmp_path / "sync.json").read_text())["bytes"] == report["bytes"]
