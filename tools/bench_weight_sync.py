@@ -5,9 +5,15 @@ Measures, in one run on one device, GB/s (1e9 bytes / s) of:
 * ``plain_copy``: ``dst.copy_(src)`` tensor by tensor into preallocated tensors of the same shapes on
   the same device: the ceiling any sync path can reach;
 * ``export_only``: the weight source alone (buckets produced and dropped);
-* ``export_update_hf``: the HF-engine path the embedded default runs every step: weights streamed
-  out as Hugging-Face-named buckets, then ``HFRolloutEngine.update_weights`` (name mapping, shape
-  check, in-place copy into the rollout model);
+* ``export_update_hf``: the Megatron-backend + HF-engine path: weights streamed out of the Megatron
+  exporter as Hugging-Face-named buckets, then ``HFRolloutEngine.update_weights`` (name mapping,
+  shape check, in-place copy into the rollout model);
+* ``torch_export_update_hf``: the path the embedded default runs every step: the plain-PyTorch
+  backend's ``TorchBackend.export_weights`` (its state dict in buckets, no copy), then
+  ``HFRolloutEngine.update_weights``;
+* ``fresh_copy``: every tensor copied into newly allocated memory (``clone``): what any exporter that
+  materialises each HF tensor pays before the engine's own copy (on CPU the new pages' first-touch
+  faults make it several times a copy into existing memory);
 * ``flattened_bucket``: the in-process part of the colocated SGLang path: each bucket flattened
   into one tensor (``sglang_engine.flatten_bucket``, what gets CUDA-IPC-shared), then rebuilt and
   copied into the rollout model as SGLang's loader does. The IPC hand-off and SGLang's own loader
@@ -162,6 +168,17 @@ def main(argv=None) -> dict:
     def export_update_hf():
         engine.update_weights(pair for bucket in source() for pair in bucket)
 
+    from care_megatron.training.torch_backend import TorchBackend
+
+    torch_backend = TorchBackend(trainer, lr=0.0, keep_reference=False, device=device)
+
+    def torch_export_update_hf():
+        engine.update_weights(pair for bucket in torch_backend.export_weights(bucket_bytes) for pair in bucket)
+
+    def fresh_copy():
+        for s in src:
+            s.clone()
+
     rollout_params = dict(rollout.named_parameters())
 
     def flattened_bucket():
@@ -175,7 +192,8 @@ def main(argv=None) -> dict:
                 rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
 
     results = {}
-    for label, fn in (("plain_copy", plain_copy), ("export_only", export_only), ("export_update_hf", export_update_hf),
+    for label, fn in (("plain_copy", plain_copy), ("fresh_copy", fresh_copy), ("export_only", export_only),
+                      ("export_update_hf", export_update_hf), ("torch_export_update_hf", torch_export_update_hf),
                       ("flattened_bucket", flattened_bucket)):
         seconds = timed(fn, device, args.repeats)
         results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
@@ -200,7 +218,7 @@ def main(argv=None) -> dict:
     print(f"weight source: {source_name}")
     for label, r in results.items():
         ratio = r["GB_per_s"] / results["plain_copy"]["GB_per_s"]
-        print(f"  {label:18s} {r['GB_per_s']:8.2f} GB/s  {r['seconds'] * 1e3:9.1f} ms  ({ratio:5.2f} x plain copy)")
+        print(f"  {label:22s} {r['GB_per_s']:8.2f} GB/s  {r['seconds'] * 1e3:9.1f} ms  ({ratio:5.2f} x plain copy)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

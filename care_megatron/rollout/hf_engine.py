@@ -18,6 +18,14 @@ Batching: requests are left-padded into batches of ``batch_size``. Qwen-VL input
 way the processor batches them: ``pixel_values`` of all images concatenated in request order,
 ``image_grid_thw`` stacked in the same order; transformers computes M-RoPE positions (and the
 ``rope_deltas`` used while decoding) from ``attention_mask``, so left padding does not shift them.
+
+Decode path (``decode_path``): on CPU, ``"fast"`` (the default) runs the decoder's attention through
+:func:`gqa_sdpa_attention` while ``generate`` runs: the same ``scaled_dot_product_attention`` call as
+transformers' ``sdpa`` implementation, with the grouped K/V heads shared through SDPA's ``enable_gqa``
+instead of materialising ``repeat_kv`` copies of the whole KV cache at every decoding step (the
+largest single cost of CPU decoding with GQA). The kernel computes the same sums in the same order,
+so completions and log-probs are bitwise those of ``"reference"`` (stock transformers; tested).
+On CUDA the stock path is kept: there SDPA with a mask and ``enable_gqa`` falls back to its math kernel.
 """
 from __future__ import annotations
 
@@ -28,6 +36,10 @@ import torch
 
 from care_megatron.rollout.base import Completion, GenerationRequest, SamplingParams, memory_tags
 from care_megatron.rollout.mismatch import logprob_temperature
+
+DECODE_PATHS = ("fast", "reference")
+GQA_SDPA = "care_sdpa_gqa"
+"""Name under which :func:`gqa_sdpa_attention` is registered with transformers' attention and mask interfaces."""
 
 # Checkpoint (on-disk, SGLang, Megatron-export) names of Qwen-VL weights -> module names of the
 # transformers>=5 classes, which nest the decoder under ``model.language_model`` and the vision tower
@@ -70,6 +82,55 @@ def multimodal_token_types(input_ids: torch.Tensor, config: Any) -> torch.Tensor
     if video_id is not None:
         types[input_ids == video_id] = 2
     return types
+
+
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    """transformers' ``sdpa_attention_forward`` (transformers 5.x) without the ``repeat_kv`` copies.
+
+    Query [B, H, q, D], key / value [B, H_kv, kv, D]. Everything the stock function decides (the
+    ``is_causal`` rule, the prefill slice of an empty static cache) is decided the same way; a
+    position bias or differing K / V head sizes go to the stock function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups <= 1 or kwargs.get("position_bias") is not None or key.shape[-1] != value.shape[-1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_length > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_length:
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_gqa_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)  # same masks as "sdpa"
+
+
+@contextlib.contextmanager
+def _decoder_attention(model: torch.nn.Module, implementation: str | None):
+    """Run the text decoder with attention ``implementation`` (None: unchanged), restored afterwards."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    previous = text_config._attn_implementation
+    if implementation is None or previous != "sdpa":
+        yield
+        return
+    _register_gqa_sdpa()
+    text_config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = previous
 
 
 class _BehaviourLogprobRecorder:
@@ -124,6 +185,8 @@ class HFRolloutEngine:
         pad_token_id: id used for left padding; None: tokenizer pad, else model config pad, else
             the first stop token (it is masked out by ``attention_mask`` either way).
         device: where the model runs while awake; None: the device of its parameters.
+        decode_path: ``"fast"`` or ``"reference"`` (see the module docstring; same results, the
+            reference path is kept to measure the speed-up and test the equality).
         suppressed_token_ids: tokens never sampled; None: the model's vision placeholders
             (image / video pad, vision start / end). A sampled ``<|image_pad|>`` would make the
             trainer's forward pass treat it as an image slot and fail, so a response must not
@@ -140,6 +203,7 @@ class HFRolloutEngine:
         pad_token_id: int | None = None,
         device: torch.device | str | None = None,
         suppressed_token_ids: Iterable[int] | None = None,
+        decode_path: str = "fast",
     ):
         if batch_size < 1:
             raise ValueError(f"HFRolloutEngine.batch_size must be >= 1, got {batch_size}")
@@ -157,6 +221,9 @@ class HFRolloutEngine:
             suppressed_token_ids = [getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None]
         self.suppressed_token_ids = sorted(set(int(t) for t in suppressed_token_ids))
         self.released: set[str] = set()
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"HFRolloutEngine.decode_path must be one of {DECODE_PATHS}, got {decode_path!r}")
+        self.decode_path = decode_path
         self._closed = False
 
     # ------------------------------------------------------------------ set-up helpers
@@ -277,8 +344,9 @@ class HFRolloutEngine:
 
         was_training = self.model.training
         self.model.eval()
+        fast = self.decode_path == "fast" and self.device.type == "cpu"
         try:
-            with self._rng_scope(sampling.seed, chunk_index):
+            with self._rng_scope(sampling.seed, chunk_index), _decoder_attention(self.model, GQA_SDPA if fast else None):
                 out = self.model.generate(
                     **batch,
                     generation_config=self._generation_config(sampling, stop_ids),

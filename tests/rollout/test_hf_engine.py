@@ -247,3 +247,55 @@ def test_update_through_megatron_exporter_matches_source(model, tokenizer, reque
     assert [c.token_ids for c in engine.generate(requests_mixed, greedy)] == [c.token_ids for c in expected]
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_fast_decode_path_is_bitwise_the_reference(model, tokenizer, requests_mixed, temperature, monkeypatch):
+    """The CPU fast path (K/V heads shared through SDPA's enable_gqa, no repeat_kv copies) gives the
+    same completions and the same log-probs, bit for bit, under the same seed; it is really taken."""
+    from care_megatron.rollout import hf_engine
+
+    calls = []
+    original = hf_engine.gqa_sdpa_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[2])  # query length: prefill, then 1 per decoding step
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_engine, "gqa_sdpa_attention", spy)
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=12, seed=7)
+    reference = HFRolloutEngine(model, tokenizer, batch_size=3, decode_path="reference").generate(requests_mixed, sampling)
+    assert calls == []
+    fast = HFRolloutEngine(model, tokenizer, batch_size=3).generate(requests_mixed, sampling)
+    assert calls and 1 in calls and max(calls) > 1
+    assert model.config.get_text_config()._attn_implementation == "sdpa"  # restored after generate
+    assert [c.token_ids for c in fast] == [c.token_ids for c in reference]
+    assert [c.logprobs for c in fast] == [c.logprobs for c in reference]
+    assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
+
+
+def test_decode_path_is_validated(model, tokenizer):
+    with pytest.raises(ValueError, match="decode_path"):
+        HFRolloutEngine(model, tokenizer, decode_path="turbo")
+
+
+@pytest.mark.parametrize("name, arch", [("tiny_qwen2_5_vl", "qwen2_5_vl"), ("tiny_qwen3_vl", "qwen3_vl")])
+def test_fast_decode_path_is_bitwise_the_reference_on_registry_models(name, arch):
+    """Same on the project's tiny models with the real prompt builder (Qwen3-VL has its own attention
+    module, interleaved M-RoPE and DeepStack)."""
+    from care_megatron.config.schema import ModelConfig
+    from care_megatron.data.prompting import build_prompt
+    from care_megatron.models.registry import build_model_and_processor
+
+    model, tok, processor = build_model_and_processor(ModelConfig(name=name, arch=arch), min_pixels=28 * 28,
+                                                      max_pixels=56 * 56)
+    requests = []
+    for i, (question, n_images) in enumerate([("How many shapes?", 1), ("What is 2 + 3?", 0), ("Which bar?", 2)]):
+        p = build_prompt(question, [make_image(10 * i + k, 56 - 28 * k) for k in range(n_images)], tok, processor)
+        requests.append(GenerationRequest(request_id=f"r{i}", prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
+                                          images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    runs = {path: HFRolloutEngine(model.eval(), tok, batch_size=3, decode_path=path).generate(requests, sampling)
+            for path in ("reference", "fast")}
+    assert [c.token_ids for c in runs["fast"]] == [c.token_ids for c in runs["reference"]]
+    assert [c.logprobs for c in runs["fast"]] == [c.logprobs for c in runs["reference"]]

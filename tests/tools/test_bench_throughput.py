@@ -1,0 +1,95 @@
+"""tools/bench_throughput.py on CPU with the tiny model: the phase table is complete and its times are
+consistent (a smoke test: no speed is asserted)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from care_megatron.trainer import RL_PHASES
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data.eval_size=0",
+         "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch_tokens=2048"]
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _tool("bench_throughput")
+
+
+def test_phase_groups_partition_rl_phases(bench):
+    members = [p for group in bench.PHASE_GROUPS.values() for p in group]
+    assert sorted(members) == sorted(RL_PHASES) and len(members) == len(set(members))
+
+
+def test_tiny_cpu_smoke_with_compare(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--config", str(ROOT / "examples/configs/tiny_cpu.yaml"), *SMALL, "--shape", "tiny",
+                         "--steps", "1", "--warmup", "0", "--compare", "algorithm.name=grpo", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    reports = result["reports"]
+    assert list(reports) == ["base", "algorithm.name=grpo"]
+    assert reports["base"]["algorithm"] == "care" and reports["algorithm.name=grpo"]["algorithm"] == "grpo"
+    for report in reports.values():
+        assert set(report["phases"]) == set(RL_PHASES)
+        assert set(report["groups"]) == set(bench.PHASE_GROUPS) | {"other"}
+        assert report["step_seconds"] > 0
+        for phase in ("generate", "logprobs", "reference_logprobs", "train", "update_weights"):
+            assert report["phases"][phase]["entered"] == 1 and report["phases"][phase]["seconds"] > 0, phase
+        for phase, row in report["phases"].items():
+            assert row["seconds"] >= 0 and (row["entered"] > 0 or row["seconds"] == 0), phase
+        # the groups and "other" add up to the measured step
+        total = sum(g["seconds"] for g in report["groups"].values())
+        assert total == pytest.approx(report["step_seconds"], rel=1e-6)
+        tokens = report["tokens_per_step"]
+        assert 0 < tokens["generated"] <= 2 * 4 * 6 + 6 * 4  # rollouts (+ at most one RGR resample per group)
+        assert tokens["train"] == tokens["reference_pass"] > tokens["generated"]  # prompts are in the packs
+        train = report["groups"]["train"]
+        assert train["tokens_per_s"] == pytest.approx(tokens["train"] / report["phases"]["train"]["seconds"])
+        assert train["tflops_per_s"] == pytest.approx(
+            6 * report["parameters"] * tokens["train"] / report["phases"]["train"]["seconds"] / 1e12)
+        assert train["mfu"] is None  # no peak known on CPU unless --peak-tflops is given
+        assert report["phases"]["train"]["peak_memory_bytes"] > 0
+    table = capsys.readouterr().out
+    for group in [*bench.PHASE_GROUPS, "other", "step", "train MFU", "dominant"]:
+        assert group in table
+    assert "step time algorithm.name=grpo / base" in table
+
+
+def test_named_shapes_build_the_released_layer_sizes(bench):
+    from care_megatron.models.registry import build_hf_config
+
+    name = bench.register_shape("qwen2_5_vl_7b", "qwen2_5_vl")
+    config = build_hf_config(name)
+    text = config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads) == (3584, 18944, 28, 28, 4)
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.hidden_size // text.num_attention_heads
+    assert config.vision_config.out_hidden_size == 3584
+    q3 = build_hf_config(bench.register_shape("qwen3_vl_8b", "qwen2_5_vl"))
+    assert q3.model_type == "qwen3_vl" and q3.text_config.head_dim == 128
+    assert sum(q3.text_config.rope_parameters["mrope_section"]) * 2 == 128
+    assert bench.register_shape("tiny", "qwen3_vl") == "tiny_qwen3_vl"
+
+
+def test_weight_sync_bench_smoke(tmp_path):
+    """tools/bench_weight_sync.py on a tiny shape: every path timed, the rollout model ends equal to the
+    trainer's (the tool checks it and exits otherwise)."""
+    sync = _tool("bench_weight_sync")
+    report = sync.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "1",
+                        "--bucket-mb", "1", "--json", str(tmp_path / "sync.json")])
+    assert set(report["results"]) == {"plain_copy", "fresh_copy", "export_only", "export_update_hf",
+                                      "torch_export_update_hf", "flattened_bucket"}
+    for row in report["results"].values():
+        assert row["seconds"] > 0 and row["GB_per_s"] == pytest.approx(report["bytes"] / row["seconds"] / 1e9)
+    assert json.loads((tmp_path / "sync.json").read_text())["bytes"] == report["bytes"]

@@ -1,0 +1,132 @@
+"""tools/compare_algorithms.py: interval math against hand-computed values, decoded-token accounting,
+and a tiny end-to-end comparison (2 methods x 2 seeds x 1 step) that writes the table / JSON / PNGs
+and does not re-run finished runs."""
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("compare_algorithms", ROOT / "tools" / "compare_algorithms.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dof, expected", [(1, 12.706204736174707), (2, 4.302652729749464), (4, 2.7764451051977934),
+                                           (9, 2.2621571628540993), (30, 2.0422724563012373)])
+def test_t_quantile_matches_tables(tool, dof, expected):
+    assert tool.student_t_quantile(0.975, dof) == pytest.approx(expected, rel=1e-9)
+    assert tool.student_t_quantile(0.025, dof) == pytest.approx(-expected, rel=1e-9)
+
+
+def test_interval_hand_computed(tool):
+    # three seeds 0.30 / 0.35 / 0.40: mean 0.35, sample sd 0.05, se 0.05 / sqrt(3),
+    # half width t(0.975, 2) * se = 4.302652729749464 * 0.028867513459481287 = 0.124206886...
+    stat = tool.mean_interval([0.30, 0.35, 0.40])
+    assert stat["mean"] == pytest.approx(0.35)
+    assert stat["half_width"] == pytest.approx(0.1242068856, rel=1e-9)
+    assert (stat["low"], stat["high"]) == pytest.approx((0.35 - 0.1242068856, 0.35 + 0.1242068856), rel=1e-9)
+    assert tool.mean_interval([0.5])["half_width"] is None and tool.mean_interval([])["mean"] is None
+
+
+def test_interval_agrees_with_scipy_when_present(tool):
+    stats = pytest.importorskip("scipy.stats")
+    for dof in (1, 3, 7, 50):
+        for p in (0.6, 0.9, 0.975, 0.995):
+            assert tool.student_t_quantile(p, dof) == pytest.approx(stats.t.ppf(p, dof), rel=1e-8)
+
+
+def test_delta_to_grpo_is_paired_by_seed(tool):
+    def summary(macro, per_task):
+        return {"macro": macro, "per_task": per_task, "mechanisms": {k: 0.1 for k, _ in tool.MECHANISMS},
+                "accuracy_curve": [], "kl_curve": []}
+
+    runs = {"grpo": {0: summary(0.2, {"a": 0.1}), 1: summary(0.4, {"a": 0.3}), 2: summary(0.3, {"a": 0.2})},
+            "care": {0: summary(0.3, {"a": 0.2}), 1: summary(0.6, {"a": 0.5}), 2: summary(0.3, {"a": 0.2})}}
+    result = tool.aggregate(runs)
+    delta = result["table"]["care"]["macro"]["delta_vs_grpo"]
+    # per-seed differences 0.1, 0.2, 0.0: mean 0.1, sd 0.1, half width 4.3026527 * 0.1 / sqrt(3)
+    assert delta["mean"] == pytest.approx(0.1)
+    assert delta["half_width"] == pytest.approx(4.302652729749464 * 0.1 / math.sqrt(3), rel=1e-9)
+    assert "delta_vs_grpo" not in result["table"]["grpo"]["macro"]
+    assert result["table"]["care"]["a"]["mean"] == pytest.approx(0.3)
+    # GRPO macro 0.2 / 0.4 / 0.3: sd 0.1, half width 4.3026527 * 0.1 / sqrt(3) = 0.248
+    assert "| grpo | 0.200 ± 0.248 | 0.300 ± 0.248 | - |" in tool.markdown_table(result)
+
+
+def test_decoded_tokens_from_logged_metrics(tool):
+    # CARE with RGR, reflected samples inside length/response_mean: (4 groups x 8 + 2 reflected) x 10
+    assert tool.decoded_tokens({"length/response_mean": 10.0, "groups/count": 4.0, "rgr/trigger_rate": 0.5}, 4, 8) == 340.0
+    # baseline without groups/count: prompts_per_step x group size
+    assert tool.decoded_tokens({"length/response_mean": 5.0}, 3, 2) == 30.0
+    # reflected samples logged separately under rgr/*
+    row = {"length/response_mean": 10.0, "groups/count": 4.0, "rgr/trigger_rate": 0.5, "rgr/length/think_mean": 3.0,
+           "rgr/length/response_mean": 20.0}
+    assert tool.decoded_tokens(row, 4, 8) == 4 * 8 * 10 + 2 * 20
+    # DAPO decodes the dropped groups too
+    assert tool.decoded_tokens({"length/response_mean": 2.0, "dapo/kept_groups": 2.0, "dapo/dropped_groups": 1.0}, 2, 4) == 24.0
+
+
+def test_band_interpolates_onto_a_shared_grid(tool):
+    result = tool.band([[(0, 0.0), (10, 1.0)], [(0, 0.0), (8, 0.4)]], points=5)
+    assert result["x"] == pytest.approx([0, 2, 4, 6, 8])
+    # at x = 8: 0.8 and 0.4 -> mean 0.6
+    assert result["mean"][-1] == pytest.approx(0.6)
+    assert result["low"][-1] < 0.6 < result["high"][-1]
+
+
+TINY = ["train.init_from=null", "train.steps=1", "train.eval_every=1", "train.save_every=1",
+        "data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data.eval_size=4",
+        "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6"]
+
+
+@pytest.mark.slow
+def test_tiny_comparison_writes_outputs_and_resumes(tool, tmp_path, capsys):
+    args = ["--config", str(ROOT / "examples/configs/tiny_cpu.yaml"), *TINY, "--methods", "grpo", "care",
+            "--seeds", "2", "--out", str(tmp_path)]
+    first = tool.main(args)
+    assert sorted(first["executed"]) == ["care/seed0", "care/seed1", "grpo/seed0", "grpo/seed1"]
+    for name in ("table.md", "summary.json", "accuracy_vs_tokens.png", "kl.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tasks"] == ["compare_lengths", "count_shapes"]
+    for method in ("grpo", "care"):
+        macro = summary["table"][method]["macro"]
+        assert macro["n"] == 2 and 0.0 <= macro["mean"] <= 1.0 and macro["half_width"] is not None
+        for seed in ("0", "1"):
+            run = summary["runs"][method][seed]
+            assert run["decoded_tokens"] > 0 and run["final_step"] == 1
+            assert run["accuracy_curve"][0][0] == 0 and run["accuracy_curve"][-1][0] == run["decoded_tokens"]
+    assert "delta_vs_grpo" in summary["table"]["care"]["macro"]
+    assert summary["mechanisms"]["care"]["signal/failure_share"]["n"] == 2
+    assert "| care |" in capsys.readouterr().out
+
+    # finished runs are not re-run; the aggregate is the same
+    again = tool.main(args)
+    assert again["executed"] == [] and again["table"] == first["table"]
+
+    # a run without its final policy is unfinished: only it runs again (resuming from its checkpoint)
+    shutil.rmtree(tmp_path / "runs" / "care" / "seed1" / "final")
+    third = tool.main(args)
+    assert third["executed"] == ["care/seed1"] and third["table"] == first["table"]
+
+
+def test_slurm_prints_one_sbatch_line_per_unfinished_run(tool, tmp_path, capsys):
+    config = str(ROOT / "examples/configs/qwen2_5_vl_7b.yaml")
+    result = tool.main(["--config", config, "--methods", "grpo", "care_no_rgr",
+                        "--seeds", "2", "--out", str(tmp_path), "--slurm"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("sbatch")]
+    assert result == {"sbatch": 4} and len(lines) == 4
+    assert f"--export=ALL,CONFIG={config}" in lines[0]
+    assert "algorithm.rgr=false" in lines[2] and "train.seed=0" in lines[2]
+    assert lines[0].endswith("--resume") and f"train.output_dir={tmp_path}/runs/grpo/seed0" in lines[0]

@@ -1,0 +1,381 @@
+"""Compare RL methods over seeds at any scale: the paper's Table 2 from one base config.
+
+Every (method, seed) pair is run with the same base config, so the data (``data.seed``: same prompts
+in the same order), the rollout budget (prompts per step x group size, ``max_new_tokens``) and the
+decoding (temperature, top-p / top-k) are identical; only ``algorithm.*`` and ``train.seed`` differ.
+Runs live in ``<out>/runs/<method>/seed<k>/``; a run is finished when its ``metrics.jsonl`` reaches
+``train.steps`` and its ``final/`` policy exists. Finished runs are never re-run, an interrupted one
+resumes from its newest checkpoint (the trainer's ``--resume``).
+
+Methods: ``grpo``, ``care_no_rgr`` (CARE without reflection-guided resampling), ``care``, and the
+baselines ``dapo``, ``gspo``, ``dr_grpo``, ``rloo``.
+
+Outputs in ``<out>/``:
+
+* ``table.md`` / the ``table`` entry of ``summary.json``: final held-out accuracy per task and their
+  macro average, mean and 95% confidence interval over seeds (Student t, n - 1 degrees of freedom, on
+  the per-seed values), and the difference to GRPO with its interval (paired by seed: run k of every
+  method shares seed k, so the interval is over the per-seed differences);
+* the mechanism metrics, each averaged over the steps of a run, then mean and interval over seeds:
+  failure-signal share, RGR trigger and success rate, rescue rate, mean ``<think>`` length;
+* ``accuracy_vs_tokens.png``: held-out accuracy against decoded tokens (mean and a 95% band per
+  method, seeds interpolated onto a shared token grid), ``kl.png``: KL to the reference per step;
+* ``summary.json``: all of it, with the curves' numbers.
+
+Decoded tokens of a step are rebuilt from what the trainer logs (``care_megatron.metrics``):
+``length/response_mean`` times the number of responses decoded that step, with the number of groups
+from ``groups/count`` (else ``data.prompts_per_step``; DAPO: kept + dropped groups of
+``dapo/*_groups``) times ``rollout.group_size``, plus ``rgr/trigger_rate`` x groups reflected
+samples. When the log carries the reflected samples' response length separately (a ``rgr/*`` key
+with ``length`` and neither ``think`` nor ``answer`` in its name), ``length/response_mean`` is read as the first-pass rollouts' mean and the
+reflected tokens are added from that key; otherwise ``length/response_mean`` covers both.
+
+On a cluster, ``--slurm`` prints one ``sbatch`` line per unfinished run (``--submit``: submits them)
+with an sbatch script that takes ``CONFIG`` from the environment and overrides as arguments, like
+``examples/slurm/*.sbatch``; run the tool again without ``--slurm`` (``--no-run`` to never train
+here) once they are done to write the table.
+
+Usage::
+
+    python tools/compare_algorithms.py --config examples/configs/tiny_cpu.yaml --out runs/compare \\
+        --seeds 3 train.steps=40 train.lr=1e-3 data.train_size=8
+    python tools/compare_algorithms.py --config examples/configs/qwen2_5_vl_7b.yaml --out runs/table2 \\
+        --slurm --sbatch examples/slurm/care_qwen2_5_vl_7b.sbatch
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+METHODS = {
+    "grpo": ["algorithm.name=grpo"],
+    "care_no_rgr": ["algorithm.name=care", "algorithm.rgr=false"],
+    "care": ["algorithm.name=care", "algorithm.rgr=true"],
+    "dapo": ["algorithm.name=dapo"],
+    "gspo": ["algorithm.name=gspo"],
+    "dr_grpo": ["algorithm.name=dr_grpo"],
+    "rloo": ["algorithm.name=rloo"],
+}
+"""Method name -> the overrides that select it on top of the base config."""
+DEFAULT_METHODS = ("grpo", "care_no_rgr", "care")
+MECHANISMS = (("signal/failure_share", "failure-signal share"), ("rgr/trigger_rate", "RGR trigger rate"),
+              ("rgr/success_rate", "RGR success rate"), ("rescue/rate", "rescue rate"),
+              ("length/think_mean", "mean think length"))
+
+
+# ------------------------------------------------------------------------------------ statistics
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz evaluation)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 400):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return result
+
+
+def regularised_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, dof: int) -> float:
+    tail = 0.5 * regularised_beta(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """The p-quantile of Student's t with ``dof`` degrees of freedom (bisection on the CDF)."""
+    if not 0.0 < p < 1.0 or dof < 1:
+        raise ValueError(f"student_t_quantile: need 0 < p < 1 and dof >= 1, got p={p}, dof={dof}")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, dof)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, dof) < p:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if student_t_cdf(mid, dof) < p else (low, mid)
+    return 0.5 * (low + high)
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> dict:
+    """Mean and the ``level`` t-interval of the mean (n - 1 dof); no interval for fewer than 2 values."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "half_width": None, "n": 0}
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "half_width": None, "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half, "n": n}
+
+
+# ------------------------------------------------------------------------------------ runs
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def read_rows(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: the resumed run rewrites it
+            continue
+    return rows
+
+
+def is_finished(directory: Path, steps: int) -> bool:
+    rows = read_rows(directory)
+    return bool(rows) and max(r.get("step", -1) for r in rows) >= steps and (directory / "final").is_dir()
+
+
+def run_overrides(base_overrides: list[str], method: str, seed: int, directory: Path) -> list[str]:
+    return [*base_overrides, *METHODS[method], f"train.seed={seed}", f"train.output_dir={directory}"]
+
+
+def run_locally(config_path: str | None, overrides: list[str], directory: Path) -> None:
+    from care_megatron.config.loader import load_config
+    from care_megatron.trainer import train
+
+    config = load_config(config_path, overrides)
+    resume = (directory / "checkpoints").is_dir()
+    train(config, resume=resume, progress=False)
+
+
+def sbatch_line(sbatch: str, config_path: str | None, overrides: list[str], job_name: str, directory: Path) -> str:
+    env = f"--export=ALL,CONFIG={config_path}" if config_path else "--export=ALL"
+    return " ".join(["sbatch", f"--job-name={job_name}", env, f"--output={directory}/slurm-%j.out",
+                     shlex.quote(sbatch), *map(shlex.quote, overrides), "--resume"])
+
+
+# ------------------------------------------------------------------------------------ aggregation
+def decoded_tokens(row: dict, prompts_per_step: int, group_size: int) -> float:
+    """Tokens decoded in one logged step (see the module docstring for what is read)."""
+    response_mean = row.get("length/response_mean")
+    if not isinstance(response_mean, (int, float)) or not math.isfinite(response_mean):
+        return 0.0
+    if "dapo/kept_groups" in row:
+        groups = row["dapo/kept_groups"] + row.get("dapo/dropped_groups", 0.0)
+    else:
+        groups = row.get("groups/count", prompts_per_step)
+    rollouts = groups * group_size
+    reflected = row.get("rgr/trigger_rate", 0.0) * groups
+    # a whole-response length of the reflected samples (not a think- or answer-only one)
+    separate = sorted(k for k in row if k.startswith("rgr/") and "length" in k and "think" not in k
+                      and "answer" not in k and isinstance(row[k], (int, float)))
+    if separate:
+        return rollouts * response_mean + reflected * row[separate[0]]
+    return (rollouts + reflected) * response_mean
+
+
+def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dict:
+    """Per-run numbers: final eval, per-step means of the mechanism metrics, curves."""
+    cumulative, tokens_at_step = 0.0, {0: 0.0}
+    for row in sorted((r for r in rows if r.get("step", 0) > 0), key=lambda r: r["step"]):
+        cumulative += decoded_tokens(row, prompts_per_step, group_size)
+        tokens_at_step[row["step"]] = cumulative
+    evals = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    final = max(evals, key=lambda r: r["step"]) if evals else {}
+    per_task = {k[len("eval/accuracy/"):]: v for k, v in final.items() if k.startswith("eval/accuracy/")}
+    train_rows = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
+    mechanisms = {}
+    for key, _ in MECHANISMS:
+        values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
+        mechanisms[key] = sum(values) / len(values) if values else None
+    return {
+        "final_step": final.get("step"),
+        "per_task": per_task,
+        "macro": final.get("eval/macro_accuracy"),
+        "mechanisms": mechanisms,
+        "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval/accuracy"]) for r in evals],
+        "kl_curve": [(r["step"], r["kl"]) for r in train_rows if isinstance(r.get("kl"), (int, float))],
+        "decoded_tokens": cumulative,
+    }
+
+
+def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
+    """Table 2 numbers from ``{method: {seed: run_summary}}``."""
+    tasks = sorted({t for runs in summaries.values() for s in runs.values() for t in s["per_task"]})
+    reference = summaries.get("grpo")
+    table = {}
+    for method, runs in summaries.items():
+        seeds = sorted(runs)
+        row = {}
+        for column in [*tasks, "macro"]:
+            def value(s, c=column):
+                return runs[s]["macro"] if c == "macro" else runs[s]["per_task"].get(c)
+
+            row[column] = mean_interval([value(s) for s in seeds])
+            if reference is not None and method != "grpo":
+                paired = [s for s in seeds if s in reference and value(s) is not None]
+                ref_value = (lambda s, c=column: reference[s]["macro"] if c == "macro" else reference[s]["per_task"].get(c))
+                row[column]["delta_vs_grpo"] = mean_interval(
+                    [value(s) - ref_value(s) for s in paired if ref_value(s) is not None])
+        table[method] = row
+    mechanisms = {method: {key: mean_interval([runs[s]["mechanisms"][key] for s in sorted(runs)])
+                           for key, _ in MECHANISMS} for method, runs in summaries.items()}
+    return {"tasks": tasks, "table": table, "mechanisms": mechanisms}
+
+
+def _cell(stat: dict, delta: bool = False) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    sign = "+" if delta else ""
+    text = f"{stat['mean']:{sign}.3f}"
+    return text + (f" ± {stat['half_width']:.3f}" if stat.get("half_width") is not None else "")
+
+
+def markdown_table(result: dict) -> str:
+    tasks = result["tasks"]
+    head = ["method", *tasks, "macro avg", "Δ macro vs GRPO"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in result["table"].items():
+        delta = row["macro"].get("delta_vs_grpo")
+        cells = [method, *[_cell(row[t]) for t in tasks], _cell(row["macro"]), _cell(delta, True) if delta else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| method | " + " | ".join(label for _, label in MECHANISMS) + " |",
+              "|" + "---|" * (len(MECHANISMS) + 1)]
+    for method, stats in result["mechanisms"].items():
+        lines.append("| " + " | ".join([method, *[_cell(stats[k]) for k, _ in MECHANISMS]]) + " |")
+    lines.append("")
+    lines.append("Mean ± half-width of the 95% t-interval over seeds (n - 1 dof); Δ paired by seed.")
+    return "\n".join(lines)
+
+
+def band(curves: list[list[tuple[float, float]]], points: int = 50) -> dict:
+    """Mean and 95% band of several (x, y) curves on a shared x grid (up to the shortest curve's end)."""
+    import numpy as np
+
+    curves = [sorted(c) for c in curves if c]
+    if not curves:
+        return {"x": [], "mean": [], "low": [], "high": []}
+    end = min(c[-1][0] for c in curves)
+    grid = np.linspace(0.0, end, points) if end > 0 else np.zeros(1)
+    ys = np.array([np.interp(grid, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    stats = [mean_interval(list(ys[:, i])) for i in range(len(grid))]
+    fill = [(s["low"] if s["low"] is not None else s["mean"], s["high"] if s["high"] is not None else s["mean"]) for s in stats]
+    return {"x": grid.tolist(), "mean": [s["mean"] for s in stats], "low": [f[0] for f in fill],
+            "high": [f[1] for f in fill]}
+
+
+def plot_curves(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, xlabel, ylabel, name in (("accuracy_vs_tokens", "decoded tokens", "held-out accuracy", "accuracy_vs_tokens.png"),
+                                      ("kl_per_step", "step", "KL to reference", "kl.png")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for method, curve in result["curves"][key].items():
+            if not curve["x"]:
+                continue
+            line, = ax.plot(curve["x"], curve["mean"], label=method)
+            ax.fill_between(curve["x"], curve["low"], curve["high"], color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="base YAML config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method")
+    parser.add_argument("--out", required=True, help="output directory (runs, table, JSON, PNGs)")
+    parser.add_argument("--no-run", action="store_true", help="only aggregate finished runs")
+    parser.add_argument("--slurm", action="store_true", help="print one sbatch line per unfinished run and stop")
+    parser.add_argument("--submit", action="store_true", help="with --slurm: submit them")
+    parser.add_argument("--sbatch", default="examples/slurm/care_qwen2_5_vl_7b.sbatch",
+                        help="sbatch script taking CONFIG from the environment and overrides as arguments")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+
+    from care_megatron.config.loader import load_config
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(args.config, args.overrides)  # fails here, naming the field, on a bad override
+    steps, prompts, group = base.train.steps, base.data.prompts_per_step, base.rollout.group_size
+    if not base.train.eval_every:
+        print("warning: train.eval_every=0: no held-out accuracy will be logged", file=sys.stderr)
+    plan = [(m, s) for m in args.methods for s in range(args.seeds)]
+    unfinished = [(m, s) for m, s in plan if not is_finished(run_dir(out, m, s), steps)]
+    executed = []
+    if args.slurm:
+        for method, seed in unfinished:
+            directory = run_dir(out, method, seed)
+            line = sbatch_line(args.sbatch, args.config, run_overrides(args.overrides, method, seed, directory),
+                               f"cmp-{method}-s{seed}", directory)
+            print(line)
+            if args.submit:
+                directory.mkdir(parents=True, exist_ok=True)
+                subprocess.run(shlex.split(line), check=True)
+        return {"sbatch": len(unfinished)}
+    if not args.no_run:
+        for method, seed in unfinished:
+            directory = run_dir(out, method, seed)
+            print(f"running {method} seed {seed} -> {directory}", flush=True)
+            run_locally(args.config, run_overrides(args.overrides, method, seed, directory), directory)
+            executed.append(f"{method}/seed{seed}")
+    summaries: dict[str, dict[int, dict]] = {}
+    for method, seed in plan:
+        directory = run_dir(out, method, seed)
+        if is_finished(directory, steps):
+            summaries.setdefault(method, {})[seed] = run_summary(read_rows(directory), prompts, group)
+    result = aggregate(summaries)
+    result["curves"] = {
+        "accuracy_vs_tokens": {m: band([r["accuracy_curve"] for r in runs.values()]) for m, runs in summaries.items()},
+        "kl_per_step": {m: band([r["kl_curve"] for r in runs.values()]) for m, runs in summaries.items()},
+    }
+    result.update(config=args.config, overrides=args.overrides, methods=args.methods, seeds=args.seeds, steps=steps,
+                  executed=executed, runs={m: {str(s): r for s, r in runs.items()} for m, runs in summaries.items()})
+    table = markdown_table(result)
+    (out / "table.md").write_text(table + "\n")
+    result["pngs"] = [str(p) for p in plot_curves(result, out)]
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
