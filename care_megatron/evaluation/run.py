@@ -31,7 +31,7 @@ def _model_config(config: RunConfig, checkpoint: str | None):
 
 
 def _base_model_config(config: RunConfig):
-    from care_megatron.runtime import policy_model_config
+    from care_megatron.models.policy import policy_model_config
 
     return policy_model_config(config)
 
