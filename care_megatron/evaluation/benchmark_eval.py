@@ -258,7 +258,7 @@ def load_published(path: str | os.PathLike = PUBLISHED_TABLE) -> dict:
 def published_base(model_name: str, table: dict) -> Optional[str]:
     """The paper's base model whose name appears in ``model_name`` (e.g. a path ending in Qwen2.5-VL-7B-Instruct)."""
     folded = model_name.lower().replace("_", "-")
-    bases = sorted({row["base"] for row in table["rows"]}, key=len, reverse=True)
+    bases = sorted({row["base"] for row in table["rows"] if row["base"]}, key=len, reverse=True)
     return next((b for b in bases if b.lower() in folded), None)
 
 
