@@ -171,3 +171,25 @@ def test_eval_config_section(tmp_path):
     assert config.eval.judge is None  # the judge is off by default
     with pytest.raises(ValueError, match="config field 'eval.benchmarks'"):
         load_config(None, ["eval.benchmarks.mmbench=/d"])
+
+
+@pytest.mark.slow
+def test_care_eval_command_on_the_tiny_model(tmp_path, capsys):
+    """``care-eval --benchmarks`` end to end: the tiny random Qwen2.5-VL policy decodes every fixture example once."""
+    from care_megatron.cli import main
+
+    paths = _fixtures(tmp_path, n_vista=3, n_vision=2)
+    out = tmp_path / "eval"
+    argv = ["--benchmarks", ",".join(f"{k}={v}" for k, v in paths.items()), "--no-progress",
+            f"train.output_dir={tmp_path}", f"eval.output_dir={out}", "rollout.max_new_tokens=8", "rollout.batch_size=4"]
+    assert main("eval", argv) == 0
+    printed = capsys.readouterr().out
+    assert "| Qwen2.5-VL-7B (paper) | 68.6 |" in printed and "| ours |" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: v["n"] for k, v in summary["results"].items()} == {"mathvista": 3, "mmmu_pro_vision": 2}
+    assert summary["decoding"]["temperature"] == 0.0 and summary["decoding"]["max_new_tokens"] == 8
+    rows = [json.loads(line) for line in (out / "mathvista.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0.0 <= r["score"] <= 1.0 and r["reason"] for r in rows)
+    assert (out / "benchmarks.png").exists()
+    assert main("eval", argv) == 0  # resumed: every example already scored
+    assert len((out / "mathvista.jsonl").read_text().splitlines()) == 3
