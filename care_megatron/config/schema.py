@@ -268,10 +268,11 @@ class EvalConfig:
     """Name of our row in the table and chart."""
 
     def __post_init__(self) -> None:
-        from care_megatron.evaluation.benchmarks import BENCHMARKS
+        if self.benchmarks:
+            from care_megatron.evaluation.benchmarks import BENCHMARKS
 
-        unknown = sorted(set(self.benchmarks) - set(BENCHMARKS))
-        _check(not unknown, "eval.benchmarks", f"unknown benchmark(s) {unknown}; valid: {', '.join(BENCHMARKS)}")
+            unknown = sorted(set(self.benchmarks) - set(BENCHMARKS))
+            _check(not unknown, "eval.benchmarks", f"unknown benchmark(s) {unknown}; valid: {', '.join(BENCHMARKS)}")
         _check(self.limit is None or self.limit >= 1, "eval.limit", "must be >= 1 or null")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
 
