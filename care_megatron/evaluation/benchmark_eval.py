@@ -112,9 +112,9 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
     decoding_path = out / "decoding.json"
     if decoding_path.exists():
         previous = json.loads(decoding_path.read_text())
-        if {k: v for k, v in previous.items() if k != "model"} != {k: v for k, v in decoding.items() if k != "model"}:
-            raise ValueError(f"{out} holds results decoded with {previous}; this run uses {decoding}. "
-                             "Use another eval.output_dir (results with different decoding are not comparable).")
+        if previous != decoding:
+            raise ValueError(f"{out} holds results of {previous}; this run is {decoding}. Use another "
+                             "eval.output_dir (results of another model or decoding must not be mixed in).")
     decoding_path.write_text(json.dumps(decoding, indent=1))
     stop_ids = set(sampling.stop_token_ids)
     loaded, skipped, pending = {}, {}, []

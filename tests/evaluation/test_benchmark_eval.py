@@ -79,8 +79,9 @@ def test_scores_jsonl_table_chart_and_resume(tmp_path, tokenizer, image_processo
     engine = ScriptedEngine(tokenizer, _script())
     sampling = SamplingParams(stop_token_ids=engine.stop_token_ids, **SAMPLING)
     out = tmp_path / "eval"
+    model = "/models/Qwen2.5-VL-7B-Instruct"
     report = evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4,
-                                 model_name="/models/Qwen2.5-VL-7B-Instruct", progress=False)
+                                 model_name=model, progress=False)
     assert [len(b) for b in engine.batches] == [4, 4, 2]  # 6 + 4 examples in batches of 4; the corrupt row skipped
     vista, vision = report.results["mathvista"], report.results["mmmu_pro_vision"]
     assert (vista.n, vista.accuracy, vista.skipped) == (6, 0.5, {"unreadable_image": 1})
@@ -108,15 +109,20 @@ def test_scores_jsonl_table_chart_and_resume(tmp_path, tokenizer, image_processo
     assert summary["results"]["mathvista"]["accuracy"] == 0.5
 
     # resume: nothing left to decode; then a lost line (and a line cut mid-write) are decoded again
-    again = evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4, progress=False)
+    again = evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4,
+                                model_name=model, progress=False)
     assert len(engine.batches) == 3 and again.macro_accuracy == report.macro_accuracy
     lines = (out / "mathvista.jsonl").read_text().splitlines()
     (out / "mathvista.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
-    evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4, progress=False)
+    evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4, model_name=model,
+                        progress=False)
     assert engine.batches[-1] == ["mathvista/4", "mathvista/5"]
     with pytest.raises(ValueError, match="another eval.output_dir"):
         evaluate_benchmarks(engine, tokenizer, image_processor, paths, out,
                             SamplingParams(stop_token_ids=engine.stop_token_ids, **dict(SAMPLING, max_new_tokens=32)),
+                            model_name=model, progress=False)
+    with pytest.raises(ValueError, match="another eval.output_dir"):
+        evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, model_name="/models/other",
                             progress=False)
 
 
