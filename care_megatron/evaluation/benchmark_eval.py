@@ -207,7 +207,8 @@ class BenchmarkReport:
             r = self.results.get(n)
             cells.append("—" if r is None or r.n == 0 else
                          f"{100 * r.accuracy:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]")
-        macro = "—" if math.isnan(self.macro_accuracy) else f"{100 * self.macro_accuracy:.1f}"
+        macro = "—" if math.isnan(self.macro_accuracy) else \
+            f"{100 * self.macro_accuracy:.1f} [{100 * self.macro_ci[0]:.1f}, {100 * self.macro_ci[1]:.1f}]"
         if len(self.macro_over) not in (0, len(names)):
             macro += f" (over {len(self.macro_over)})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {macro} |")

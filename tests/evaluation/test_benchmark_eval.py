@@ -103,7 +103,7 @@ def test_scores_jsonl_table_chart_and_resume(tmp_path, tokenizer, image_processo
     assert "| Qwen2.5-VL-7B (paper) | 68.6 | 49.2 | 22.4 | 61.3 | 36.3 | 32.8 | 45.1 |" in table
     assert "| Qwen2.5-VL-7B + CARE (paper) | 74.7 | 56.8 | 32.6 | 62.5 | 39.7 | 37.1 | 50.6 |" in table
     ours = [line for line in table.splitlines() if line.startswith("| ours |")][0]
-    assert ours.startswith("| ours | 50.0 [") and "| — | — | — | — | 25.0 [" in ours and ours.endswith("| 37.5 (over 2) |")
+    assert ours.startswith("| ours | 50.0 [") and "| — | — | — | — | 25.0 [" in ours and ours.endswith(f"| 37.5 [{100 * report.macro_ci[0]:.1f}, {100 * report.macro_ci[1]:.1f}] (over 2) |")
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"]["mathvista"]["accuracy"] == 0.5
