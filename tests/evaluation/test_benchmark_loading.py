@@ -176,3 +176,14 @@ def test_unknown_benchmark_and_missing_split_are_clear_errors(tmp_path):
         load_benchmark("mmbench", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data/testmini-"):
         load_benchmark("mathvista", str(tmp_path))
+
+
+def test_mmmu_pro_vision_options_stored_as_a_list_column(tmp_path):
+    """Re-packaged copies store ``options`` as a list of strings instead of the list literal: both load alike."""
+    import pyarrow as pa
+
+    schema = dict(MMMU_PRO_VISION, options=pa.list_(pa.string()))
+    path = write(tmp_path / "vision.parquet", [dict(id="1", image=cell(RED), options=["it's", "b", "c"], answer="A",
+                                                    subject="Art")], schema)
+    (record,) = load_benchmark("mmmu_pro_vision", str(path))
+    assert (record.choices, record.answer) == (["it's", "b", "c"], "A")
