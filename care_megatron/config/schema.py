@@ -266,6 +266,9 @@ class EvalConfig:
     """Which of the paper's base models' Table 1 rows to print beside ours (``auto``: matched from the model name)."""
     label: str = "ours"
     """Name of our row in the table and chart."""
+    train_subset: int = 0
+    """Training-time evaluation: the first N usable examples of each ``eval.benchmarks`` entry, scored
+    greedily at every ``train.eval_every`` as ``bench/<name>`` metrics (0 = off)."""
 
     def __post_init__(self) -> None:
         if self.benchmarks:
@@ -275,6 +278,7 @@ class EvalConfig:
             _check(not unknown, "eval.benchmarks", f"unknown benchmark(s) {unknown}; valid: {', '.join(BENCHMARKS)}")
         _check(self.limit is None or self.limit >= 1, "eval.limit", "must be >= 1 or null")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
+        _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from care_megatron.data.prompting import build_prompt
+from care_megatron.data.schema import Record
 from care_megatron.evaluation.benchmarks import (
     BENCHMARKS, Judge, benchmark_prompt, load_benchmark_with_report, score_benchmark_detail,
 )
@@ -116,7 +117,6 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
             raise ValueError(f"{out} holds results of {previous}; this run is {decoding}. Use another "
                              "eval.output_dir (results of another model or decoding must not be mixed in).")
     decoding_path.write_text(json.dumps(decoding, indent=1))
-    stop_ids = set(sampling.stop_token_ids)
     loaded, skipped, pending = {}, {}, []
     for name, path in benchmarks.items():
         records, report = load_benchmark_with_report(name, path, limit)
@@ -129,19 +129,8 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
     bar = tqdm(total=len(pending), desc="benchmarks", disable=not progress)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
-        prompts = [build_prompt(benchmark_prompt(r), r.images, tokenizer, image_processor) for _, r in chunk]
-        requests = [GenerationRequest(request_id=r.id, prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
-                                      images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
-                    for (_, r), p in zip(chunk, prompts)]
-        completions = engine.generate(requests, sampling)
         lines: dict[str, list[str]] = {}
-        for (name, record), prompt, completion in zip(chunk, prompts, completions):
-            body = strip_stop_token(list(completion.token_ids), stop_ids)
-            response = regions_from_token_ids(body, tokenizer)[1].text
-            scored = score_benchmark_detail(name, record, response, judge=judge)
-            row = {"id": record.id, "prompt": prompt.prompt_text, "response": response, "key": record.answer,
-                   "extracted": scored.extracted, "score": scored.score, "reason": scored.reason,
-                   "finish_reason": completion.finish_reason}
+        for name, row in decode_and_score(engine, tokenizer, image_processor, chunk, sampling, judge):
             lines.setdefault(name, []).append(json.dumps(row, ensure_ascii=False))
         for name, rows in lines.items():
             with open(out / f"{name}.jsonl", "a", encoding="utf-8") as handle:
@@ -151,6 +140,55 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
     report = summarise(out, {name: loaded[name] for name in benchmarks}, skipped, decoding)
     report.write(out, label=label, base_model=published_base_model)
     return report
+
+
+def decode_and_score(engine: RolloutEngine, tokenizer, image_processor, items: list[tuple[str, Record]],
+                     sampling: SamplingParams, judge: Optional[Judge] = None):
+    """One engine call for ``items`` ((benchmark, record) pairs); yields ``(benchmark, per-example row)`` in order."""
+    stop_ids = set(sampling.stop_token_ids)
+    prompts = [build_prompt(benchmark_prompt(r), r.images, tokenizer, image_processor) for _, r in items]
+    requests = [GenerationRequest(request_id=r.id, prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
+                                  images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
+                for (_, r), p in zip(items, prompts)]
+    completions = engine.generate(requests, sampling)
+    for (name, record), prompt, completion in zip(items, prompts, completions):
+        # The response text as the trainer reads it (stop token dropped, byte-exact decode).
+        body = strip_stop_token(list(completion.token_ids), stop_ids)
+        response = regions_from_token_ids(body, tokenizer)[1].text
+        scored = score_benchmark_detail(name, record, response, judge=judge)
+        yield name, {"id": record.id, "prompt": prompt.prompt_text, "response": response, "key": record.answer,
+                     "extracted": scored.extracted, "score": scored.score, "reason": scored.reason,
+                     "finish_reason": completion.finish_reason}
+
+
+class TrainingBenchmarkSubset:
+    """Training-time evaluation on a small fixed subset: the first ``eval.train_subset`` usable examples of
+    each ``eval.benchmarks`` entry, loaded once, decoded greedily at every ``train.eval_every``; nothing written.
+    """
+
+    def __init__(self, benchmarks: dict[str, str], per_benchmark: int, batch_size: int = 16):
+        self.batch_size = batch_size
+        self.items = [(name, record) for name, path in benchmarks.items()
+                      for record in load_benchmark_with_report(name, path, per_benchmark)[0]]
+
+    @classmethod
+    def from_config(cls, config) -> Optional["TrainingBenchmarkSubset"]:
+        if not (config.eval.train_subset and config.eval.benchmarks):
+            return None
+        return cls(config.eval.benchmarks, config.eval.train_subset, config.rollout.batch_size)
+
+    def metrics(self, engine: RolloutEngine, tokenizer, image_processor, sampling: SamplingParams,
+                prefix: str = "bench/") -> dict[str, float]:
+        """``{prefix}<benchmark>``: accuracy on the subset; ``{prefix}macro``: their mean."""
+        scores: dict[str, list[float]] = {}
+        for start in range(0, len(self.items), self.batch_size):
+            for name, row in decode_and_score(engine, tokenizer, image_processor,
+                                              self.items[start:start + self.batch_size], sampling):
+                scores.setdefault(name, []).append(row["score"])
+        out = {f"{prefix}{name}": float(np.mean(values)) for name, values in scores.items()}
+        if scores:
+            out[f"{prefix}macro"] = float(np.mean([np.mean(v) for v in scores.values()]))
+        return out
 
 
 def bootstrap_interval(scores: list[float], samples: int = 1000, seed: int = 0,

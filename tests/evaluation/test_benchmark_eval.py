@@ -199,3 +199,40 @@ def test_care_eval_command_on_the_tiny_model(tmp_path, capsys):
     assert (out / "benchmarks.png").exists()
     assert main("eval", argv) == 0  # resumed: every example already scored
     assert len((out / "mathvista.jsonl").read_text().splitlines()) == 3
+
+
+def test_training_subset_scores_the_first_examples_of_each_benchmark(tmp_path, tokenizer, image_processor):
+    from care_megatron.config import load_config
+    from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
+
+    paths = _fixtures(tmp_path)
+    assert TrainingBenchmarkSubset.from_config(load_config(None, [])) is None  # off by default
+    config = load_config(None, [f"eval.benchmarks.{k}={v}" for k, v in paths.items()] +
+                         ["eval.train_subset=3", "rollout.batch_size=4"])
+    subset = TrainingBenchmarkSubset.from_config(config)
+    assert [r.id for _, r in subset.items] == ["mathvista/0", "mathvista/1", "mathvista/2",
+                                               "mmmu_pro_vision/v0", "mmmu_pro_vision/v1", "mmmu_pro_vision/v2"]
+    engine = ScriptedEngine(tokenizer, _script())
+    metrics = subset.metrics(engine, tokenizer, image_processor, SamplingParams(stop_token_ids=engine.stop_token_ids, **SAMPLING))
+    # MathVista pids 0, 2 right and 1 wrong; MMMU-Pro vision v0 right, v1 without a span, v2 wrong
+    assert metrics == pytest.approx({"bench/mathvista": 2 / 3, "bench/mmmu_pro_vision": 1 / 3, "bench/macro": 0.5})
+    assert [len(b) for b in engine.batches] == [4, 2] and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_trainer_logs_benchmark_subset_metrics(tmp_path):
+    from care_megatron.config import load_config
+    from care_megatron.metrics import read_metrics
+    from care_megatron.trainer import train
+    from pathlib import Path
+
+    paths = _fixtures(tmp_path / "data", n_vista=2, n_vision=2)
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "examples/configs/tiny_cpu.yaml", [
+        "data.train_size=8", "data.eval_size=2", "data.prompts_per_step=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=8", "train.steps=1", "train.eval_every=1", "train.init_from=null", "train.threads=1",
+        "algorithm.rgr=false", f"train.output_dir={tmp_path / 'run'}", "eval.train_subset=2",
+        *[f"eval.benchmarks.{k}={v}" for k, v in paths.items()]])
+    train(config, progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "bench/macro" in r]
+    assert rows and all(0.0 <= rows[-1][k] <= 1.0 for k in ("bench/mathvista", "bench/mmmu_pro_vision", "bench/macro"))
