@@ -48,7 +48,7 @@ setup(
     version="0.1.0",
     description="CARE (Contrastive Anchored REflection) and GRPO/DAPO/GSPO baselines for VLM RLVR at Megatron scale",
     packages=find_packages(include=["care_megatron", "care_megatron.*", "checkpoints_convert"]),
-    package_data={"care_megatron": ["models/assets/**/*", "models/assets/*"]},
+    package_data={"care_megatron": ["models/assets/**/*", "models/assets/*", "evaluation/*.json"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=CORE,

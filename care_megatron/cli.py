@@ -32,6 +32,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     if command == "eval":
         p.add_argument("--checkpoint", help="policy directory (HF format) or RL checkpoint step_* directory to evaluate")
         p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="greedy decoding (default)")
+        p.add_argument("--benchmarks", help="NAME=PATH[,NAME=PATH...] of the paper's benchmarks (mathvista, mathverse, "
+                                            "mathvision, mmmu, mmmu_pro_standard, mmmu_pro_vision); overrides eval.benchmarks")
     return p
 
 
@@ -54,8 +56,20 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
         run_sft(config, progress=progress)
     else:
-        from care_megatron.evaluation.run import run_evaluation
+        from care_megatron.evaluation.run import run_benchmark_evaluation, run_evaluation
 
+        if args.benchmarks or config.eval.benchmarks:
+            from care_megatron.evaluation.benchmark_eval import parse_benchmark_paths
+
+            try:
+                benchmarks = parse_benchmark_paths(args.benchmarks) if args.benchmarks else None
+            except ValueError as exc:
+                print(f"care-eval: {exc}", file=sys.stderr)
+                return 2
+            report = run_benchmark_evaluation(config, checkpoint=args.checkpoint, benchmarks=benchmarks,
+                                              progress=progress)
+            print(report.to_markdown(config.eval.label, base_model=config.eval.published_base))
+            return 0
         report = run_evaluation(config, checkpoint=args.checkpoint, greedy=args.greedy, progress=progress)
         print(report.to_table())
     return 0

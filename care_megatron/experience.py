@@ -17,6 +17,7 @@ from care_megatron.data.prompting import PromptInputs, build_sequence
 from care_megatron.rewards.parsing import regions_from_token_ids
 from care_megatron.rewards.regions import Region
 from care_megatron.rollout.base import Completion
+from care_megatron.rollout.base import strip_stop_token as _strip_stop
 
 
 @dataclass
@@ -50,11 +51,6 @@ class Rollout:
     @property
     def answer_length(self) -> int:
         return int((self.response_regions == int(Region.ANSWER)).sum())
-
-
-def _strip_stop(token_ids: list[int], stop_ids: set[int]) -> list[int]:
-    """Generated ids without the terminal stop token (it is template, region OTHER)."""
-    return token_ids[:-1] if token_ids and token_ids[-1] in stop_ids else token_ids
 
 
 def make_rollout(group: int, record, prompt: PromptInputs, completion: Completion, tokenizer,

@@ -25,6 +25,7 @@ from care_megatron.config.schema import RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
 from care_megatron.data.packing import MRopeSpec, pack_sequences
 from care_megatron.data.prompting import build_prompt
+from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
 from care_megatron.evaluation.scoring import evaluate
 from care_megatron.experience import (advantage_inputs, dapo_dynamic_sampling, generate_rollouts,
                                      reflect_hard_negatives, to_sequence)
@@ -75,6 +76,7 @@ class RLTrainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         self.engine = build_rollout_engine(cfg, self.model, self.tokenizer)
         self.data = build_records(cfg.data)
+        self.benchmark_subset = TrainingBenchmarkSubset.from_config(cfg)  # eval.train_subset; None = off
         self.prompts = PromptIterator(self.data.train, cfg.data.prompts_per_step, seed=cfg.data.seed)
         algo = cfg.algorithm
         self.method = algo.name
@@ -235,8 +237,11 @@ class RLTrainer:
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
         report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
                           batch_size=self.config.rollout.batch_size)
+        metrics = report.as_metrics()
+        if self.benchmark_subset is not None:
+            metrics.update(self.benchmark_subset.metrics(self.engine, self.tokenizer, self.image_processor, greedy))
         self.engine.sleep()
-        return report.as_metrics()
+        return metrics
 
     def save(self, step: int) -> Path:
         state = {"data": self.prompts.state_dict(), "bad_steps": self.bad_steps}

@@ -267,6 +267,38 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    """Benchmark name -> local dataset directory (or parquet file) for ``care-eval``; names in
+    ``care_megatron.evaluation.benchmarks.BENCHMARKS``. Empty = evaluate ``data.tasks``' held-out split."""
+    limit: Optional[int] = None
+    """First N usable examples of each benchmark (None = all)."""
+    output_dir: Optional[str] = None
+    """Per-example JSONL, summary, table and chart (None = ``<train.output_dir>/eval``); re-runs resume here."""
+    max_new_tokens: Optional[int] = None
+    """Response budget of the single greedy decode (None = ``rollout.max_new_tokens``)."""
+    judge: Optional[str] = None
+    """``package.module:function(question, key, extracted) -> score`` grading open-ended answers (off by default)."""
+    published_base: str = "auto"
+    """Which of the paper's base models' Table 1 rows to print beside ours (``auto``: matched from the model name)."""
+    label: str = "ours"
+    """Name of our row in the table and chart."""
+    train_subset: int = 0
+    """Training-time evaluation: the first N usable examples of each ``eval.benchmarks`` entry, scored
+    greedily at every ``train.eval_every`` as ``bench/<name>`` metrics (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.benchmarks:
+            from care_megatron.evaluation.benchmarks import BENCHMARKS
+
+            unknown = sorted(set(self.benchmarks) - set(BENCHMARKS))
+            _check(not unknown, "eval.benchmarks", f"unknown benchmark(s) {unknown}; valid: {', '.join(BENCHMARKS)}")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", "must be >= 1 or null")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
+        _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -274,6 +306,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.algorithm.name == "dapo":

@@ -5,6 +5,10 @@ The questions are ``data.tasks``' held-out split (synthetic tasks, easy-VQA's te
 ``tools/prepare_data.py``). The policy is ``--checkpoint`` (a Hugging Face directory such as
 ``runs/tiny_cpu/final`` or ``runs/tiny_cpu/sft``, or an RL checkpoint ``step_*`` directory), else
 ``train.init_from`` / ``model.name``.
+
+With ``eval.benchmarks`` (or ``care-eval --benchmarks mathvista=PATH,...``) the questions are instead
+the paper's benchmarks read from their own releases, independent of the training data (no dedup, no
+sampling from the mixture): :func:`run_benchmark_evaluation`.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def _model_config(config: RunConfig, checkpoint: str | None):
 
 
 def _base_model_config(config: RunConfig):
-    from care_megatron.runtime import policy_model_config
+    from care_megatron.models.policy import policy_model_config
 
     return policy_model_config(config)
 
@@ -67,3 +71,46 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=float))
     return report
+
+
+def run_benchmark_evaluation(config: RunConfig, checkpoint: str | None = None, benchmarks: dict[str, str] | None = None,
+                             progress: bool = True):
+    """One greedy decode per example of ``benchmarks`` (default ``eval.benchmarks``) through ``rollout.engine``.
+
+    Writes ``<eval.output_dir>/{<benchmark>.jsonl, decoding.json, summary.json, table.md, benchmarks.png}``
+    and returns the :class:`~care_megatron.evaluation.benchmark_eval.BenchmarkReport`.
+    """
+    from care_megatron.evaluation.benchmark_eval import evaluate_benchmarks, load_judge
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.rollout.base import SamplingParams
+    from care_megatron.rollout.builder import build_rollout_engine
+    from care_megatron.rollout.registry import get_rollout_engine
+
+    benchmarks = dict(benchmarks if benchmarks is not None else config.eval.benchmarks)
+    if not benchmarks:
+        raise ValueError("config field 'eval.benchmarks': no benchmark given (NAME=PATH, e.g. mathvista=/data/MathVista)")
+    judge, judge_name = load_judge(config.eval.judge) if config.eval.judge else (None, None)
+    model_config, state_path = _model_config(config, checkpoint)
+    model, tokenizer, image_processor = build_model_and_processor(
+        model_config, device="cuda" if torch.cuda.is_available() else "cpu",
+        min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    if state_path is not None:
+        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    if config.rollout.engine == "hf":
+        engine = get_rollout_engine("hf", model.eval(), tokenizer, batch_size=config.rollout.batch_size)
+    else:
+        if state_path is not None:
+            raise ValueError(f"rollout.engine={config.rollout.engine} starts from a Hugging Face directory; "
+                             f"--checkpoint {checkpoint} is a plain-PyTorch RL checkpoint (export it, or use the final/ directory)")
+        engine_config = dataclasses.replace(config, model=model_config,
+                                            train=dataclasses.replace(config.train, init_from=None))
+        engine = build_rollout_engine(engine_config, model, tokenizer)
+    sampling = SamplingParams(temperature=0.0, top_p=1.0,
+                              max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
+                              stop_token_ids=list(engine.stop_token_ids), seed=config.train.seed)
+    output_dir = config.eval.output_dir or str(Path(config.train.output_dir) / "eval")
+    return evaluate_benchmarks(engine, tokenizer, image_processor, benchmarks, output_dir, sampling,
+                               batch_size=config.rollout.batch_size, limit=config.eval.limit, judge=judge,
+                               judge_name=judge_name, model_name=str(checkpoint or model_config.name),
+                               progress=progress, label=config.eval.label,
+                               published_base_model=config.eval.published_base)

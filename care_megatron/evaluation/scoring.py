@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from care_megatron.data.prompting import build_prompt
-from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
+from care_megatron.rewards.parsing import regions_from_token_ids
+from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, strip_stop_token
 
 
 @dataclass
@@ -43,8 +44,6 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
 
     Never used with RGR (spec section 5: reflection is training-only).
     """
-    from care_megatron.experience import make_rollout
-
     stop_ids = set(sampling.stop_token_ids)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     samples: list[dict] = []
@@ -57,14 +56,16 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
                     for i, p in enumerate(prompts)]
         completions = engine.generate(requests, sampling)
         for record, prompt, completion in zip(chunk, prompts, completions):
-            rollout = make_rollout(0, record, prompt, completion, tokenizer, reward_fn, stop_ids)
+            # The response text as the trainer reads it (stop token dropped, byte-exact decode).
+            text = regions_from_token_ids(strip_stop_token(list(completion.token_ids), stop_ids), tokenizer)[1].text
+            score = reward_fn(text, record.answer, answer_type=record.answer_type, choices=record.choices)
             t = totals[record.source]
             t[0] += 1
-            t[1] += rollout.accuracy
-            t[2] += rollout.format
+            t[1] += float(score.accuracy)
+            t[2] += float(score.format)
             if len(samples) < keep_samples:
                 samples.append({"id": record.id, "question": record.question, "answer": record.answer,
-                                "response": rollout.response_text, "accuracy": rollout.accuracy, "reason": rollout.reason})
+                                "response": text, "accuracy": float(score.accuracy), "reason": score.reason or ""})
         bar.update(len(chunk))
     bar.close()
     n = sum(t[0] for t in totals.values())

@@ -127,3 +127,11 @@ def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
         size += nbytes
     if bucket:
         yield bucket
+
+
+def strip_stop_token(token_ids: list[int], stop_ids: set[int]) -> list[int]:
+    """Generated ids without the terminal stop token (it is chat template, not response text).
+
+    Shared by the RL experience builder and evaluation, so both read the same response text.
+    """
+    return token_ids[:-1] if token_ids and token_ids[-1] in stop_ids else token_ids
