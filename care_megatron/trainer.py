@@ -233,8 +233,10 @@ class RLTrainer:
     def evaluate(self) -> dict[str, float]:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens,
                                 stop_token_ids=self.sampling["stop_token_ids"])
-        self.engine.wake()
+        # same order as a step's rollout phase: weights, sync, then the KV cache (peak memory)
+        self.engine.wake(tags=("weights",))
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
+        self.engine.wake(tags=("kv_cache",))
         report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
                           batch_size=self.config.rollout.batch_size)
         metrics = report.as_metrics()

@@ -421,6 +421,41 @@ def test_trainer_rgr_round_trip_resends_the_weights_sglang_freed(tokenizer, imag
     assert "update_weights_rgr" in s.entered and s.entered.index("update_weights_rgr") < s.entered.index("generate_rgr")
 
 
+@pytest.mark.parametrize("version", ["0.5.3", "0.5.23"])
+def test_trainer_evaluation_wakes_weights_syncs_then_wakes_the_kv_cache(tokenizer, monkeypatch, version):
+    """Held-out evaluation re-sends the weights a slept SGLang engine freed, and allocates the KV
+    cache only after the weight buckets are in (the step's colocated order, not a full wake)."""
+    import care_megatron.trainer as trainer_module
+    from care_megatron.config.schema import RunConfig
+
+    weights = {"model.layers.0.mlp.up_proj.weight": torch.randn(4, 4), "lm_head.weight": torch.randn(8, 4)}
+    trainer = trainer_module.RLTrainer.__new__(trainer_module.RLTrainer)
+    trainer.config, trainer.backend = RunConfig(), ExportingBackend(weights)
+    trainer.engine = make_engine(tokenizer, version=version)
+    trainer.tokenizer, trainer.image_processor, trainer.reward_fn = tokenizer, None, None
+    trainer.sampling, trainer.benchmark_subset = {"stop_token_ids": []}, None
+    trainer.data = type("Data", (), {"eval": []})()
+
+    class Report:
+        def as_metrics(self):
+            return {"eval/accuracy": 0.0}
+
+    def evaluate(engine, *args, **kwargs):
+        assert not any(torch.isnan(t).any() for t in engine.engine.weights.values())  # weights were re-sent
+        return Report()
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    fake = trainer.engine.engine
+    trainer.engine.sleep()
+    fake.calls.clear()
+    assert trainer.evaluate() == {"eval/accuracy": 0.0}
+    kv = ["kv_cache"] + (["cuda_graph"] if version != "0.5.3" else [])
+    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n not in ("flush_cache",)]
+    assert sequence[0] == ("resume_memory_occupation", ["weights"])
+    assert [n for n, _ in sequence[1:-2]] == ["update_weights_from_tensor"] * (len(sequence) - 3)
+    assert sequence[-2:] == [("resume_memory_occupation", kv), ("release_memory_occupation", ["weights"] + kv)]
+
+
 def test_engine_model_dir_processor_keeps_trainer_sized_images(tmp_path):
     """The processor SGLang loads from the written model directory leaves the images the engine
     sends at their size: the same patch grid, so the same image tokens, as the trainer's."""
