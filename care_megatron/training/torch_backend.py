@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from care_megatron.data.batch import PackedMicroBatch
+from care_megatron.models.weight_mapping.architectures import mapping_for_config
 from care_megatron.rollout.base import bucket_named_tensors
 from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
 from care_megatron.training.packed_utils import align_next_token, pool_think_hidden
@@ -150,8 +151,18 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ weights / state
     def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """The policy's Hugging-Face-named tensors, bucketed (same contract as the Megatron export)."""
-        named = ((name, t.detach()) for name, t in self.model.state_dict().items())
+        """The policy's tensors under their on-disk Hugging Face names (what ``save_pretrained``
+        writes and SGLang's loaders map: ``model.layers.*`` / ``visual.*`` for Qwen2.5-VL, not the
+        in-memory ``model.language_model.*``), bucketed: the same contract as the Megatron export."""
+        try:
+            spec = mapping_for_config(self.model.config)
+        except ValueError:  # an architecture the mapping does not know keeps its module names
+            spec = None
+
+        def on_disk(name: str) -> str:
+            return (spec.canonical_hf_name(name) if spec is not None else None) or name
+
+        named = ((on_disk(name), t.detach()) for name, t in self.model.state_dict().items())
         return bucket_named_tensors(named, bucket_bytes)
 
     def state_dict_for_checkpoint(self) -> dict:

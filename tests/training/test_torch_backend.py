@@ -102,13 +102,17 @@ def test_non_finite_loss_skips_the_step(tiny):
         assert torch.equal(p, before[n])
 
 
-def test_export_weights_buckets_respect_size_and_cover_state_dict(tiny):
+def test_export_weights_buckets_respect_size_and_cover_state_dict(tiny, tmp_path):
     model, _, _ = tiny
     backend = TorchBackend(copy.deepcopy(model), lr=1e-3, keep_reference=False)
     limit = 64 << 10
     buckets = list(backend.export_weights(limit))
     names = [n for b in buckets for n, _ in b]
-    assert names == list(backend.model.state_dict().keys())
+    # on-disk names, as save_pretrained writes them (what SGLang's loader and the HF engine take)
+    from safetensors.torch import load_file
+    model.save_pretrained(tmp_path)
+    assert sorted(names) == sorted(load_file(str(tmp_path / "model.safetensors")).keys())
+    assert len(names) == len(backend.model.state_dict())
     for b in buckets:
         size = sum(t.numel() * t.element_size() for _, t in b)
         assert size <= limit or len(b) == 1
