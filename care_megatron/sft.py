@@ -72,7 +72,7 @@ def save_backend_policy(backend, hf_model, tokenizer, out: Path) -> None:
 
 def run_sft(config: RunConfig, progress: bool = True) -> Path:
     """Train ``config.train.sft_steps`` steps of SFT; save the policy under ``<output_dir>/sft``; return that path."""
-    from care_megatron.data.dataset import PromptIterator, build_datasets
+    from care_megatron.data.dataset import PromptIterator, build_sft_records
     from care_megatron.data.packing import MRopeSpec
     from care_megatron.models import build_model_and_processor
     from care_megatron.training.registry import build_backend
@@ -83,10 +83,13 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     model, tokenizer, image_processor = build_model_and_processor(
         config.model, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
     backend = build_backend(config, model, lr=config.train.sft_lr, keep_reference=False)
-    train_records, _ = build_datasets(config.data)
-    records = [r for r in train_records if r.rationale]
+    records, reports = build_sft_records(config.data)
+    for report in reports:
+        if report.num_skipped:  # malformed rows are skipped, never fatal: say how many and why
+            log.warning("SFT data %s", report.summary())
     if not records:
-        raise ValueError("no training record has a reference rationale: SFT needs the synthetic tasks or rationales")
+        raise ValueError("config field 'data.sft_tasks': no record has a reference rationale (SFT needs the synthetic "
+                         "tasks, easy_vqa or sharegpt:<path> conversations with reasoning)")
     batches = PromptIterator(records, config.train.sft_batch_size, seed=config.train.seed)
     from care_megatron.runtime import is_main_process
 

@@ -105,7 +105,7 @@ def find_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     components: list[list[str]] = []
     counter = 0
 
-    def strongconnect(start: str) -> None:  # iterative Tarjan: the package is deep enough to matter
+    def strongconnect(start: str) -> None:  # Tarjan, iterative: no recursion limit on long import chains
         nonlocal counter
         work = [(start, iter(sorted(edges.get(start, ()))))]
         index[start] = low[start] = counter
@@ -222,7 +222,9 @@ def test_detector_finds_function_level_and_relative_cycles(tmp_path):
     _write(tmp_path, "pkg/sub/d.py", "import pkg.sub.c as c\nvalue = 1\n")
     _write(tmp_path, "pkg/e.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.f import X\n")
     _write(tmp_path, "pkg/f.py", "from pkg.e import TYPE_CHECKING\nX = 1\n")
-    edges, _ = import_graph(tmp_path, "pkg")
+    _write(tmp_path, "pkg/g.py", "def convert():\n    from checkpoints_convert.qwen2 import SPEC\n    return SPEC\n")
+    edges, imported = import_graph(tmp_path, "pkg")
+    assert imported["pkg.g"] == {"checkpoints_convert.qwen2"} and edges["pkg.g"] == set()
     assert edges["pkg.b"] == {"pkg.a"}  # `from pkg import a`: the submodule, not pkg/__init__
     assert edges["pkg.sub"] == {"pkg.sub.c"}
     cycles = find_cycles(edges)

@@ -197,6 +197,9 @@ class DataConfig:
     eval_tasks: list[str] = field(default_factory=list)
     """Where held-out records come from, spelled like ``tasks`` (e.g. ``jsonl:<out>/heldout.jsonl`` written
     by ``tools/prepare_data.py``); ``tasks`` then give training records only. Empty: set aside from ``tasks``."""
+    sft_tasks: list[str] = field(default_factory=list)
+    """Cold-start SFT sources, spelled like ``tasks`` plus ``sharegpt:<path>`` (LLaVA / ShareGPT conversations,
+    e.g. Vision-R1-cold); records need a rationale. Empty: the rationale-bearing training records of ``tasks``."""
     difficulty: list[int] = field(default_factory=lambda: [1, 2])
     """Difficulty levels of the synthetic tasks to mix."""
     image_size: int = 56

@@ -8,7 +8,10 @@
   (same question and pixels, possible at difficulty 1) are replaced;
 * ``easy_vqa``: training records sampled from the package's train split, held-out from its test split;
 * ``jsonl:<path>``: a unified-schema JSONL file, shuffled with the seed and split into disjoint
-  held-out and training parts.
+  held-out and training parts;
+* ``sharegpt:<path>``: LLaVA / ShareGPT conversation rows (JSON list, JSONL, parquet or a folder of
+  them; the layout of Vision-R1-cold, see :func:`care_megatron.data.sources.load_sharegpt`), split
+  the same way; their records carry the assistant's reasoning as ``rationale``.
 
 ``data.train_size`` and ``data.eval_size`` are shared out over the tasks as evenly as possible. When
 ``data.eval_tasks`` is set (e.g. the ``heldout.jsonl`` that ``tools/prepare_data.py`` writes beside
@@ -33,6 +36,7 @@ from care_megatron.data.schema import LoadReport, Record, read_jsonl
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 JSONL_PREFIX = "jsonl:"
+SHAREGPT_PREFIX = "sharegpt:"
 
 
 @dataclass
@@ -90,13 +94,18 @@ def _easy_vqa_splits(train_n: int, eval_n: int, seed: int) -> tuple[list[Record]
     return train, held_out, [train_report, test_report]
 
 
-def _jsonl_splits(path: str, train_n: int, eval_n: int, seed: int) -> tuple[list[Record], list[Record], LoadReport]:
+def _jsonl_splits(path: str, train_n: int | None, eval_n: int, seed: int) -> tuple[list[Record], list[Record], LoadReport]:
     records, report = read_jsonl(path)
+    return (*_seeded_split(records, train_n, eval_n, seed), report)
+
+
+def _seeded_split(records: list[Record], train_n: int | None, eval_n: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """Shuffle with ``seed``; the first ``eval_n`` are held out, the next ``train_n`` (None: all the rest) train."""
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x150])).permutation(len(records))
     shuffled = [records[i] for i in order]
     held_out = shuffled[:eval_n]
-    train = shuffled[eval_n:eval_n + train_n]
-    return train, held_out, report
+    train = shuffled[eval_n:] if train_n is None else shuffled[eval_n:eval_n + train_n]
+    return train, held_out
 
 
 def _task_splits(task: str, train_n: int, eval_n: int, config, field_name: str):
@@ -108,7 +117,12 @@ def _task_splits(task: str, train_n: int, eval_n: int, config, field_name: str):
     if task.startswith(JSONL_PREFIX):
         train, held_out, report = _jsonl_splits(task[len(JSONL_PREFIX):], train_n, eval_n, config.seed)
         return train, held_out, [report]
-    valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>"])
+    if task.startswith(SHAREGPT_PREFIX):
+        from care_megatron.data.sources import load_sharegpt
+
+        records, report = load_sharegpt(task[len(SHAREGPT_PREFIX):])
+        return (*_seeded_split(records, train_n, eval_n, config.seed), [report])
+    valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>", "sharegpt:<path>"])
     raise ValueError(f"config field '{field_name}': unknown task {task!r}; valid: {valid}")
 
 
@@ -138,6 +152,32 @@ def build_records(config) -> DataSplits:
                     splits.eval.append(record)
             splits.reports.extend(reports + ([overlap] if overlap.num_skipped else []))
     return splits
+
+
+def build_sft_records(config) -> tuple[list[Record], list[LoadReport]]:
+    """Cold-start SFT records (those with a ``rationale``) and the load reports.
+
+    From ``data.sft_tasks`` when set: files (``jsonl:`` / ``sharegpt:``) whole, generated tasks
+    ``data.train_size`` shared out over them; records without a rationale are counted under
+    ``no_rationale``. Otherwise the rationale-bearing part of the training split of ``data.tasks``.
+    """
+    sft_tasks = list(config.sft_tasks)
+    if not sft_tasks:
+        splits = build_records(config)
+        return [r for r in splits.train if r.rationale], splits.reports
+    records: list[Record] = []
+    reports: list[LoadReport] = []
+    for task, train_n in zip(sft_tasks, share_out(config.train_size, len(sft_tasks))):
+        whole_file = task.startswith((JSONL_PREFIX, SHAREGPT_PREFIX))
+        train, _, task_reports = _task_splits(task, None if whole_file else train_n, 0, config, "data.sft_tasks")
+        without = LoadReport(f"{task} (SFT)")
+        for record in train:
+            if record.rationale:
+                records.append(record)
+            else:
+                without.skip("no_rationale", record.id)
+        reports.extend(task_reports + ([without] if without.num_skipped else []))
+    return records, reports
 
 
 def build_datasets(config) -> tuple[list[Record], list[Record]]:

@@ -17,6 +17,11 @@ Layouts read:
   ``PassRate_32BTrained``, ``PassRate_7BBase``.
 * **Generic** parquet (Hugging Face ``datasets`` exports, image features as ``{"bytes", "path"}``)
   or JSONL, through a :class:`ColumnMapping`.
+* **Conversations** in the LLaVA / ShareGPT style, the layout of the cold-start SFT data
+  (Vision-R1-cold's ``vision_r1_llava_cot_full.json`` / ``vision_r1_mulberry_sft_full.json``): a JSON
+  list, JSONL or parquet of rows ``{"conversations": [{"from": "human", "value": "<image>..."},
+  {"from": "gpt", "value": "<think>...</think>..."}], "image" | "images": ...}``; see
+  :func:`load_sharegpt`.
 * **easy-vqa** (the ``easy_vqa`` package's bundled data), the real-image source of the embedded default.
 """
 from __future__ import annotations
@@ -334,6 +339,154 @@ def load_virl39k(path: PathLike, image_root: Optional[PathLike] = None, check_im
     return records, report
 
 
+# ------------------------------------------------------------------- LLaVA / ShareGPT conversations
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+CONVERSATION_COLUMNS = ("conversations", "messages")
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.S)
+_SHAREGPT_MAPPING = ColumnMapping(question="question", answer="answer", images="images", id="id",
+                                  rationale="rationale", metadata=("turns",))
+
+
+def split_reasoning(response: str) -> tuple[Optional[str], str]:
+    """``(rationale, answer text)`` of a long-reasoning response.
+
+    ``<answer>`` content is the answer when present; otherwise what follows ``</think>``; otherwise
+    the whole response (whose last ``\\boxed{}`` the caller keeps). The rationale is the ``<think>``
+    content, else the text before ``<answer>`` / ``</think>``, else the whole response when it ends in
+    a ``\\boxed{}`` answer; None for a bare short answer. Raises :class:`RecordError`
+    (``unclosed_think``) for a ``<think>`` that never closes (a truncated generation).
+    """
+    think = _THINK.search(response)
+    if think is None and "<think>" in response:
+        raise RecordError("unclosed_think", "<think> without </think> (truncated response?)")
+    answers = _ANSWER_SPAN.findall(response)
+    close = response.find("</think>")
+    if answers:
+        rationale = think.group(1) if think else response[:response.find("<answer>")]
+        answer = answers[-1]
+    elif close >= 0:  # '<think>...</think> tail', or a template that opened <think> itself
+        rationale = think.group(1) if think else response[:close]
+        answer = response[close + len("</think>"):]
+    else:
+        rationale = response if _BOXED in response else None
+        answer = response
+    rationale = rationale.strip() if rationale is not None else None
+    return rationale or None, answer.strip()
+
+
+def _message_parts(message: Any, where: str) -> tuple[str, str]:
+    if not isinstance(message, dict):
+        raise RecordError("bad_conversation", f"{where}: message is {type(message).__name__}, not an object")
+    role = message.get("from", message.get("role"))
+    text = message.get("value", message.get("content"))
+    if not isinstance(role, str) or not isinstance(text, str):
+        raise RecordError("bad_conversation", f"{where}: message needs string 'from'/'role' and 'value'/'content'")
+    return role.lower(), text
+
+
+def flatten_conversation(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A conversation row as a flat ``{id, question, answer, rationale, images, turns}`` row: the first
+    user turn is the question, the assistant turn after it the response (system turns are skipped,
+    later turns counted in ``turns``). Raises :class:`RecordError` (``bad_conversation``,
+    ``unclosed_think``) when there is no such pair."""
+    conversation = next((row[c] for c in CONVERSATION_COLUMNS if row.get(c) is not None), None)
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise RecordError("bad_conversation", f"{where}: no non-empty 'conversations' / 'messages' list")
+    messages = [_message_parts(m, where) for m in conversation]
+    user = next((i for i, (role, _) in enumerate(messages) if role in USER_ROLES), None)
+    reply = next((i for i, (role, _) in enumerate(messages) if role in ASSISTANT_ROLES and user is not None and i > user),
+                 None)
+    if user is None or reply is None:
+        raise RecordError("bad_conversation", f"{where}: needs a user turn followed by an assistant turn "
+                                              f"(roles seen: {sorted({role for role, _ in messages})})")
+    rationale, answer = split_reasoning(messages[reply][1])
+    images = row.get("images", row.get("image"))
+    return {"id": row.get("id"), "question": messages[user][1], "answer": answer, "rationale": rationale,
+            "images": images, "turns": len(messages)}
+
+
+def _conversation_rows(path: Path, report: LoadReport) -> Iterator[tuple[str, Any]]:
+    """``(location, row)`` of every row of one .json (a list) / .jsonl / .parquet file."""
+    if path.suffix == ".parquet":
+        for index, row in enumerate(_iter_parquet_rows([path], ["id", *CONVERSATION_COLUMNS, "image", "images"])):
+            yield f"{path}[{index}]", row
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{line_number}", json.loads(line)
+                except ValueError as exc:
+                    report.skip("invalid_json", f"{path}:{line_number}: {exc}")
+    else:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                rows = json.load(handle)
+            except ValueError as exc:
+                raise ValueError(f"{path}: not a JSON file ({exc}); conversation data is a JSON list, JSONL or parquet") from exc
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: top level is {type(rows).__name__}; conversation data is a JSON list of rows")
+        for index, row in enumerate(rows):
+            yield f"{path}[{index}]", row
+
+
+def _conversation_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        # LLaMA-Factory keeps its dataset_info.json (a registry, not data) beside the data files.
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")
+                       and p.name != "dataset_info.json")
+        if not files:
+            raise FileNotFoundError(f"no .json / .jsonl / .parquet conversation files in {path}")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    return [path]
+
+
+def load_sharegpt(path: PathLike, source: Optional[str] = None, image_root: Optional[PathLike] = None,
+                  check_images: bool = True, limit: Optional[int] = None) -> tuple[list[Record], LoadReport]:
+    """LLaVA / ShareGPT conversation rows (Vision-R1-cold style) as records with a ``rationale``.
+
+    ``path``: a JSON list, JSONL or parquet file, or a folder of them. Each row holds
+    ``conversations`` (or ``messages``): ``{"from": "human" | "user" | "gpt" | "assistant" | "system",
+    "value": ...}`` or ``{"role", "content"}`` messages, and ``image`` (one path) or ``images`` (a list of
+    paths, bytes or ``{"bytes", "path"}`` structs; relative paths resolve against ``image_root``,
+    default the file's folder). The first user turn becomes the question (``<image>`` placeholders
+    removed, ``A. ...`` option lines parsed as choices), the assistant's reply is split by
+    :func:`split_reasoning` into ``rationale`` and answer (a ``\\boxed{}`` wrapper removed).
+    Malformed rows are skipped and counted by reason (``invalid_json``, ``bad_conversation``,
+    ``unclosed_think``, ``empty_answer``, ``unreadable_image``, ...), never raised.
+    """
+    files = _conversation_files(Path(path))
+    report = LoadReport(source or Path(path).stem)
+    records: list[Record] = []
+    for file in files:
+        root = Path(image_root) if image_root is not None else file.parent
+        name = source or file.stem
+
+        def flat_rows() -> Iterator[dict[str, Any]]:
+            for index, (where, row) in enumerate(_conversation_rows(file, report)):
+                try:
+                    if not isinstance(row, dict):
+                        raise RecordError("bad_conversation", f"{where}: row is {type(row).__name__}, not an object")
+                    flat = flatten_conversation(row, where)
+                except RecordError as exc:
+                    report.skip(exc.reason, str(exc))
+                    continue
+                if flat["id"] is None:  # row number; with one source name over several files, also the file
+                    flat["id"] = index if source is None else f"{file.stem}/{index}"
+                yield flat
+
+        remaining = None if limit is None else limit - len(records)
+        if remaining is not None and remaining <= 0:
+            break
+        records.extend(_load_rows(flat_rows(), _SHAREGPT_MAPPING, name, report, root, check_images, remaining))
+    return records, report
+
+
 # -------------------------------------------------------------------------------------- easy-vqa
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
 
@@ -389,6 +542,7 @@ SOURCE_LOADERS: dict[str, Callable[..., tuple[list[Record], LoadReport]]] = {
     "virl39k": load_virl39k,
     "parquet": load_parquet,
     "jsonl_mapped": load_jsonl_mapped,
+    "sharegpt": load_sharegpt,
     "easy_vqa": load_easy_vqa,
 }
 """Loaders by name (``tools/prepare_data.py`` selects from these)."""

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from care_megatron.data.schema import check_image
+from care_megatron.data.schema import RecordError, check_image
 from care_megatron.data.sources import (
     ColumnMapping,
     get_loader,
@@ -16,8 +16,10 @@ from care_megatron.data.sources import (
     load_geometry3k,
     load_jsonl_mapped,
     load_parquet,
+    load_sharegpt,
     load_virl39k,
     parse_inline_choices,
+    split_reasoning,
     strip_boxed,
 )
 from _data_fixtures import chart_image, make_chartqa, make_geometry3k, make_virl39k, png_bytes
@@ -126,3 +128,124 @@ def test_easy_vqa_records_carry_a_cold_start_rationale_that_scores_full_marks():
         assert r.rationale == easy_vqa_rationale(r.answer) and r.rationale.endswith(r.answer)
         verdict = score(f"<think>{r.rationale}</think><answer>{r.answer}</answer>", r.answer, r.answer_type)
         assert verdict.accuracy == 1.0 and verdict.format == 1.0
+
+
+# ------------------------------------------------------------------- LLaVA / ShareGPT conversations
+def _vision_r1_cold(tmp_path):
+    """A folder in Vision-R1-cold's layout: a LLaVA-CoT style file (from/value, human/gpt, one ``image``
+    path) and a Mulberry style file (from/value, user/assistant, an ``images`` list), images under their
+    own folders, LLaMA-Factory's dataset_info.json beside them; plus malformed rows of every kind."""
+    root = tmp_path / "vision_r1_cold"
+    (root / "llava_cot_images" / "coco").mkdir(parents=True)
+    (root / "mulberry_images" / "chartqa").mkdir(parents=True)
+    (root / "llava_cot_images" / "coco" / "a.png").write_bytes(png_bytes(Image.new("RGB", (40, 30), "red")))
+    (root / "mulberry_images" / "chartqa" / "b.png").write_bytes(png_bytes(Image.new("RGB", (30, 40), "blue")))
+    (root / "dataset_info.json").write_text(json.dumps({"vision_r1_llava_cot_full": {"formatting": "sharegpt"}}))
+    think = "<think>\nThe chart shows three bars.\nWait, recount: the third is hidden. So 4.\n</think>"
+    llava = [
+        {"id": "cot-0", "image": "llava_cot_images/coco/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow many bars are there?"},
+            {"from": "gpt", "value": think + "\n\n<answer>\\boxed{4}</answer>"}]},
+        {"id": "cot-1", "image": "llava_cot_images/coco/a.png", "conversations": [  # answer after </think>
+            {"from": "system", "value": "You are helpful."},
+            {"from": "human", "value": "<image>Which option?\nA. red\nB. blue"},
+            {"from": "gpt", "value": "<think>It is red.</think>\nThe answer is \\boxed{A}"}]},
+        {"id": "bad-0", "image": "llava_cot_images/coco/a.png"},                               # no conversations
+        {"id": "bad-1", "image": "llava_cot_images/coco/a.png", "conversations": [          # no assistant turn
+            {"from": "human", "value": "<image>Q?"}]},
+        {"id": "bad-2", "image": "llava_cot_images/coco/a.png", "conversations": [          # truncated reasoning
+            {"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "<think>long and unfinished"}]},
+        {"id": "bad-3", "image": "llava_cot_images/coco/missing.png", "conversations": [    # image not there
+            {"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "<think>r</think><answer>1</answer>"}]},
+        {"id": "bad-4", "image": "llava_cot_images/coco/a.png", "conversations": [          # empty answer
+            {"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "<think>r</think><answer> </answer>"}]},
+        ["not", "an", "object"],
+        {"id": "bad-5", "image": "llava_cot_images/coco/a.png", "conversations": [          # message not a dict
+            "human: Q?", {"from": "gpt", "value": "1"}]},
+    ]
+    (root / "vision_r1_llava_cot_full.json").write_text(json.dumps(llava))
+    mulberry = [
+        {"images": ["mulberry_images/chartqa/b.png"], "conversations": [
+            {"from": "user", "value": "<image>What is 1/2 + 1/4?"},
+            {"from": "assistant", "value": "<think>1/2 = 2/4, so 3/4.</think><answer>\\frac{3}{4}</answer>"}]},
+    ]
+    (root / "vision_r1_mulberry_sft_full.json").write_text(json.dumps(mulberry))
+    return root
+
+
+def test_sharegpt_vision_r1_cold_layout_maps_reasoning_to_rationale(tmp_path):
+    root = _vision_r1_cold(tmp_path)
+    records, report = load_sharegpt(root)
+    assert [r.id for r in records] == ["vision_r1_llava_cot_full/cot-0", "vision_r1_llava_cot_full/cot-1",
+                                       "vision_r1_mulberry_sft_full/0"]
+    first, second, third = records
+    assert first.question == "How many bars are there?" and first.answer == "4" and first.answer_type == "integer"
+    assert first.rationale == "The chart shows three bars.\nWait, recount: the third is hidden. So 4."
+    assert first.images == [str(root / "llava_cot_images" / "coco" / "a.png")]
+    assert first.source == "vision_r1_llava_cot_full" and first.metadata == {"turns": 2}
+    assert (second.answer, second.answer_type, second.choices) == ("A", "multiple_choice", ["red", "blue"])
+    assert second.rationale == "It is red." and second.metadata["turns"] == 3
+    assert (third.answer, third.rationale) == ("\\frac{3}{4}", "1/2 = 2/4, so 3/4.")
+    assert third.images == [str(root / "mulberry_images" / "chartqa" / "b.png")]
+    assert dict(report.skipped) == {"bad_conversation": 4, "unclosed_think": 1, "unreadable_image": 1,
+                                    "empty_answer": 1}
+    assert report.loaded == 3 and get_loader("sharegpt") is load_sharegpt
+    assert load_sharegpt(root, limit=1)[0] == records[:1]
+
+
+def test_sharegpt_jsonl_and_parquet_with_role_content_messages(tmp_path):
+    image = png_bytes(Image.new("RGB", (32, 32), "green"))
+    rows = [{"messages": [{"role": "user", "content": "<image>Colour?"},
+                          {"role": "assistant", "content": "<think>It looks green.</think><answer>green</answer>"}],
+             "images": [{"bytes": image, "path": None}]},
+            {"messages": [{"role": "user", "content": "No reasoning here?"}, {"role": "assistant", "content": "yes"}],
+             "images": []}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cold.parquet")
+    records, report = load_sharegpt(tmp_path / "cold.parquet", source="cold")
+    assert [(r.id, r.answer, r.rationale) for r in records] == [("cold/cold/0", "green", "It looks green."),
+                                                                 ("cold/cold/1", "yes", None)]
+    assert records[0].images == [image] and report.num_skipped == 0
+    lines = [json.dumps({"id": 7, "conversations": [{"from": "human", "value": "2+2?"},
+                                                    {"from": "gpt", "value": "2+2 is \\boxed{4}"}]}),
+             "{not json", ""]
+    (tmp_path / "cold.jsonl").write_text("\n".join(lines))
+    records, report = load_sharegpt(tmp_path / "cold.jsonl")
+    assert [(r.id, r.answer, r.rationale) for r in records] == [("cold/7", "4", "2+2 is \\boxed{4}")]
+    assert dict(report.skipped) == {"invalid_json": 1}
+    (tmp_path / "object.json").write_text(json.dumps({"conversations": []}))
+    with pytest.raises(ValueError, match="JSON list"):
+        load_sharegpt(tmp_path / "object.json")
+    with pytest.raises(FileNotFoundError):
+        load_sharegpt(tmp_path / "absent.json")
+
+
+def test_split_reasoning_cases():
+    assert split_reasoning("<think> a </think><answer> b </answer>") == ("a", "b")
+    assert split_reasoning("a </think> b") == ("a", "b")              # template opened <think> itself
+    assert split_reasoning("so \\boxed{3}") == ("so \\boxed{3}", "so \\boxed{3}")
+    assert split_reasoning("plain") == (None, "plain")
+    assert split_reasoning("<think>  </think><answer>x</answer>") == (None, "x")
+    with pytest.raises(RecordError, match="think"):
+        split_reasoning("<think>unfinished")
+
+
+def test_sft_tasks_config_reads_the_conversations(tmp_path):
+    """data.sft_tasks selects the cold-start data; rows without reasoning are counted, not trained on."""
+    from care_megatron.config import load_config
+    from care_megatron.data.dataset import build_records, build_sft_records
+
+    root = _vision_r1_cold(tmp_path)
+    config = load_config(None, [f"data.sft_tasks=[sharegpt:{root}]", "data.tasks=[count_shapes]",
+                                "data.train_size=4", "data.eval_size=2"])
+    records, reports = build_sft_records(config.data)
+    assert sorted(r.id for r in records) == ["vision_r1_llava_cot_full/cot-0", "vision_r1_llava_cot_full/cot-1",
+                                             "vision_r1_mulberry_sft_full/0"]
+    assert sum(r.num_skipped for r in reports) == 7
+    default = build_sft_records(load_config(None, ["data.tasks=[count_shapes]", "data.train_size=4",
+                                                   "data.eval_size=2"]).data)[0]
+    assert len(default) == 4 and all(r.source == "count_shapes" and r.rationale for r in default)
+    # the same files as an RL task: split into training and held-out records like jsonl:
+    splits = build_records(load_config(None, [f"data.tasks=[sharegpt:{root}]", "data.train_size=2",
+                                              "data.eval_size=1"]).data)
+    assert len(splits.train) == 2 and len(splits.eval) == 1
+    assert not {r.id for r in splits.train} & {r.id for r in splits.eval}
