@@ -111,7 +111,24 @@ def _numeric_value(text: str) -> Optional[complex]:
 _OPERATIONS = {"equal": _parse_and_verify, "value": _numeric_value}
 
 
+_WARM = False
+
+
+def warm_up() -> None:
+    """Import math-verify with its sympy / LaTeX parsers and compare one trivial pair, untimed.
+
+    The first comparison in a process pays several seconds of imports (4 s measured on a busy
+    2-core machine); under the comparison's deadline that would score a correct answer as timed
+    out in every fresh process (each scoring-pool worker, the helper process). Runs once per process.
+    """
+    global _WARM
+    if not _WARM:
+        _parse_and_verify("1", "1")
+        _WARM = True
+
+
 def _run_with_signal_deadline(op: str, args: tuple, timeout_s: float):
+    warm_up()  # outside the deadline: the limit bounds the comparison, not one-off imports
     try:
         with _deadline(timeout_s):
             return _OPERATIONS[op](*args)

@@ -54,6 +54,26 @@ def test_outer_alarm_is_preserved():
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_first_comparison_imports_are_not_under_the_deadline(monkeypatch):
+    """A fresh process's first comparison (math-verify + sympy imports, seconds on a busy machine)
+    is warmed up outside the deadline, so a short limit bounds only the comparison itself."""
+    real = math_equivalence._parse_and_verify
+    first_call = []
+
+    def slow_first_call(gold, pred):  # the import cost of a cold process, paid once
+        if not first_call:
+            first_call.append(True)
+            time.sleep(0.5)
+        return real(gold, pred)
+
+    monkeypatch.setattr(math_equivalence, "_parse_and_verify", slow_first_call)
+    monkeypatch.setitem(math_equivalence._OPERATIONS, "equal", slow_first_call)
+    monkeypatch.setattr(math_equivalence, "_WARM", False)
+    math_equivalence.clear_cache()
+    assert math_equal("\\frac{3}{4}", "0.75", timeout_s=0.3, force_helper=False) is True
+    assert first_call  # the slow first call happened, in the warm-up
+
+
 def test_timeout_scores_zero_with_reason():
     r = score(f"<think>r</think><answer>{SLOW_PRED}</answer>", SLOW_GOLD, "latex", config=VerifierConfig(math_timeout_s=0.3))
     assert r.accuracy == 0 and r.format == 1 and "timed out" in r.reason
