@@ -29,7 +29,7 @@ PYTEST=("$PYTHON" -m pytest -q -rA -m gpu -p no:cacheprovider)
 # name | time limit (s) | command; most important first
 STEPS=(
   "gpu_tests_megatron|120|${PYTEST[*]} ${MEGATRON_TESTS[*]}"
-  "bench_train|140|$PYTHON tools/bench_train.py"
+  "bench_train|140|$PYTHON tools/bench_train.py --json $OUT/bench_train.json"
   "gpu_tests_kernels|60|${PYTEST[*]} ${KERNEL_TESTS[*]}"
   "gpu_tests_rollout|50|${PYTEST[*]} ${ROLLOUT_TESTS[*]}"
   "bench_kernels|40|$PYTHON tools/bench_kernels.py"
