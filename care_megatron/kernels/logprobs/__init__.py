@@ -96,15 +96,23 @@ worked here; None until first tried. When it does not, the product is formed in 
 and added (one extra [V, H] temporary per chunk)."""
 
 
-def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                     try_fp32_output: bool | None = None) -> None:
     """accumulator (fp32) += left @ right (low precision), without a low-precision [V, H] temporary
-    where torch supports a fp32-output matmul."""
+    where torch supports a fp32-output matmul (tried on CUDA unless ``try_fp32_output`` says).
+
+    Out of memory is raised, not taken for "unsupported": the fallback needs more memory, and
+    switching to it for good would hide a transient peak."""
     global FP32_OUTPUT_ADDMM
-    if accumulator.is_cuda and FP32_OUTPUT_ADDMM is not False:
+    if try_fp32_output is None:
+        try_fp32_output = accumulator.is_cuda
+    if try_fp32_output and FP32_OUTPUT_ADDMM is not False:
         try:
             torch.addmm(accumulator, left, right, out_dtype=torch.float32, out=accumulator)
             FP32_OUTPUT_ADDMM = True
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             FP32_OUTPUT_ADDMM = False
     accumulator += left @ right
