@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +92,18 @@ def _varlen_parameters() -> frozenset:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
+def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale, max_seqlen: int | None = None):
     """Flash varlen. Adapts to the torch version's signature: ``is_causal`` (2.10) or
-    ``window_size=(-1, 0)`` (2.11+); ``scale`` when accepted (else the default 1/sqrt(d), checked);
-    ``enable_gqa`` when accepted, else KV heads repeated to the query heads."""
+    ``window_size=(-1, 0)`` (2.11+); ``scale`` when accepted (else the default 1/sqrt(d), checked).
+    GQA: K/V keep their own (fewer) heads. Every version's varlen_attn hands them straight to
+    ``aten._flash_attention_forward``, whose kernels take ``Hq % Hkv == 0`` heads natively (the
+    backward sums each group's dK / dV); torch >= 2.12 only asks for ``enable_gqa=True`` first.
+    ``max_seqlen``: the longest document, when the caller knows it (no host sync per layer)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_parameters()
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    max_len = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)
@@ -110,22 +114,73 @@ def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError("this torch's varlen_attn has no scale argument; use the flex or loop backend")
     if q.shape[1] != k.shape[1]:
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"GQA needs the query heads ({q.shape[1]}) to be a multiple of the KV heads ({k.shape[1]})")
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _flex_call(query, key, value, block_mask, scale, enable_gqa):
+    """The frame torch.compile caches on; one copy of its code object per :class:`CompiledFlexAttention` variant."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    # dynamic=None: the first recompile marks the lengths dynamic, so the varying packed lengths of
-    # RL micro-batches do not recompile per shape (and never hit the recompile limit, after which
-    # torch would fall back to the eager flex_attention that materialises the full score matrix)
-    return torch.compile(flex_attention, dynamic=None)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+class CompiledFlexAttention:
+    """Compiled ``flex_attention`` with one compile cache per kind of call, and no eager fallback.
+
+    Dynamo keeps its compiled entries, and counts them against ``recompile_limit`` (8), per code
+    object. Training and no-grad forwards, and square (packed) and rectangular (context-parallel
+    rows against all keys) masks, each need their own graph; sharing one cache they exhaust the
+    limit, and torch then runs the eager flex_attention, which builds the full [T, T] score matrix
+    (out of memory at 8k tokens). So each kind gets its own copy of :func:`_flex_call`'s code
+    object (its own cache), ``dynamic=None`` marks the lengths dynamic on the first recompile (two
+    entries per kind, whatever the lengths), and ``fullgraph=True`` turns hitting the limit into an
+    error, re-raised here with what to do about it.
+    """
+
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
+        self._variants: dict[str, tuple] = {}
+
+    @staticmethod
+    def kind(query, key) -> str:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+        return f"{'train' if grad else 'no_grad'}_{'square' if query.shape[-2] == key.shape[-2] else 'rectangular'}"
+
+    def compilations(self, kind: str) -> int:
+        """Compiled entries cached for one kind (0 when never called)."""
+        if kind not in self._variants:
+            return 0
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self._variants[kind][0].__code__))
+
+    def __call__(self, query, key, value, *, block_mask, scale, enable_gqa=False):
+        kind = self.kind(query, key)
+        if kind not in self._variants:
+            code = _flex_call.__code__.replace(co_name=f"flex_attention_{kind}")
+            fresh = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+            self._variants[kind] = (fresh, torch.compile(fresh, dynamic=None, fullgraph=True, backend=self.backend))
+        try:
+            return self._variants[kind][1](query, key, value, block_mask, scale, enable_gqa)
+        except Exception as error:
+            if type(error).__name__ not in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+                raise
+            limit = torch._dynamo.config.recompile_limit
+            raise RuntimeError(
+                f"compiled flex_attention ({kind}) needed more than torch._dynamo.config.recompile_limit={limit} "
+                f"compilations (now {self.compilations(kind)}); refusing torch's eager fallback, which builds "
+                "the full [T, T] score matrix. Run with TORCH_LOGS=recompiles to see which guard changes, "
+                "or raise the limit.") from error
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> CompiledFlexAttention:
+    """The process-wide compiled flex_attention (packed and context-parallel attention share it)."""
+    return CompiledFlexAttention()
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, device):
@@ -161,11 +216,12 @@ def packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled: bool = Tr
     return out[0].transpose(0, 1)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens, scale, backend: str | None = None):
-    """Dispatch per-document causal attention on THD tensors (see module docstring)."""
+def packed_causal_attention(q, k, v, cu_seqlens, scale, backend: str | None = None, max_seqlen: int | None = None):
+    """Dispatch per-document causal attention on THD tensors (see module docstring). K/V may have
+    fewer heads than Q (GQA); no backend repeats them."""
     backend = backend or choose_packed_backend(q)
     if backend == "varlen":
-        return packed_causal_attention_varlen(q, k, v, cu_seqlens, scale)
+        return packed_causal_attention_varlen(q, k, v, cu_seqlens, scale, max_seqlen)
     if backend == "flex":
         return packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled=q.is_cuda)
     return packed_causal_attention_loop(q, k, v, cu_seqlens, scale)
@@ -227,7 +283,9 @@ class TorchCoreAttention(MegatronModule):
                 out = context_parallel_attention(query, key, value, cu, self._context_parallel_group(),
                                                  self.softmax_scale, backend=_cp_backend(query))
             else:
-                out = packed_causal_attention(query, key, value, cu, self.softmax_scale)
+                known = packed_seq_params.max_seqlen_q  # an int from build_packed_seq_params: no host sync here
+                out = packed_causal_attention(query, key, value, cu, self.softmax_scale,
+                                              max_seqlen=known if isinstance(known, int) else None)
             return out.reshape(out.shape[0], -1)
         if self.cp_size > 1:
             raise ValueError("context parallelism with the local spec runs on THD-packed micro-batches only")

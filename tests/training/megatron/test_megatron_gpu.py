@@ -35,6 +35,29 @@ def test_packed_attention_kernels_match_loop_bf16(backend):
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_compiled_flex_compiles_a_bounded_number_of_times_forward_and_backward():
+    """Three packed lengths, each forward + backward and a no-grad forward: two compilations per kind
+    (static, then dynamic), whatever the lengths; never the eager fallback (its [T, T] scores)."""
+    from care_megatron.training.megatron import attention
+
+    flex = attention.CompiledFlexAttention()
+    for total in (1024, 1536, 2304):
+        cu = torch.tensor([0, total // 3, total - 5, total], dtype=torch.int32, device="cuda")
+        q, k, v = (torch.randn(1, heads, total, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for heads in (16, 2, 2))
+        mask = attention.document_block_mask(cu, total, q.device)
+        out = flex(q, k, v, block_mask=mask, scale=128 ** -0.5, enable_gqa=True)
+        out.float().square().sum().backward()
+        assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and k.grad.shape == k.shape
+        with torch.no_grad():
+            again = flex(q, k, v, block_mask=mask, scale=128 ** -0.5, enable_gqa=True)
+        torch.testing.assert_close(again, out.detach())
+        ref = attention.packed_causal_attention_loop(*(x.detach()[0].transpose(0, 1) for x in (q, k, v)), cu, 128 ** -0.5)
+        torch.testing.assert_close(out.detach()[0].transpose(0, 1).float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert flex.compilations("train_square") <= 2, flex.compilations("train_square")
+    assert flex.compilations("no_grad_square") <= 2, flex.compilations("no_grad_square")
+
+
 def test_context_parallel_flex_compiled_matches_full_attention_bf16():
     """The CP attention's compute half on CUDA (compiled flex_attention, query rows of one CP rank
     against every key) equals those rows of full per-document attention."""
