@@ -51,7 +51,7 @@ def test_compiled_flex_compiles_a_bounded_number_of_times_forward_and_backward()
         assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and k.grad.shape == k.shape
         with torch.no_grad():
             again = flex(q, k, v, block_mask=mask, scale=128 ** -0.5, enable_gqa=True)
-        torch.testing.assert_close(again, out.detach())
+        torch.testing.assert_close(again.float(), out.detach().float(), atol=1e-2, rtol=1e-2)
         ref = attention.packed_causal_attention_loop(*(x.detach()[0].transpose(0, 1) for x in (q, k, v)), cu, 128 ** -0.5)
         torch.testing.assert_close(out.detach()[0].transpose(0, 1).float(), ref.float(), atol=2e-2, rtol=2e-2)
     assert flex.compilations("train_square") <= 2, flex.compilations("train_square")
