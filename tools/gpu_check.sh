@@ -22,7 +22,7 @@ MIN_STEP_S=15            # a step with less time left than this is skipped, not 
 # The GPU tests by file: collecting the whole tests/ tree would import CPU-only test modules
 # (pyarrow, imagehash, DALI) that the image lacks, and one failed import aborts every GPU test.
 MEGATRON_TESTS=(tests/training/megatron/test_megatron_gpu.py)
-KERNEL_TESTS=(tests/kernels/test_kernels_gpu.py tests/kernels/test_graphs.py)
+KERNEL_TESTS=(tests/kernels/test_kernels_gpu.py tests/kernels/test_graphs.py tests/kernels/test_fused_loss_in_train_step.py)
 ROLLOUT_TESTS=(tests/rollout/test_hf_engine.py tests/rollout/test_train_rollout_consistency.py)
 PYTEST=("$PYTHON" -m pytest -q -rA -m gpu -p no:cacheprovider)
 
