@@ -13,6 +13,9 @@ WHEELS=(
   iniconfig==2.3.1
   pygments==2.21.0
   pillow==13.0.0          # images in the rollout GPU tests and the HF engine's image processor
+  math-verify==0.9.0      # the verifier of tools/gpu_rl_step.py's RL step, with its two requirements
+  latex2sympy2_extended==1.11.0
+  antlr4-python3-runtime==4.13.2
 )
 mkdir -p .whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -28,15 +28,16 @@ PYTEST=("$PYTHON" -m pytest -q -rA -m gpu -p no:cacheprovider)
 
 # name | time limit (s) | command; most important first
 STEPS=(
-  "gpu_tests_megatron|120|${PYTEST[*]} ${MEGATRON_TESTS[*]}"
-  "bench_train|140|$PYTHON tools/bench_train.py --json $OUT/bench_train.json"
-  "gpu_tests_kernels|60|${PYTEST[*]} ${KERNEL_TESTS[*]}"
-  "gpu_tests_rollout|50|${PYTEST[*]} ${ROLLOUT_TESTS[*]}"
-  "bench_kernels|40|$PYTHON tools/bench_kernels.py"
+  "gpu_tests_megatron|100|${PYTEST[*]} ${MEGATRON_TESTS[*]}"
+  "bench_train|110|$PYTHON tools/bench_train.py --json $OUT/bench_train.json"
+  "rl_step_3b|90|$PYTHON tools/gpu_rl_step.py --json $OUT/rl_step_3b.json"
+  "gpu_tests_kernels|45|${PYTEST[*]} ${KERNEL_TESTS[*]}"
+  "gpu_tests_rollout|35|${PYTEST[*]} ${ROLLOUT_TESTS[*]}"
+  "bench_kernels|30|$PYTHON tools/bench_kernels.py"
   "bench_advantages|20|$PYTHON tools/bench_advantages.py --device cuda --skip-loop"
   "bench_weight_sync|20|$PYTHON tools/bench_weight_sync.py --device cuda --dtype bfloat16"
 )
-PYTHON_FILES=("${MEGATRON_TESTS[@]}" "${KERNEL_TESTS[@]}" "${ROLLOUT_TESTS[@]}" tools/bench_train.py
+PYTHON_FILES=("${MEGATRON_TESTS[@]}" "${KERNEL_TESTS[@]}" "${ROLLOUT_TESTS[@]}" tools/bench_train.py tools/gpu_rl_step.py
               tools/bench_kernels.py tools/bench_advantages.py tools/bench_weight_sync.py)
 
 if [ "$DRY_RUN" = 1 ]; then

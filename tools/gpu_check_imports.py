@@ -25,6 +25,7 @@ import traceback
 IMAGE_DISTRIBUTIONS = ("torch", "triton", "transformers")
 """What the GPU image has installed; their required dependencies come with them."""
 IMAGE_PYTHON = "3.12"
+FIRST_PARTY = ("care_megatron", "checkpoints_convert")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEEL_PIN = re.compile(r"\b([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)")
 
@@ -90,8 +91,8 @@ class HidingFinder(importlib.abc.MetaPathFinder):
     """Wraps an import finder: top-level names outside ``allowed`` (and outside the repository) are
     not found, exactly as if their distribution were not installed (``find_spec`` returns None)."""
 
-    def __init__(self, inner, allowed: set[str], hidden: set[str]):
-        self.inner, self.allowed, self.hidden = inner, allowed, hidden
+    def __init__(self, inner, allowed: set[str], hidden: set[str], distributions: set[str] = frozenset()):
+        self.inner, self.allowed, self.hidden, self.distributions = inner, allowed, hidden, distributions
 
     def find_spec(self, fullname, path=None, target=None):
         top = fullname.partition(".")[0]
@@ -106,6 +107,14 @@ class HidingFinder(importlib.abc.MetaPathFinder):
             return spec  # vendored inside an allowed package (setuptools/_vendor/jaraco)
         self.hidden.add(top)
         return None
+
+    def find_distributions(self, *args, **kwargs):
+        """Metadata (importlib.metadata) of the image's and the shipped distributions only:
+        transformers checks its requirements' versions, torch probes optional packages by metadata."""
+        finder = getattr(self.inner, "find_distributions", None)
+        if finder is None:
+            return iter(())
+        return (d for d in finder(*args, **kwargs) if _canonical(d.metadata["Name"] or "") in self.distributions)
 
     def invalidate_caches(self):
         if hasattr(self.inner, "invalidate_caches"):
@@ -122,8 +131,8 @@ def _installed_under(path: str) -> str:
 
 
 def function_level_imports(path: str) -> list[tuple[int, str]]:
-    """(line, top-level name) of imports inside function bodies of a file (not module-level ones,
-    which importing the file checks; ``pytest.importorskip`` targets are skips, not failures)."""
+    """(line, module) of imports inside function bodies of a file (not module-level ones, which
+    importing the file checks; ``pytest.importorskip`` targets are skips, not failures)."""
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     found = []
@@ -132,9 +141,9 @@ def function_level_imports(path: str) -> list[tuple[int, str]]:
             continue
         for node in ast.walk(func):
             if isinstance(node, ast.Import):
-                found += [(node.lineno, alias.name.partition(".")[0]) for alias in node.names]
+                found += [(node.lineno, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found.append((node.lineno, node.module.partition(".")[0]))
+                found.append((node.lineno, node.module))
     return found
 
 
@@ -181,7 +190,7 @@ def main(argv=None) -> int:
     distributions = dependency_closure([*IMAGE_DISTRIBUTIONS, *shipped])
     allowed = allowed_top_level(distributions)
     hidden: set[str] = set()
-    sys.meta_path[:] = [HidingFinder(f, allowed, hidden) for f in sys.meta_path]
+    sys.meta_path[:] = [HidingFinder(f, allowed, hidden, distributions) for f in sys.meta_path]
     sys.path.insert(0, REPO)
     failures = []
     for path in args.files:
@@ -191,7 +200,14 @@ def main(argv=None) -> int:
             failures.append(f"{path}: import fails on the GPU image: {type(error).__name__}: {error}\n"
                             + "".join(traceback.format_exception(error)[-3:]))
             continue
-        for line, top in function_level_imports(path):
+        for line, module in function_level_imports(path):
+            top = module.partition(".")[0]
+            if top in FIRST_PARTY:  # the project's own module: import it, with what it imports in turn
+                try:
+                    importlib.import_module(module)
+                except Exception as error:
+                    failures.append(f"{path}:{line}: import {module} fails on the GPU image: {type(error).__name__}: {error}")
+                continue
             if top in allowed or importlib.util.find_spec(top) is not None:
                 continue
             failures.append(f"{path}:{line}: imports {top!r}, which is neither on the GPU image nor shipped")
