@@ -55,13 +55,13 @@ from care_megatron.trainer import RL_PHASES  # noqa: E402
 
 PHASE_GROUPS = {
     "rollout": ("generate",),
-    "rgr_round_trip": ("sleep_trainer_rgr", "wake_rollout_rgr", "generate_rgr", "sleep_rollout_rgr",
-                       "wake_trainer_rgr", "logprobs_rgr"),
+    "rgr_round_trip": ("sleep_trainer_rgr", "wake_rollout_rgr", "update_weights_rgr", "wake_rollout_kv_rgr",
+                       "generate_rgr", "sleep_rollout_rgr", "wake_trainer_rgr", "logprobs_rgr"),
     "logprob_passes": ("logprobs",),
     "reference_pass": ("reference_logprobs",),
     "train": ("train",),
     "weight_sync": ("update_weights",),
-    "sleep_wake": ("wake_rollout", "sleep_rollout", "wake_trainer", "sleep_trainer"),
+    "sleep_wake": ("wake_rollout", "wake_rollout_kv", "sleep_rollout", "wake_trainer", "sleep_trainer"),
 }
 """The issue's phase groups -> ``RL_PHASES`` members; every phase belongs to exactly one group."""
 assert sorted(p for g in PHASE_GROUPS.values() for p in g) == sorted(RL_PHASES)

@@ -167,6 +167,36 @@ def bench_transformers(args) -> dict:
     return {"name": "transformers Qwen2 + SDPA", "seconds": seconds, "peak_gib": mem}
 
 
+def measure_rows(contenders, args, flops: float, peak: float, on_row) -> list[dict]:
+    """Run each ``(name, bench)`` contender in turn; each row goes to ``on_row`` as soon as it is
+    measured. Out of memory in one contender is that contender's row (the others still run)."""
+    rows = []
+    for name, bench in contenders:
+        try:
+            row = bench(args)
+        except torch.OutOfMemoryError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            row = {"name": name, "error": f"out of memory: {first_line[:160]}"}
+        # the failed contender's frames (and its weights) went with the exception: hand the memory back
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if "seconds" in row:
+            row["tokens_per_s"] = args.tokens / row["seconds"]
+            row["tflops"] = flops / row["seconds"] / 1e12
+            row["mfu"] = flops / row["seconds"] / peak
+        rows.append(row)
+        on_row(row)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['name']:<36}{row['error']}"
+    return (f"{row['name']:<36}{row['seconds']:>9.3f}{row['tokens_per_s']:>11.0f}{row['tflops']:>10.1f}"
+            f"{row['mfu']:>8.1%}{row['peak_gib']:>10.1f}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -174,27 +204,30 @@ def main(argv=None) -> int:
         return 1
     peak = measure_matmul_peak()
     flops = model_flops(args)
-    rows = []
-    if not args.skip_megatron:
-        rows.append(bench_megatron(args))
-    if not args.skip_hf:
-        rows.append(bench_transformers(args))
-    print(f"\nGPU: {torch.cuda.get_device_name()}  measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
+    print(f"GPU: {torch.cuda.get_device_name()}  measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
     print(f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads} ffn={args.ffn} "
           f"vocab={args.vocab} tokens={args.tokens} docs={args.docs}  (fwd+bwd, bf16, no optimizer)")
-    print(f"{'implementation':<36}{'s/step':>9}{'tok/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'speed-up':>10}")
-    base = rows[-1]["seconds"] if len(rows) == 2 else None
-    for r in rows:
-        r["tokens_per_s"] = args.tokens / r["seconds"]
-        r["tflops"] = flops / r["seconds"] / 1e12
-        r["mfu"] = flops / r["seconds"] / peak
-        speed = f"{base / r['seconds']:.3f}x" if base else "-"
-        print(f"{r['name']:<36}{r['seconds']:>9.3f}{r['tokens_per_s']:>11.0f}{r['tflops']:>10.1f}{r['mfu']:>8.1%}"
-              f"{r['peak_gib']:>10.1f}{speed:>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"peak_tflops": peak / 1e12, "args": vars(args), "rows": rows}, f, indent=2)
-    return 0
+    print(f"{'implementation':<36}{'s/step':>9}{'tok/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}", flush=True)
+    contenders = []
+    if not args.skip_megatron:
+        contenders.append((f"megatron-core ({args.impl} spec)", bench_megatron))
+    if not args.skip_hf:
+        contenders.append(("transformers Qwen2 + SDPA", bench_transformers))
+
+    def on_row(row):
+        print(format_row(row), flush=True)
+        if args.json:  # rewritten after every row, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"peak_tflops": peak / 1e12, "args": vars(args), "rows": rows_so_far + [row]}, f, indent=2)
+        rows_so_far.append(row)
+
+    rows_so_far: list[dict] = []
+    rows = measure_rows(contenders, args, flops, peak, on_row)
+    measured = [r for r in rows if "seconds" in r]
+    if len(measured) == 2:
+        print(f"speed-up {measured[0]['name']} over {measured[1]['name']}: "
+              f"{measured[1]['seconds'] / measured[0]['seconds']:.3f}x")
+    return 0 if measured else 1
 
 
 if __name__ == "__main__":

@@ -96,15 +96,23 @@ worked here; None until first tried. When it does not, the product is formed in 
 and added (one extra [V, H] temporary per chunk)."""
 
 
-def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                     try_fp32_output: bool | None = None) -> None:
     """accumulator (fp32) += left @ right (low precision), without a low-precision [V, H] temporary
-    where torch supports a fp32-output matmul."""
+    where torch supports a fp32-output matmul (tried on CUDA unless ``try_fp32_output`` says).
+
+    Out of memory is raised, not taken for "unsupported": the fallback needs more memory, and
+    switching to it for good would hide a transient peak."""
     global FP32_OUTPUT_ADDMM
-    if accumulator.is_cuda and FP32_OUTPUT_ADDMM is not False:
+    if try_fp32_output is None:
+        try_fp32_output = accumulator.is_cuda
+    if try_fp32_output and FP32_OUTPUT_ADDMM is not False:
         try:
             torch.addmm(accumulator, left, right, out_dtype=torch.float32, out=accumulator)
             FP32_OUTPUT_ADDMM = True
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             FP32_OUTPUT_ADDMM = False
     accumulator += left @ right
@@ -112,7 +120,8 @@ def _addmm_into_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index, vocab_start, group):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index, vocab_start, group,
+                reduce_grad_input=True):
         ops = _chunk_ops(backend)
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         local_labels = _local_labels(labels, vocab_start, vocab_size, ignore_index)
@@ -136,6 +145,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         entropy = entropy.masked_fill_(ignored, 0.0) if with_entropy else None
         ctx.save_for_backward(hidden, weight, local_labels, ignored, logsumexp, mean_logit)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy, ctx.backend, ctx.group = temperature, chunk_size, with_entropy, backend, group
+        ctx.reduce_grad_input = reduce_grad_input
         return logprobs, entropy
 
     @staticmethod
@@ -180,12 +190,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             del logits, grad_logits
         if accumulate_fp32:
             grad_weight = grad_weight.to(weight.dtype)
-        if need_hidden and ctx.group is not None:
+        if need_hidden and ctx.group is not None and ctx.reduce_grad_input:
             import torch.distributed as dist
 
             # each shard saw only its vocabulary rows: the hidden gradient is the sum over shards
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -221,6 +231,8 @@ def vocab_parallel_linear_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    vocab_size: int | None = None,
+    reduce_grad_input: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`linear_logprobs` for a vocabulary sharded over a tensor-parallel group.
 
@@ -228,16 +240,27 @@ def vocab_parallel_linear_logprobs(
     own ``weight_shard`` [V_s, H] = rows [vocab_start, vocab_start + V_s) of the LM head. Forward:
     local chunked partials, then one MAX and one SUM all-reduce of [T]-sized tensors (never a
     gathered vocabulary). Backward: the local logits gradient uses the global logsumexp, the
-    weight-shard gradient stays local, the hidden gradient is all-reduced (SUM) over the group, as
-    Megatron's column-parallel output layer does without sequence parallelism (with it, the caller
-    gathers ``hidden`` before and reduce-scatters its gradient after). Returns the same values on
-    every rank: (logprobs [T] fp32, entropy [T] fp32 or None); labels < 0 are ignored.
+    weight-shard gradient stays local. Returns the same values on every rank: (logprobs [T] fp32,
+    entropy [T] fp32 or None); labels < 0 are ignored.
+
+    ``vocab_size``: the real (unpadded) vocabulary; rows at global index >= ``vocab_size`` are
+    Megatron's padding and stay out of the softmax (their gradient is zero). None: every row counts.
+    ``reduce_grad_input``: all-reduce (SUM) the hidden gradient over the group, as Megatron's
+    column-parallel output layer does without sequence parallelism. False under sequence
+    parallelism, where the caller's gather of ``hidden`` reduce-scatters its gradient itself
+    (reducing here too would count it TP times).
     """
     _validate(hidden, weight_shard, labels, temperature, chunk_size)
+    if vocab_size is not None:
+        valid_rows = min(weight_shard.shape[0], vocab_size - vocab_start)
+        if valid_rows <= 0:
+            raise ValueError(f"vocab_parallel_linear_logprobs: shard at vocab_start={vocab_start} holds only padding "
+                             f"(vocab_size={vocab_size}); use care_megatron.training.megatron.logprobs")
+        weight_shard = weight_shard[:valid_rows]  # the slice's backward gives the padding rows zero gradient
     backend = resolve_backend(hidden.device)
     return _ChunkedLinearLogprobs.apply(
         hidden, weight_shard, labels, float(temperature), int(chunk_size), bool(with_entropy), backend,
-        int(ignore_index), int(vocab_start), process_group,
+        int(ignore_index), int(vocab_start), process_group, bool(reduce_grad_input),
     )
 
 

@@ -93,15 +93,18 @@ def _varlen_parameters() -> frozenset:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
+def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale, max_seqlen: int | None = None):
     """Flash varlen. Adapts to the torch version's signature: ``is_causal`` (2.10) or
-    ``window_size=(-1, 0)`` (2.11+); ``scale`` when accepted (else the default 1/sqrt(d), checked);
-    ``enable_gqa`` when accepted, else KV heads repeated to the query heads."""
+    ``window_size=(-1, 0)`` (2.11+); ``scale`` when accepted (else the default 1/sqrt(d), checked).
+    GQA: K/V keep their own (fewer) heads. Every version's varlen_attn hands them straight to
+    ``aten._flash_attention_forward``, whose kernels take ``Hq % Hkv == 0`` heads natively (the
+    backward sums each group's dK / dV); torch >= 2.12 only asks for ``enable_gqa=True`` first.
+    ``max_seqlen``: the longest document, when the caller knows it (no host sync per layer)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_parameters()
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    max_len = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)
@@ -112,11 +115,10 @@ def packed_causal_attention_varlen(q, k, v, cu_seqlens, scale):
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError("this torch's varlen_attn has no scale argument; use the flex or loop backend")
     if q.shape[1] != k.shape[1]:
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"GQA needs the query heads ({q.shape[1]}) to be a multiple of the KV heads ({k.shape[1]})")
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
@@ -153,11 +155,12 @@ def packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled: bool = Tr
     return out[0].transpose(0, 1)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens, scale, backend: str | None = None):
-    """Dispatch per-document causal attention on THD tensors (see module docstring)."""
+def packed_causal_attention(q, k, v, cu_seqlens, scale, backend: str | None = None, max_seqlen: int | None = None):
+    """Dispatch per-document causal attention on THD tensors (see module docstring). K/V may have
+    fewer heads than Q (GQA); no backend repeats them."""
     backend = backend or choose_packed_backend(q)
     if backend == "varlen":
-        return packed_causal_attention_varlen(q, k, v, cu_seqlens, scale)
+        return packed_causal_attention_varlen(q, k, v, cu_seqlens, scale, max_seqlen)
     if backend == "flex":
         return packed_causal_attention_flex(q, k, v, cu_seqlens, scale, compiled=q.is_cuda)
     return packed_causal_attention_loop(q, k, v, cu_seqlens, scale)
@@ -219,7 +222,9 @@ class TorchCoreAttention(MegatronModule):
                 out = context_parallel_attention(query, key, value, cu, self._context_parallel_group(),
                                                  self.softmax_scale, backend=_cp_backend(query))
             else:
-                out = packed_causal_attention(query, key, value, cu, self.softmax_scale)
+                known = packed_seq_params.max_seqlen_q  # an int from build_packed_seq_params: no host sync here
+                out = packed_causal_attention(query, key, value, cu, self.softmax_scale,
+                                              max_seqlen=known if isinstance(known, int) else None)
             return out.reshape(out.shape[0], -1)
         if self.cp_size > 1:
             raise ValueError("context parallelism with the local spec runs on THD-packed micro-batches only")

@@ -35,6 +35,7 @@ from care_megatron.config.schema import ParallelConfig, TrainConfig
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
 from care_megatron.training.megatron import checkpoint as ckpt
+from care_megatron.training.megatron.host_offload import HostOffloader
 from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, shared_mapping_state_dict, text_facts_from_hf
 from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOptimizerAdapter, learning_rate_at
 from care_megatron.training.megatron.packed_forward import (ForwardOptions, context_parallel_layout, forward_hidden,
@@ -116,7 +117,8 @@ class MegatronBackend:
                     ref.to("cpu")
             self.reference = self.reference_chunks[0]
         self.step_count = 0
-        self._sleeping = None
+        self._sleeping = None  # the HostOffloader while asleep
+        self._host_offloader = HostOffloader()  # one exactly sized host buffer, reused by every sleep
         if self.cpu_path:
             from megatron.core import parallel_state as mps
 
@@ -130,6 +132,7 @@ class MegatronBackend:
             self.model = self._wrap_ddp(self.policy_chunks)
             self.optimizer = MegatronOptimizerAdapter(self.model, dtype, train.lr, train.weight_decay,
                                                       train.grad_clip, parallel.use_distributed_optimizer)
+            install_loss_scaling(self.policy_chunks, self.optimizer.optimizer)
         log.info("MegatronBackend: %s path, TP=%d PP=%d%s CP=%d DP=%d, layers=%s, optimizer=%s",
                  "CPU" if self.cpu_path else "GPU", self.dist["tp_size"], self.dist["pp_size"],
                  f" (VP={self.vp_size})" if self.vp_size else "", self.dist["cp_size"],
@@ -217,13 +220,13 @@ class MegatronBackend:
         return wrapped
 
     def _finalize_grads_gpu(self, model_chunks, num_tokens=None, *args, **kwargs):
-        from megatron.core import parallel_state as mps
         from megatron.core.distributed import finalize_model_grads
 
-        finalize_model_grads(model_chunks, num_tokens=None)  # DP sum, SP norms, tied embeddings over PP
-        for chunk in self.policy_chunks:
-            if chunk.vision is not None:  # Megatron DDP keeps gradients in the fp32 main_grad buffers
-                allreduce_vision_grads_over_tp(chunk.vision, mps.get_tensor_model_parallel_group(), grad_attr="main_grad")
+        # DP sum, SP norms, tied embeddings over PP. The replicated vision tower is not reduced over
+        # TP: every TP rank runs it on the same pixels and receives the same full feature gradient
+        # (sequence parallelism's scatter all-gathers it back), so its gradients are already equal,
+        # as for Megatron's own replicated norms without sequence parallelism.
+        finalize_model_grads(model_chunks, num_tokens=None)
 
     # ------------------------------------------------------------------ protocol: forward
     def _chunks(self, name: str) -> list:
@@ -424,10 +427,12 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ protocol: weights / checkpoints
     def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """HF-named full tensors in buckets, through ``weight_export`` (the shared mapping)."""
+        """HF-named full tensors in buckets, through ``weight_export`` (the shared mapping). While
+        asleep only the policy weights come back for it (no gradients, master weights, Adam moments
+        or reference model), and they are freed again afterwards without a copy."""
         from care_megatron.training.megatron import weight_export
 
-        with self._temporarily_awake():
+        with self._weights_awake():
             yield from weight_export.export_weights(self, bucket_bytes)
 
     def state_dict_for_checkpoint(self) -> dict:
@@ -478,26 +483,32 @@ class MegatronBackend:
         self._offload()
 
     def _offload(self) -> None:
-        params = self._policy_parameters()
-        tensors = [p.data for p in params]
-        tensors += [p.grad for p in params if p.grad is not None]
-        tensors += [getattr(p, "main_grad") for p in params if getattr(p, "main_grad", None) is not None]
-        tensors += _optimizer_tensors(self.optimizer)
-        if self.reference is not None and not self.parallel.offload_reference_to_cpu:
-            tensors += [p.data for ref in self.reference_chunks for p in ref.parameters()]
-        self._sleeping = offload_storages(tensors)
+        kept, dropped = self._sleep_plan()
+        self._host_offloader.offload(keep=kept, drop=dropped)
+        self._sleeping = self._host_offloader
         if torch.cuda.is_available() and not self.cpu_path:
             torch.cuda.empty_cache()
 
+    def _sleep_plan(self) -> tuple[list, list]:
+        """(kept, dropped) tensors of a sleep: weights, optimizer state and the on-device reference
+        are copied to the host; gradient buffers are dropped (the next step zeroes them anyway)."""
+        params = self._policy_parameters()
+        kept = [p.data for p in params] + _optimizer_tensors(self.optimizer)
+        if self.reference is not None and not self.parallel.offload_reference_to_cpu:
+            kept += [p.data for ref in self.reference_chunks for p in ref.parameters()]
+        dropped = [p.grad for p in params] + [getattr(p, "main_grad", None) for p in params]
+        return kept, dropped
+
     def wake(self) -> None:
+        """Restore what sleep offloaded; gradient buffers come back zero-filled."""
         if self._sleeping is None:
             return
-        restore_storages(self._sleeping)
+        self._sleeping.restore()
         self._sleeping = None
 
     @contextlib.contextmanager
     def _temporarily_awake(self):
-        """Checkpointing / export while asleep: restore the tensors, then offload them again."""
+        """Checkpointing while asleep: restore everything, then offload it again."""
         asleep = self._sleeping is not None
         if asleep:
             self.wake()
@@ -506,6 +517,29 @@ class MegatronBackend:
         finally:
             if asleep:
                 self._offload()
+
+    @contextlib.contextmanager
+    def _weights_awake(self):
+        """Weight export while asleep: only the policy weights' storages come back, and are freed
+        again without a copy (the export reads them; the host copy stays current)."""
+        if self._sleeping is None:
+            yield
+            return
+        self._sleeping.restore([p.data for p in self._policy_parameters()])
+        try:
+            yield
+        finally:
+            self._sleeping.release()
+
+
+def install_loss_scaling(chunks, megatron_optimizer) -> None:
+    """Megatron's schedules multiply each micro-batch loss by ``config.grad_scale_func`` before
+    backward, and its fp16 optimizer divides the gradients by the same dynamic loss scale in
+    ``step()``: without this hook fp16 gradients would be divided by a scale they never had
+    (Megatron-LM's training.py sets ``config.grad_scale_func = optimizer.scale_loss``). For bf16 /
+    fp32 the optimizer's scale is 1."""
+    for chunk in chunks:
+        chunk.config.grad_scale_func = megatron_optimizer.scale_loss
 
 
 def allreduce_tp_partial_grads(model, group) -> None:
@@ -538,29 +572,15 @@ def allreduce_tied_embedding_grads(chunks) -> None:
     dist.all_reduce(weight.grad, group=mps.get_embedding_group())
 
 
-def offload_storages(tensors) -> list:
-    """Copy each distinct storage to CPU and free it on its device (views stay valid after restore)."""
-    saved, seen = [], set()
-    for t in tensors:
-        if t is None:
-            continue
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in seen or storage.nbytes() == 0:
-            continue
-        seen.add(key)
-        backup = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu",
-                             pin_memory=storage.device.type == "cuda")
-        backup.untyped_storage().copy_(storage)
-        saved.append((storage, backup))
-        storage.resize_(0)
-    return saved
+def offload_storages(tensors) -> HostOffloader:
+    """Copy each distinct storage of ``tensors`` to the host and free it (views stay valid after restore)."""
+    offloader = HostOffloader()
+    offloader.offload(keep=tensors)
+    return offloader
 
 
-def restore_storages(saved: list) -> None:
-    for storage, backup in saved:
-        storage.resize_(backup.numel())
-        storage.copy_(backup.untyped_storage())
+def restore_storages(saved: HostOffloader) -> None:
+    saved.restore()
 
 
 def _optimizer_tensors(optimizer) -> list:

@@ -15,6 +15,11 @@ Gradients (per token, ``g`` = incoming grads of log p and of H):
 
 then dL/dh = sum over ranks of dL/dz @ W_local (all-reduced here unless the caller's sequence-parallel
 gather already reduces it) and dL/dW_local = dL/dz^T @ h.
+
+On CUDA :func:`vocab_parallel_logprobs` runs the fused Triton op instead
+(``care_megatron.kernels.vocab_parallel_linear_logprobs``: logits only in the parameter dtype, one
+chunk at a time, no fp32 [chunk, V_local] temporaries); this module's torch implementation is the
+CPU path and the reference it is tested against.
 """
 from __future__ import annotations
 
@@ -99,14 +104,16 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
 
 def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                             vocab_start: int, vocab_size: int, group=None, chunk_size: int = 2048,
-                            with_entropy: bool = False, reduce_grad_input: bool = True, temperature: float = 1.0):
+                            with_entropy: bool = False, reduce_grad_input: bool = True, temperature: float = 1.0,
+                            implementation: str | None = None):
     """Log-prob of ``targets`` and (optionally) entropy under ``softmax(hidden @ W^T / temperature)`` over the full vocab.
 
     hidden [N, H] (identical on every TP rank); weight [V_local, H] this rank's rows starting at
     global row ``vocab_start``; rows at global index >= ``vocab_size`` are padding and excluded;
     targets [N] global ids. Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable in
     hidden and weight. ``reduce_grad_input=False`` when the caller's op already sums the hidden
-    gradient over TP (sequence-parallel gather).
+    gradient over TP (sequence-parallel gather). ``implementation``: ``fused`` (the Triton op; the
+    default on CUDA) or ``torch`` (this module; the default elsewhere).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V_local, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -115,6 +122,15 @@ def vocab_parallel_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     valid_rows = max(0, min(weight.shape[0], vocab_size - vocab_start))
+    implementation = implementation or ("fused" if hidden.is_cuda else "torch")
+    if implementation not in ("fused", "torch"):
+        raise ValueError(f"implementation must be 'fused' or 'torch', got {implementation!r}")
+    if implementation == "fused" and valid_rows > 0:  # a shard of padding only (toy vocabularies) takes the torch path
+        from care_megatron.kernels import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(hidden, weight, targets, vocab_start, group, temperature=temperature,
+                                              chunk_size=chunk_size, with_entropy=with_entropy, vocab_size=vocab_size,
+                                              reduce_grad_input=reduce_grad_input)
     logprobs, entropy = _VocabParallelLogprobEntropy.apply(hidden, weight, targets, vocab_start, valid_rows, group,
                                                            chunk_size, with_entropy, reduce_grad_input, 1.0 / float(temperature))
     return logprobs, (entropy if with_entropy else None)

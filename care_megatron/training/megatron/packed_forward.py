@@ -78,8 +78,9 @@ def build_packed_seq_params(batch: PackedMicroBatch, device, layout: ContextPara
     """THD params; under CP the *global* padded boundaries (Megatron's RoPE and TE slice per rank)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = (segment_boundaries(batch) if layout is None else layout.padded_cu_seqlens).to(device)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    cu = segment_boundaries(batch) if layout is None else layout.padded_cu_seqlens
+    max_len = int((cu[1:] - cu[:-1]).max())  # read before the copy to the device: no sync on it
+    cu = cu.to(device)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
 

@@ -18,7 +18,7 @@ LR = 1e-2
 def loss_fn(outputs, mb, normalisers):
     """Region-weighted log-prob objective + entropy bonus, divided by the global token count."""
     mask = mb.loss_mask.float()
-    weight = torch.linspace(-1.0, 1.0, mb.num_tokens)
+    weight = torch.linspace(-1.0, 1.0, mb.num_tokens, device=outputs.logprobs.device)
     loss = -(outputs.logprobs * weight * mask).sum() / normalisers["tokens"]
     if outputs.entropy is not None:
         loss = loss - 0.05 * (outputs.entropy * mask).sum() / normalisers["tokens"]
