@@ -164,9 +164,12 @@ class MegatronBackend:
 
     @property
     def pack_multiple(self) -> int:
-        """Packed micro-batch lengths must be a multiple of this (TP under sequence parallelism; the
-        context-parallel layout pads per sequence itself)."""
-        return self.dist["tp_size"] if self.parallel.sequence_parallel else 1
+        """Packed micro-batch lengths must be a multiple of this (TP under sequence parallelism, times
+        the FP8 GEMM alignment under FP8; the context-parallel layout pads per sequence itself)."""
+        from care_megatron.training.megatron.te import packed_token_multiple
+
+        return packed_token_multiple(self.dist["tp_size"], self.parallel.sequence_parallel,
+                                     self.policy.config.fp8_recipe if self.policy.config.fp8 else None)
 
     @property
     def data_parallel_group(self):
