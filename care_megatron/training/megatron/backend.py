@@ -39,7 +39,7 @@ from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, 
 from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOptimizerAdapter, learning_rate_at
 from care_megatron.training.megatron.packed_forward import (ForwardOptions, context_parallel_layout, forward_hidden,
                                                             logprobs_from_hidden, packed_forward)
-from care_megatron.training.megatron.parallel_state import initialize_parallel
+from care_megatron.training.megatron.parallel_state import all_reduce_host_values, initialize_parallel
 from care_megatron.training.megatron.vision import allreduce_vision_grads_over_tp
 
 log = logging.getLogger(__name__)
@@ -362,11 +362,11 @@ class MegatronBackend:
         else:
             losses, metric_list = self._schedule_forward_backward(micro_batches, loss_fn, normalisers, options)
         ok, grad_norm = self.optimizer.step()
-        total_loss = torch.tensor(float(sum(losses)), dtype=torch.float64)
         from megatron.core import parallel_state as mps
 
-        if self.dist["dp_size"] > 1:
-            dist.all_reduce(total_loss, group=mps.get_data_parallel_group())
+        # a host number: reduced on the DP group's device (NCCL on GPU rejects CPU tensors)
+        total_loss = all_reduce_host_values([float(sum(losses))],
+                                            mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)[0]
         metrics = _sum_metrics(metric_list, mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)
         if self.dist["pp_size"] > 1:  # the loss lives on the last stage; every stage reports it
             holder = [(float(total_loss), metrics)]
@@ -609,7 +609,6 @@ def _sum_metrics(metric_list: list[dict], dp_group=None) -> dict[str, float]:
     sums["micro_batches"] = float(len(metric_list))
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, group=dp_group)
+        values = all_reduce_host_values([sums[k] for k in keys], dp_group)  # on the group's device
         sums = dict(zip(keys, values.tolist()))
     return sums

@@ -52,8 +52,10 @@ def global_grad_norm(params, tp_group, tp_rank: int, grad_attr: str = "grad") ->
         sq = g.detach().float().pow(2).sum()
         total = sq if total is None else total + sq
         device = g.device
-    if total is None:
-        total = torch.zeros((), device=device or "cpu")
+    if total is None:  # no gradient on this rank: a zero on the device the group's collective needs
+        from care_megatron.training.megatron.parallel_state import collective_device
+
+        total = torch.zeros((), device=device or (collective_device(tp_group) if tp_group is not None else "cpu"))
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(total, group=tp_group)
     return float(total.sqrt())
