@@ -451,23 +451,22 @@ class MegatronBackend:
 
     def _save_checkpoint(self, path: str) -> None:
         ckpt.save_model(self.policy_chunks, f"{path}/model")
-        rank = dist.get_rank()
-        ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
-                                                         "step": self.step_count,
-                                                         "layout": self._layout()})
+        ckpt.save_optimizer(self.optimizer, self.policy_chunks, f"{path}/optimizer",
+                            {"step": self.step_count, "layout": list(self._layout())})
 
     def _load_checkpoint(self, path: str) -> None:
+        """Weights, then the optimizer state (Adam moments, fp32 masters), both resharded to this
+        layout; without optimizer state the fp32 masters are refreshed from the loaded weights."""
         ckpt.load_model(self.policy_chunks, f"{path}/model")
-        state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
-        layout = self._layout()
-        saved = tuple(state["layout"]) + (1,) * (5 - len(state["layout"])) if state is not None else None
-        if state is not None and saved == layout:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step_count = state["step"]
-        elif state is not None:
-            log.warning("checkpoint %s was written at TP/PP/DP/CP/VP %s; weights resharded to %s, optimizer state reset",
-                        path, saved, layout)
-            self.step_count = state["step"]
+        common = ckpt.load_optimizer(self.optimizer, self.policy_chunks, f"{path}/optimizer")
+        if common is None:
+            log.warning("checkpoint %s has no optimizer state: the optimizer starts fresh from its weights", path)
+            self.optimizer.reload_model_params()
+            return
+        self.step_count = int(common["step"])
+        if tuple(common["layout"]) != self._layout():
+            log.info("checkpoint %s was written at TP/PP/DP/CP/VP %s; weights and optimizer state resharded to %s",
+                     path, tuple(common["layout"]), self._layout())
 
     def _layout(self) -> tuple:
         return (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"], self.dist["cp_size"], self.vp_size or 1)

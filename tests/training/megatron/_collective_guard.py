@@ -6,8 +6,8 @@ type associated with device type cpu") cannot fail here by itself. The guard tel
 tensor apart by where they came from, which is what decides their device on GPU:
 
 * *host* tensors: made by a factory (``torch.tensor``, ``torch.zeros`` ...) without a ``device``
-  argument, or by ``.cpu()`` / ``.numpy()`` round trips, and everything computed from them. On GPU they
-  are CPU tensors.
+  argument, or by ``.cpu()``, and what is computed from host tensors only. On GPU they are CPU
+  tensors.
 * everything else (parameters moved with ``.to(device)``, activations, tensors made with an explicit
   ``device=``, a host tensor after ``.to(device)``) lives on the accelerator on GPU.
 
@@ -70,8 +70,9 @@ class _HostTensorTracker(TorchFunctionMode):
             mark = False  # placed on a device explicitly: on GPU this is the accelerator
         elif name in ("cpu",):
             mark = True
-        else:
-            mark = any(self.is_host(t) for t in _tensors(args) + _tensors(list(kwargs.values())))
+        else:  # on GPU an op with any accelerator input runs there (0-dim / index CPU inputs are allowed)
+            inputs = _tensors(args) + _tensors(list(kwargs.values()))
+            mark = bool(inputs) and all(self.is_host(t) for t in inputs)
         for t in _tensors([out]):
             self._mark(t, mark)
         return out
