@@ -43,8 +43,9 @@ def _check_parity(result):
     assert result["loss_err"] < 1e-5, result
     assert result["norm_err"] < 1e-5 * max(1.0, result["grad_norm"]), result
     assert result["step_lp_change"] > 1e-3, result  # the step really moved the model ...
-    # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads)
-    assert result["step_lp_err"] < 5e-4, result
+    # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads;
+    # the bound scales with the step, see _check_cp; measured 2.3e-4 at TP=1, 3.6e-4 at TP=2 for a 3.35 step)
+    assert result["step_lp_err"] < 3e-4 * result["step_lp_change"], result
     assert result["cpu_sleep_noop"] and result["sleep_freed"] and result["still_asleep"] and result["wake_exact"], result
     assert result["export_exact"], result  # export_weights -> the HF weights the backend was built from
 
