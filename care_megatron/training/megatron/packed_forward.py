@@ -61,7 +61,8 @@ def context_parallel_layout(model, batch: PackedMicroBatch, min_total: int = 0) 
     """The CP layout of ``batch`` on this rank (None without context parallelism).
 
     Under sequence parallelism the per-rank length must also divide by TP, so the padded total is a
-    multiple of ``2 * cp * tp`` (under FP8 ``cp * tp * 16``, or 32 for MXFP8); ``min_total`` pads it further (equal lengths across micro-batches)."""
+    multiple of ``2 * cp * tp`` (under FP8 ``cp * tp * 16``, or 32 for MXFP8); ``min_total`` pads it
+    further (equal lengths across micro-batches)."""
     cp = model.config.context_parallel_size
     if cp == 1:
         return None

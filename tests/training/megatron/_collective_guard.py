@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+# isend / irecv stay unwrapped: P2POp checks its op is torch's own function; their tensors are checked
+# where Megatron's p2p hands them over, in batch_isend_irecv
 TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                       "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
-                      "isend", "irecv")
+                      "batch_isend_irecv")
 FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
              torch.linspace, torch.rand, torch.randn, torch.randint, torch.eye, torch.from_numpy}
 
@@ -102,7 +104,10 @@ def _guarded(name, real):
     @functools.wraps(real)
     def wrapper(*args, **kwargs):
         if _TRACKER is not None:
-            hosts = [t for t in _tensors(list(args) + list(kwargs.values())) if _TRACKER.is_host(t)]
+            items = list(args) + list(kwargs.values())
+            if name == "batch_isend_irecv":
+                items = [op.tensor for op in items[0]]
+            hosts = [t for t in _tensors(items) if _TRACKER.is_host(t)]
             if hosts:
                 message = (f"torch.distributed.{name} got a host tensor (shape {tuple(hosts[0].shape)}, "
                            f"{hosts[0].dtype}) on a group that is NCCL on GPU: NCCL rejects CPU tensors")
