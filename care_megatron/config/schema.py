@@ -62,8 +62,12 @@ class ParallelConfig:
     (Transformer Engine when it imports, else local)."""
     fp8: Optional[str] = None
     """FP8 recipe through Transformer Engine: None, ``hybrid`` or ``e4m3``."""
+    fp8_recipe: str = "tensorwise"
+    """FP8 scaling recipe (megatron-core names): ``tensorwise`` (per-tensor current scaling),
+    ``delayed`` (amax history), ``blockwise``, ``mxfp8`` (Blackwell only)."""
     fp8_first_last_bf16: bool = True
-    """Keep the first and last decoder layers in bf16 under FP8 (the usual stability choice)."""
+    """Keep the first and last decoder layers in bf16 under FP8 (the usual stability choice; not
+    with the ``delayed`` recipe, which megatron-core refuses to combine with it)."""
     recompute: Optional[str] = None
     """Activation recomputation: None, ``selective`` or ``full``."""
     offload_reference_to_cpu: bool = False
@@ -77,6 +81,10 @@ class ParallelConfig:
                "must be auto, transformer_engine or local")
         _check(self.fp8 in (None, "hybrid", "e4m3"), "parallel.fp8", "must be null, hybrid or e4m3")
         _check(not (self.fp8 and self.transformer_impl == "local"), "parallel.fp8", "FP8 needs transformer_impl auto or transformer_engine")
+        _check(self.fp8_recipe in ("tensorwise", "delayed", "blockwise", "mxfp8"), "parallel.fp8_recipe",
+               "must be tensorwise, delayed, blockwise or mxfp8")
+        _check(not (self.fp8 and self.fp8_recipe == "delayed" and self.fp8_first_last_bf16), "parallel.fp8_first_last_bf16",
+               "the delayed FP8 recipe cannot keep the first / last layers in bf16; use fp8_recipe=tensorwise or set it false")
         _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1), "parallel.sequence_parallel",
                "needs tensor_model_parallel_size > 1")
         _check(self.recompute in (None, "selective", "full"), "parallel.recompute", "must be null, selective or full")

@@ -16,6 +16,7 @@ from care_megatron.algorithm.policy_losses import PolicyLossConfig, build_token_
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.data.packing import restore_order, unpack
 from care_megatron.training.base import ForwardOutputs
+from care_megatron.training.megatron.parallel_state import all_reduce_host_values
 
 
 def per_sequence_logprobs(packed: list[PackedMicroBatch], outputs: list[ForwardOutputs]) -> list[torch.Tensor]:
@@ -67,10 +68,7 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
         if method == "care":  # per-token inputs of the fused region-weighted loss (kernels.region_loss)
             add_fused_region_fields(mb, seq_ids, sequence_advantages[index], positive[index], weights,
                                     tis=tis_cap is not None)
-    sums = torch.tensor([sum(gaps), float(sum(counts)), sum(tis), float(sum(counts) if tis else 0)],
-                        dtype=torch.float64)
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
+    sums = all_reduce_host_values([sum(gaps), float(sum(counts)), sum(tis), float(sum(counts) if tis else 0)], group)
     gap, tokens, tis_sum, tis_tokens = sums.tolist()
     if tokens:
         metrics["rollout/mismatch_abs_mean"] = gap / tokens
@@ -163,13 +161,10 @@ def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", t
 
 def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, float]:
     """Global loss normalisers over data-parallel ranks: counts summed, the length cap maximised."""
-    import torch.distributed as dist
-
     if group is None or not (dist.is_available() and dist.is_initialized()):
         return normalisers
-    counts = torch.tensor([normalisers["num_sequences"], normalisers["num_tokens"]], dtype=torch.float64)
-    longest = torch.tensor([normalisers["max_response_length"]], dtype=torch.float64)
-    dist.all_reduce(counts, group=group)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    # on the group's device: NCCL rejects host tensors (the DP group is NCCL on GPU, DP=1 included)
+    counts = all_reduce_host_values([normalisers["num_sequences"], normalisers["num_tokens"]], group)
+    longest = all_reduce_host_values([normalisers["max_response_length"]], group, op=dist.ReduceOp.MAX)
     return {**normalisers, "num_sequences": float(counts[0]), "num_tokens": float(counts[1]),
             "max_response_length": float(longest[0])}

@@ -40,7 +40,7 @@ from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, 
 from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOptimizerAdapter, learning_rate_at
 from care_megatron.training.megatron.packed_forward import (ForwardOptions, context_parallel_layout, forward_hidden,
                                                             logprobs_from_hidden, packed_forward)
-from care_megatron.training.megatron.parallel_state import initialize_parallel
+from care_megatron.training.megatron.parallel_state import all_reduce_host_values, initialize_parallel
 from care_megatron.training.megatron.vision import allreduce_vision_grads_over_tp
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,12 @@ class MegatronBackend:
 
     @property
     def pack_multiple(self) -> int:
-        """Packed micro-batch lengths must be a multiple of this (TP under sequence parallelism; the
-        context-parallel layout pads per sequence itself)."""
-        return self.dist["tp_size"] if self.parallel.sequence_parallel else 1
+        """Packed micro-batch lengths must be a multiple of this (TP under sequence parallelism, times
+        the FP8 GEMM alignment under FP8; the context-parallel layout pads per sequence itself)."""
+        from care_megatron.training.megatron.te import packed_token_multiple
+
+        return packed_token_multiple(self.dist["tp_size"], self.parallel.sequence_parallel,
+                                     self.policy.config.fp8_recipe if self.policy.config.fp8 else None)
 
     @property
     def data_parallel_group(self):
@@ -362,11 +365,11 @@ class MegatronBackend:
         else:
             losses, metric_list = self._schedule_forward_backward(micro_batches, loss_fn, normalisers, options)
         ok, grad_norm = self.optimizer.step()
-        total_loss = torch.tensor(float(sum(losses)), dtype=torch.float64)
         from megatron.core import parallel_state as mps
 
-        if self.dist["dp_size"] > 1:
-            dist.all_reduce(total_loss, group=mps.get_data_parallel_group())
+        # a host number: reduced on the DP group's device (NCCL on GPU rejects CPU tensors)
+        total_loss = all_reduce_host_values([float(sum(losses))],
+                                            mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)[0]
         metrics = _sum_metrics(metric_list, mps.get_data_parallel_group() if self.dist["dp_size"] > 1 else None)
         if self.dist["pp_size"] > 1:  # the loss lives on the last stage; every stage reports it
             holder = [(float(total_loss), metrics)]
@@ -453,23 +456,22 @@ class MegatronBackend:
 
     def _save_checkpoint(self, path: str) -> None:
         ckpt.save_model(self.policy_chunks, f"{path}/model")
-        rank = dist.get_rank()
-        ckpt.save_rank_state(f"{path}/optimizer", rank, {"optimizer": self.optimizer.state_dict(),
-                                                         "step": self.step_count,
-                                                         "layout": self._layout()})
+        ckpt.save_optimizer(self.optimizer, self.policy_chunks, f"{path}/optimizer",
+                            {"step": self.step_count, "layout": list(self._layout())})
 
     def _load_checkpoint(self, path: str) -> None:
+        """Weights, then the optimizer state (Adam moments, fp32 masters), both resharded to this
+        layout; without optimizer state the fp32 masters are refreshed from the loaded weights."""
         ckpt.load_model(self.policy_chunks, f"{path}/model")
-        state = ckpt.load_rank_state(f"{path}/optimizer", dist.get_rank())
-        layout = self._layout()
-        saved = tuple(state["layout"]) + (1,) * (5 - len(state["layout"])) if state is not None else None
-        if state is not None and saved == layout:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step_count = state["step"]
-        elif state is not None:
-            log.warning("checkpoint %s was written at TP/PP/DP/CP/VP %s; weights resharded to %s, optimizer state reset",
-                        path, saved, layout)
-            self.step_count = state["step"]
+        common = ckpt.load_optimizer(self.optimizer, self.policy_chunks, f"{path}/optimizer")
+        if common is None:
+            log.warning("checkpoint %s has no optimizer state: the optimizer starts fresh from its weights", path)
+            self.optimizer.reload_model_params()
+            return
+        self.step_count = int(common["step"])
+        if tuple(common["layout"]) != self._layout():
+            log.info("checkpoint %s was written at TP/PP/DP/CP/VP %s; weights and optimizer state resharded to %s",
+                     path, tuple(common["layout"]), self._layout())
 
     def _layout(self) -> tuple:
         return (self.dist["tp_size"], self.dist["pp_size"], self.dist["dp_size"], self.dist["cp_size"], self.vp_size or 1)
@@ -626,7 +628,6 @@ def _sum_metrics(metric_list: list[dict], dp_group=None) -> dict[str, float]:
     sums["micro_batches"] = float(len(metric_list))
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, group=dp_group)
+        values = all_reduce_host_values([sums[k] for k in keys], dp_group)  # on the group's device
         sums = dict(zip(keys, values.tolist()))
     return sums

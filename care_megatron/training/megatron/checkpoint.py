@@ -3,9 +3,10 @@
 Model weights are saved as ShardedTensors with global shapes (Megatron's ``sharded_state_dict`` of
 the GPTModel; the replicated vision tower through ``make_sharded_tensors_for_checkpoint``), so a
 checkpoint written at TP=2 loads at TP=1 (or any TP dividing the heads) and vice versa. The
-optimizer state: on GPU Megatron's optimizer ``sharded_state_dict`` (same resharding); on CPU the
-plain AdamW state is saved per rank (``optim_rank{r}.pt``) and only reloads at the same layout.
-Step counters go to ``trainer_state.pt``.
+optimizer state goes the same way (:func:`save_optimizer`): on GPU Megatron's optimizer
+``sharded_state_dict`` (the distributed optimizer's ``fully_reshardable`` format: Adam moments and
+fp32 masters per model parameter), on CPU the AdamW moments as ShardedTensors shaped like their
+parameters; both reload at another layout.
 """
 from __future__ import annotations
 
@@ -66,11 +67,29 @@ def load_model(chunks, path: str) -> None:
             raise RuntimeError(f"checkpoint {path} lacks {len(real_missing)} parameters, e.g. {real_missing[:3]}")
 
 
-def save_rank_state(path: str, rank: int, state: dict) -> None:
+def save_optimizer(optimizer, chunks, path: str, common: dict) -> None:
+    """Save the optimizer's ``sharded_state_dict`` (laid out like the model's parameters, so it
+    reshards on load) and the plain values in ``common`` as one distributed checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from care_megatron.training.megatron.cpu_compat import prepare_checkpoint_writer
+
     os.makedirs(path, exist_ok=True)
-    torch.save(state, os.path.join(path, f"optim_rank{rank}.pt"))
+    prepare_checkpoint_writer()
+    state = {"optimizer": optimizer.sharded_state_dict(chunks_sharded_state_dict(chunks), is_loading=False), **common}
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(state, path)
 
 
-def load_rank_state(path: str, rank: int) -> dict | None:
-    file = os.path.join(path, f"optim_rank{rank}.pt")
-    return torch.load(file, map_location="cpu", weights_only=False) if os.path.exists(file) else None
+def load_optimizer(optimizer, chunks, path: str) -> dict | None:
+    """Load what :func:`save_optimizer` wrote (at any TP / PP / DP layout) into ``optimizer``; returns
+    the common values, or None when ``path`` holds no optimizer checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    if not dist_checkpointing.check_is_distributed_checkpoint(path):
+        return None
+    template = {"optimizer": optimizer.sharded_state_dict(chunks_sharded_state_dict(chunks), is_loading=True)}
+    loaded = dist_checkpointing.load(template, path)
+    optimizer.load_sharded_state_dict(loaded.pop("optimizer"))
+    return loaded

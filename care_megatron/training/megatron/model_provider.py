@@ -142,7 +142,10 @@ def transformer_config_from_hf(facts: TextModelFacts, parallel: ParallelConfig, 
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     elif parallel.recompute == "selective":
         recompute = {"recompute_granularity": "selective"}
-    fp8 = te_module.fp8_config_fields(parallel.fp8, parallel.fp8_first_last_bf16) if impl == "transformer_engine" else {}
+    if parallel.fp8 and impl != "transformer_engine":  # auto resolved to local: FP8 would be silently off
+        te_module.require_transformer_engine(f"parallel.fp8={parallel.fp8}")
+        raise ValueError("config field 'parallel.fp8': FP8 needs transformer_impl=transformer_engine")
+    fp8 = te_module.fp8_config_fields(parallel.fp8, parallel.fp8_first_last_bf16, parallel.fp8_recipe)
     return TransformerConfig(
         num_layers=facts.num_layers,
         hidden_size=facts.hidden_size,
@@ -199,29 +202,36 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 def build_layer_spec(impl: str, qk_layernorm: bool, config=None, vp_stage: int | None = None):
     """Layer spec for ``impl`` (``transformer_engine`` | ``local``).
 
-    The local spec is Megatron's with its core attention swapped for :class:`TorchCoreAttention`
-    and, when ``config.sequence_parallel``, its norms for :class:`SequenceParallelRMSNorm` (returned
-    as a whole-block spec so the final norm is covered too).
+    The local spec is Megatron's with its core attention swapped for :class:`TorchCoreAttention`,
+    returned as a whole-block spec whose final norm is a torch RMSNorm: given a bare layer spec,
+    megatron-core picks the final norm at import time (``transformer_block.LayerNormImpl``: TE's
+    norm, else apex's ``FusedLayerNorm``, which asserts LayerNorm and so fails on Qwen's RMSNorm
+    when apex is installed without TE). Under ``config.sequence_parallel`` every norm is
+    :class:`SequenceParallelRMSNorm` (the final one included).
     """
     if impl == "transformer_engine":
         return te_module.te_layer_spec(qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from care_megatron.training.megatron.attention import TorchCoreAttention
 
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = TorchCoreAttention
-    if config is None or not config.sequence_parallel:
+    if config is None:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if qk_layernorm:
-        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
-        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    final_norm = WrappedTorchNorm  # torch.nn.RMSNorm for config.normalization == "RMSNorm"
+    if config.sequence_parallel:
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+        if qk_layernorm:
+            spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+            spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+        final_norm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=SequenceParallelRMSNorm)
+                                      layer_norm=final_norm)
 
 
 class QwenVLMegatronModel(nn.Module):

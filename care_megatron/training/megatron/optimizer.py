@@ -52,8 +52,10 @@ def global_grad_norm(params, tp_group, tp_rank: int, grad_attr: str = "grad") ->
         sq = g.detach().float().pow(2).sum()
         total = sq if total is None else total + sq
         device = g.device
-    if total is None:
-        total = torch.zeros((), device=device or "cpu")
+    if total is None:  # no gradient on this rank: a zero on the device the group's collective needs
+        from care_megatron.training.megatron.parallel_state import collective_device
+
+        total = torch.zeros((), device=device or (collective_device(tp_group) if tp_group is not None else "cpu"))
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(total, group=tp_group)
     return float(total.sqrt())
@@ -120,6 +122,43 @@ class CpuOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    def _ensure_state(self) -> None:
+        """Give every parameter AdamW's state (step 0, zero moments: what torch's first ``step`` would
+        allocate, and it steps the same), so save and load see one fixed layout."""
+        for p in self.params:
+            state = self.optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """The AdamW state as ShardedTensors laid out like the parameters they belong to (global keys
+        and offsets, so it reshards on load the way the model does), the shared step in the common
+        part: what megatron-core's ``FP32Optimizer.sharded_state_dict`` does for its torch optimizer."""
+        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                                optim_state_to_sharding_state)
+
+        self._ensure_state()
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values()}
+        if len(steps) > 1:
+            raise ValueError(f"AdamW steps differ across parameters: {sorted(steps)}")
+        step = next(iter(state["state"].values()))["step"].clone() if state["state"] else torch.tensor(0.0)
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        state["state"]["common_step"] = step
+        return state
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        step = state["state"].pop("common_step")
+        for param_state in state["state"].values():
+            param_state["step"] = torch.as_tensor(step).clone()
+        self.optimizer.load_state_dict(state)
+
+    def reload_model_params(self) -> None:
+        """Nothing to refresh: AdamW steps the parameters themselves (no fp32 master copies)."""
+
 
 class MegatronOptimizerAdapter:
     """Megatron (distributed) optimizer over a Megatron-DDP model (GPU)."""
@@ -149,10 +188,33 @@ class MegatronOptimizerAdapter:
         return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
     def state_dict(self) -> dict:
+        """Not a checkpoint: the distributed optimizer's ``state_dict()`` leaves out the Adam moments
+        and fp32 master parameters. Checkpoints go through :meth:`sharded_state_dict`."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    # Megatron-LM's checkpointing (``generate_state_dict`` / ``load_checkpoint``) with its
+    # ``--dist-ckpt-optim-fully-reshardable`` metadata: the moments and fp32 masters are saved per
+    # model parameter with global offsets, so a checkpoint reloads at another TP / PP / DP layout.
+    SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Megatron's optimizer ``sharded_state_dict``; with ``is_loading`` it first allocates the state
+        that ``dist_checkpointing.load`` fills in place."""
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                                 metadata=dict(self.SHARDED_METADATA))
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Apply what ``dist_checkpointing.load`` returned for :meth:`sharded_state_dict` (moments, fp32
+        masters, step, grad scaler)."""
+        self.optimizer.load_state_dict(state)
+
+    def reload_model_params(self) -> None:
+        """Copy the model parameters into the fp32 master parameters (weights loaded without optimizer
+        state, e.g. a converted checkpoint): otherwise the first step starts from stale masters."""
+        self.optimizer.reload_model_params()
 
 
 def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:

@@ -61,13 +61,19 @@ def context_parallel_layout(model, batch: PackedMicroBatch, min_total: int = 0) 
     """The CP layout of ``batch`` on this rank (None without context parallelism).
 
     Under sequence parallelism the per-rank length must also divide by TP, so the padded total is a
-    multiple of ``2 * cp * tp``; ``min_total`` pads it further (equal lengths across micro-batches)."""
+    multiple of ``2 * cp * tp`` (under FP8 ``cp * tp * 16``, or 32 for MXFP8); ``min_total`` pads it
+    further (equal lengths across micro-batches)."""
     cp = model.config.context_parallel_size
     if cp == 1:
         return None
     from megatron.core import parallel_state as mps
 
-    multiple = 2 * cp * (model.config.tensor_model_parallel_size if model.config.sequence_parallel else 1)
+    from care_megatron.training.megatron.te import fp8_token_alignment, packed_token_multiple
+
+    # each rank's rows (total / cp) must divide by TP under SP and by the FP8 GEMM alignment
+    fp8_recipe = model.config.fp8_recipe if model.config.fp8 else None
+    per_rank = packed_token_multiple(model.config.tensor_model_parallel_size, model.config.sequence_parallel, fp8_recipe)
+    multiple = cp * per_rank * (1 if fp8_token_alignment(fp8_recipe) % 2 == 0 else 2)
     pad_id = 0 if model.facts.image_token_id != 0 else 1
     return build_layout(batch.cu_seqlens, batch.input_ids, batch.position_ids, cp_size=cp,
                         cp_rank=mps.get_context_parallel_rank(), total_multiple=multiple, pad_id=pad_id,

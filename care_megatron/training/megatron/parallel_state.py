@@ -166,9 +166,11 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
-        if not use_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=datetime.timedelta(minutes=10))
+    if not use_cpu:
+        # also when the process group came from elsewhere: object collectives over NCCL (metrics,
+        # pipeline broadcasts) and collective_device() use the current CUDA device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not mps.model_parallel_is_initialized():
         mps.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -189,6 +191,30 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 0, force_cpu: bool
         "cp_size": mps.get_context_parallel_world_size(),
         "cpu": use_cpu,
     }
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must be on for a collective over ``group``.
+
+    NCCL accepts CUDA tensors only ("No backend type associated with device type cpu"), so a
+    host-built tensor (a count, a metric sum) goes to the current CUDA device for an NCCL group; a
+    group whose backend serves CPU tensors (gloo, or ``cpu:gloo,cuda:nccl``) keeps it on the host.
+    float64 is fine on both."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_host_values(values, group=None, op=None) -> torch.Tensor:
+    """All-reduce host numbers (a list or a CPU tensor) over ``group`` on the group's device; returns
+    a float64 CPU tensor. No-op (a copy) without a group or with one rank."""
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    if group is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return tensor.clone()
+    on_device = tensor.to(collective_device(group), copy=True)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return on_device.cpu()
 
 
 def destroy_parallel() -> None:

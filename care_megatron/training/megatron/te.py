@@ -33,18 +33,43 @@ def te_layer_spec(qk_layernorm: bool):
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-def fp8_config_fields(fp8: str | None, first_last_bf16: bool) -> dict:
-    """TransformerConfig fields for FP8 through TE's recipe (delayed scaling), {} when off."""
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+"""``parallel.fp8_recipe`` values: megatron-core's ``TransformerConfig.fp8_recipe`` names (TE's
+``Float8CurrentScaling``, ``DelayedScaling``, ``Float8BlockScaling``, ``MXFP8BlockScaling``)."""
+
+
+def fp8_config_fields(fp8: str | None, first_last_bf16: bool, recipe: str = "tensorwise") -> dict:
+    """TransformerConfig fields for FP8 through TE, {} when off.
+
+    megatron-core refuses ``first_last_layers_bf16`` with the delayed recipe (its
+    ``TransformerConfig.__post_init__``), so the default recipe is ``tensorwise`` (per-tensor current
+    scaling, TE >= 2.2); the amax-history fields only mean something to ``delayed``."""
     if fp8 is None:
         return {}
     require_transformer_engine(f"parallel.fp8={fp8}")
-    return {
-        "fp8": fp8,
-        "fp8_recipe": "delayed",
-        "fp8_margin": 0,
-        "fp8_amax_history_len": 1024,
-        "fp8_amax_compute_algo": "max",
-        "first_last_layers_bf16": first_last_bf16,
-        "num_layers_at_start_in_bf16": 1,
-        "num_layers_at_end_in_bf16": 1,
-    }
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"config field 'parallel.fp8_recipe': must be one of {FP8_RECIPES}, got {recipe!r}")
+    if recipe == "delayed" and first_last_bf16:
+        raise ValueError("config field 'parallel.fp8_first_last_bf16': the delayed FP8 recipe cannot keep the first / "
+                         "last layers in bf16 (megatron-core refuses it); use fp8_recipe=tensorwise or set it false")
+    fields = {"fp8": fp8, "fp8_recipe": recipe, "first_last_layers_bf16": first_last_bf16}
+    if first_last_bf16:
+        fields.update(num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+    if recipe == "delayed":
+        fields.update(fp8_margin=0, fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return fields
+
+
+def fp8_token_alignment(recipe: str | None) -> int:
+    """Rows every FP8 GEMM's token dimension must divide by (megatron-core's ``get_fp8_align_size``:
+    32 for MXFP8's 1x32 blocks, 16 otherwise); 1 without FP8."""
+    if recipe is None:
+        return 1
+    return 32 if recipe == "mxfp8" else 16
+
+
+def packed_token_multiple(tp_size: int, sequence_parallel: bool, fp8_recipe: str | None) -> int:
+    """A packed micro-batch's length must be a multiple of this: under sequence parallelism each TP
+    rank holds T / TP rows, and under FP8 the rows each rank's GEMMs see must divide by the FP8
+    alignment (``fp8_recipe`` None = no FP8)."""
+    return (tp_size if sequence_parallel else 1) * fp8_token_alignment(fp8_recipe)

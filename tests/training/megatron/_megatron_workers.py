@@ -52,6 +52,9 @@ def _setup(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import _collective_guard
+
+    _collective_guard.install()  # a host tensor on a would-be-NCCL group fails the test
 
 
 def _backend(hf, tp, sp=False):
@@ -224,12 +227,58 @@ def grad_parity(backend, hf, hf_grads) -> dict:
         return max((float(hf_grads[n].abs().max()) for n in names), default=0.0)
 
     return {
+        "_megatron_grads": mg_grads,  # HF names; popped by the caller (not a result)
         "missing_grads": sorted(set(hf_grads) ^ set(mg_grads)),
         "grad_err": max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common),
         "grad_scale": scale(common),
         "vision_grad_scale": scale([n for n in common if n.startswith(("visual.", "model.visual."))]),
         "deepstack_grad_scale": scale([n for n in common if "deepstack" in n]),
     }
+
+
+def _hf_step_with_gradients(hf, grads_by_name: dict):
+    """A copy of ``hf`` after the test's AdamW step (clip 1.0) taken with ``grads_by_name`` (canonical
+    HF names) instead of its own gradients."""
+    import copy
+
+    from checkpoints_convert import mapping_for_config
+
+    spec = mapping_for_config(hf.config)
+    twin = copy.deepcopy(hf)
+    for name, p in twin.named_parameters():
+        p.grad = grads_by_name[spec.canonical_hf_name(name)].to(p.dtype).clone()
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+    torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=0.0).step()
+    return twin
+
+
+def _step_drift(backend, hf, hf_grads) -> dict:
+    """Where the weights after one AdamW step differ from transformers' (call on every rank).
+
+    AdamW's first step moves each weight by lr * g / (|g| + eps): about lr * sign(g) wherever |g| >> eps,
+    so a gradient entry that is rounding noise in both implementations (an analytically ~zero entry)
+    can move by up to lr in opposite directions. ``step_param_err_large_grad`` is the error on the
+    entries whose gradient is well above rounding (|g| > 1e-6 * max |g| of the tensor)."""
+    from checkpoints_convert import mapping_for_config
+
+    spec = mapping_for_config(hf.config)
+    mine = {spec.canonical_hf_name(n): t for bucket in backend.export_weights() for n, t in bucket}
+    theirs = {spec.canonical_hf_name(n): p.detach() for n, p in hf.named_parameters()}
+    grads = {spec.canonical_hf_name(n): g for n, g in hf_grads.items()}
+    worst, worst_name, worst_grad, large_err = 0.0, "", 0.0, 0.0
+    for name, t in mine.items():
+        if name not in theirs or name not in grads:
+            continue
+        err = (t - theirs[name]).abs()
+        g = grads[name].abs()
+        index = int(err.argmax())
+        if float(err.view(-1)[index]) > worst:
+            worst, worst_name, worst_grad = float(err.view(-1)[index]), name, float(g.view(-1)[index])
+        large = g > 1e-6 * float(g.max()) if float(g.max()) > 0 else torch.zeros_like(g, dtype=torch.bool)
+        if large.any():
+            large_err = max(large_err, float(err[large].max()))
+    return {"step_param_err": worst, "step_param_err_name": worst_name, "step_param_err_grad": worst_grad,
+            "step_param_err_large_grad": large_err}
 
 
 def _export_equal(backend, hf) -> bool:
@@ -306,9 +355,11 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
     result["forwards_per_micro_batch"] = {k: v / len(batches) for k, v in counts.items()}
     _, hf_grads = hf_loss_and_grads(hf, all_batches, normalisers)
     result.update(grad_parity(backend, hf, hf_grads))
+    megatron_grads = result.pop("_megatron_grads")
     # one optimizer step vs transformers + AdamW with the same clip
     step = backend.train_step(batches, loss_fn, normalisers)
     hf_loss, _ = hf_loss_and_grads(hf, all_batches, normalisers)
+    same_grads = _hf_step_with_gradients(hf, megatron_grads)  # before hf's own step changes its weights
     hf_norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0))
     torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0).step()
     result["loss_err"] = abs(step.loss - hf_loss)   # the step's loss is summed over DP
@@ -320,6 +371,10 @@ def model_parallel_worker(rank, world, port, out_dir, tp, cp, sp, arch, pp=1, ti
         expected_after = [hf_reference(hf, mb)[0] for mb in batches]
     result["step_lp_err"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_after))
     result["step_lp_change"] = max(float((o.logprobs - e[0]).abs().max()) for o, e in zip(after, expected))
+    result.update(_step_drift(backend, hf, hf_grads))
+    with torch.no_grad():  # the same AdamW step from Megatron's own gradients: isolates the optimizer step
+        expected_same = [hf_reference(same_grads, mb)[0] for mb in batches]
+    result["step_lp_err_same_grads"] = max(float((o.logprobs - e).abs().max()) for o, e in zip(after, expected_same))
     if tie and pp > 1:  # the first stage's embedding and the last stage's copy stay one weight
         holder = [c for c in backend.policy_chunks if c.pre_process or c.post_process]
         mine = holder[0].shared_embedding_or_output_weight().detach().clone() if holder else None
@@ -369,6 +424,58 @@ def reshard_worker(rank, world, port, out_dir, ckpt_dir, layers, tie, tp, pp):
               "moved": max(float((o.logprobs - b.logprobs).abs().max()) for o, b in zip(loaded, before))}
     if rank == 0:
         torch.save(result, os.path.join(out_dir, f"reshard_tp{tp}_pp{pp}.pt"))
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    destroy_parallel()
+
+
+def _exported_like_parameters(backend, state_key: str | None) -> dict:
+    """HF-named full tensors of the parameters (``state_key`` None) or of one AdamW state tensor laid
+    out like them (``exp_avg`` / ``exp_avg_sq``), through the weight export (TP shards gathered)."""
+    inner = backend.optimizer.optimizer
+    swapped = []
+    if state_key is not None:
+        for p in backend.optimizer.params:
+            swapped.append((p, p.data))
+            p.data = inner.state[p][state_key]
+    try:
+        return {n: t.detach().clone() for bucket in backend.export_weights() for n, t in bucket}
+    finally:
+        for p, data in swapped:
+            p.data = data
+
+
+def resume_worker(rank, world, port, out_dir, tp, ckpt_dir, mode):
+    """``save``: step 1, checkpoint, step 2 (the uninterrupted run). ``load``: a backend built from other
+    weights loads the checkpoint and takes step 2; ``weights_only`` does the same after loading the
+    weights alone (what the old resume did at another layout: optimizer state reset). Records the
+    AdamW moments before step 2 and the weights after it, as full HF-named tensors."""
+    _setup(rank, world, port)
+    hf = tiny_hf_model(tie=False)
+    batches = standard_batches(hf)
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    if mode == "save":
+        backend = _backend(hf, tp)
+        backend.train_step(batches, loss_fn, normalisers)
+        backend.save_checkpoint(ckpt_dir)
+    else:
+        backend = _backend(tiny_hf_model(tie=False, seed=123), tp)
+        if mode == "load":
+            backend.load_checkpoint(ckpt_dir)
+        else:
+            from care_megatron.training.megatron import checkpoint as ckpt
+
+            ckpt.load_model(backend.policy_chunks, f"{ckpt_dir}/model")
+            backend.step_count = 1
+            backend.optimizer._ensure_state()  # zero moments, step 0: a fresh AdamW
+    result = {"step_count": backend.step_count,
+              "exp_avg": _exported_like_parameters(backend, "exp_avg"),
+              "exp_avg_sq": _exported_like_parameters(backend, "exp_avg_sq"),
+              "adam_step": {float(s["step"]) for s in backend.optimizer.optimizer.state.values()}}
+    backend.train_step(batches, loss_fn, normalisers)
+    result["weights_after"] = _exported_like_parameters(backend, None)
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"resume_{mode}_tp{tp}.pt"))
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()

@@ -43,8 +43,9 @@ def _check_parity(result):
     assert result["loss_err"] < 1e-5, result
     assert result["norm_err"] < 1e-5 * max(1.0, result["grad_norm"]), result
     assert result["step_lp_change"] > 1e-3, result  # the step really moved the model ...
-    # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads)
-    assert result["step_lp_err"] < 5e-4, result
+    # ... to the same place as transformers + AdamW (first Adam step ~ lr * sign(g): sensitive to 1e-8 grads;
+    # the bound scales with the step, see _check_cp; measured 2.3e-4 at TP=1, 3.6e-4 at TP=2 for a 3.35 step)
+    assert result["step_lp_err"] < 3e-4 * result["step_lp_change"], result
     assert result["cpu_sleep_noop"] and result["sleep_freed"] and result["still_asleep"] and result["wake_exact"], result
     assert result["export_exact"], result  # export_weights -> the HF weights the backend was built from
 
@@ -104,7 +105,14 @@ def _check_cp(results, cp, dp=1, forwards=None):
         assert r["grad_scale"] > 1e-3 and r["vision_grad_scale"] > 1e-6, r
         assert r["grad_err"] < 1e-5 * max(1.0, r["grad_scale"]), r   # summed over CP exactly once
         assert r["loss_err"] < 1e-5 and r["norm_err"] < 1e-5, r
-        assert r["step_lp_change"] > 1e-3 and r["step_lp_err"] < 5e-4, r
+        # the AdamW step from Megatron's own gradients lands where transformers' does, to forward precision
+        assert r["step_lp_change"] > 1e-3 and r["step_lp_err_same_grads"] < 1e-5, r
+        # end to end (each side its own gradients) the bound scales with the step: AdamW's first step
+        # moves a weight by lr * g / (|g| + eps), so entries with |g| within ~10x of eps = 1e-8 turn the
+        # fp32 summation-order noise of the gradients (grad_err ~4e-8 under CP: partial sums over the CP
+        # ranks, then the all-reduce) into weight differences up to ~1e-4 (measured: 1.5e-4 on one
+        # embedding entry with |g| = 9e-8, log-probs 5.3e-4 after a step that moves them by 3.35)
+        assert r["step_lp_err"] < 3e-4 * r["step_lp_change"], r
 
 
 def test_context_parallel_cp2_parity_qwen2_5_vl(tmp_path):
@@ -187,3 +195,34 @@ def test_pipeline_and_context_parallel_pp2_cp2(tmp_path):
     print("PP=2 CP=2", results[0])
     _check_cp(results, 2, forwards={"mlp": 1, "core_attention": 1})
     assert all(r["tied_copies_equal"] for r in results), results[0]
+
+
+def _max_err(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def test_resume_restores_adam_moments_same_layout_and_resharded(tmp_path):
+    """Checkpoint after one AdamW step at TP=2, resume at TP=2 and at TP=1 (resharded): the moments
+    after the load equal the saved ones exactly, and the next step lands where the uninterrupted run's
+    did. Resuming from the weights alone (optimizer reset) lands visibly elsewhere."""
+    ckpt = str(tmp_path / "ckpt")
+
+    def run(tp, mode):
+        mp.start_processes(workers.resume_worker, args=(tp, _port(), str(tmp_path), tp, ckpt, mode), nprocs=tp,
+                           join=True, start_method="spawn")
+        return torch.load(tmp_path / f"resume_{mode}_tp{tp}.pt")
+
+    straight = run(2, "save")
+    same, resharded, reset = run(2, "load"), run(1, "load"), run(1, "weights_only")
+    assert straight["adam_step"] == {1.0} and _max_err(straight["exp_avg"], {n: 0 * t for n, t in straight["exp_avg"].items()}) > 1e-4
+    step_change = _max_err(straight["weights_after"], reset["weights_after"])
+    print("resume: same-layout", _max_err(same["weights_after"], straight["weights_after"]), "resharded",
+          _max_err(resharded["weights_after"], straight["weights_after"]), "optimizer reset", step_change)
+    for resumed in (same, resharded):
+        assert resumed["step_count"] == 1 and resumed["adam_step"] == {1.0}, resumed["adam_step"]
+        assert _max_err(resumed["exp_avg"], straight["exp_avg"]) == 0.0  # the moments, exactly (a copy)
+        assert _max_err(resumed["exp_avg_sq"], straight["exp_avg_sq"]) == 0.0
+    assert _max_err(same["weights_after"], straight["weights_after"]) < 1e-6
+    assert _max_err(resharded["weights_after"], straight["weights_after"]) < 1e-5
+    assert step_change > 1e-3  # an optimizer reset moves the next step by far more than the tolerances
