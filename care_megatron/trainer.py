@@ -22,6 +22,7 @@ from care_megatron.algorithm.care import CareConfig
 from care_megatron.algorithm.policy_losses import PolicyLossConfig, get_policy_loss
 from care_megatron.config.schema import RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
+from care_megatron.data.images import run_image_pipeline
 from care_megatron.data.packing import MRopeSpec, pack_sequences
 from care_megatron.data.prompting import build_prompt
 from care_megatron.evaluation.scoring import evaluate
@@ -55,6 +56,7 @@ class RLTrainer:
         self.out = Path(cfg.train.output_dir)
         self.model, self.tokenizer, self.image_processor = build_model_and_processor(
             policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        self.image_pipeline = run_image_pipeline(cfg.data, self.image_processor)  # None = PIL in the processor
         self.mrope = MRopeSpec.from_hf_config(self.model.config)
         self.backend = build_backend(cfg, self.model)  # initialises torch.distributed for Megatron
         self.main = is_main_process()
@@ -181,7 +183,8 @@ class RLTrainer:
         kept, prompts = [], []
         for record in records:
             try:
-                prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor))
+                prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor,
+                                            image_pipeline=self.image_pipeline))
                 kept.append(record)
             except (OSError, ValueError, TypeError) as exc:
                 self.skipped_records += 1
@@ -206,7 +209,7 @@ class RLTrainer:
         self.engine.wake()
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
         report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
-                          batch_size=self.config.rollout.batch_size)
+                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline)
         self.engine.sleep()
         return report.as_metrics()
 
