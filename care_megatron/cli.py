@@ -46,9 +46,16 @@ def main(command: str, argv: list[str] | None = None) -> int:
         return 2
     progress = not args.no_progress
     if command == "train":
+        from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
         from care_megatron.trainer import train
 
-        train(config, resume=args.resume, progress=progress)
+        install_preemption_handlers()
+        try:
+            train(config, resume=args.resume, progress=progress)
+        except PreemptionRequested as exc:
+            print(f"care-train: {exc}; checkpoint written under {config.train.output_dir}/checkpoints, "
+                  f"continue with --resume", file=sys.stderr)
+            return 128 + exc.signum  # the shell's convention for "ended by this signal"
     elif command == "sft":
         from care_megatron.sft import run_sft
 

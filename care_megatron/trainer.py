@@ -33,7 +33,7 @@ from care_megatron.rewards.registry import get_reward_fn
 from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
-from care_megatron.runtime import is_main_process, policy_model_config, seed_everything
+from care_megatron.runtime import check_preemption, is_main_process, policy_model_config, seed_everything
 from care_megatron.training import step_inputs
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,7 @@ class RLTrainer:
             if step == 0 and self.data.eval:
                 logger.log(0, self.evaluate(), advance=False)
             for step in range(self.start_step, cfg.steps):
+                check_preemption()  # Slurm's warning signal: checkpoint (below) at this step boundary and exit
                 metrics = self.step(step)
                 self.bad_steps = self.bad_steps + 1 if metrics["skipped"] else 0
                 if self.bad_steps >= cfg.max_consecutive_bad_steps:

@@ -48,7 +48,10 @@ report_line() {  # $1 name, $2 platform, $3 log, $4 report
   if [[ -s "$4" ]]; then
     printf '%-34s | %-28s | OK: %s\n' "$1" "$2" "$(summary "$4")"
   else
-    reason=$(grep -E "^ERROR" "$3" | head -n 2 | tr '\n' ' ' | cut -c1-220)
+    # pip's own explanation: the conflicting pins, else the requirement it could not find
+    reason=$(sed -n '/The conflict is caused by:/,/^$/p' "$3" | sed '1d;/^$/d;s/^ *//' | head -n 6 | paste -sd ';' -)
+    [[ -n "$reason" ]] || reason=$(grep -E "^ERROR" "$3" | head -n 2 | tr '\n' ' ')
+    reason=$(printf '%s' "$reason" | cut -c1-400)
     printf '%-34s | %-28s | FAIL: %s\n' "$1" "$2" "${reason:-see $3}"
   fi
 }
@@ -62,15 +65,15 @@ cpu() {  # $1 name, $2 extras spec for the local project
 }
 
 # --- GPU: Python 3.12, manylinux x86_64 wheels only.
+# pip matches --platform tags exactly, so list every glibc level a current GPU node satisfies (2.5 .. 2.39).
 PLATFORMS=()
-for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
-           manylinux_2_24 manylinux_2_17 manylinux2014 manylinux2010 manylinux1 linux; do
-  PLATFORMS+=(--platform "${tag}_x86_64")
-done
+for minor in $(seq 39 -1 5); do PLATFORMS+=(--platform "manylinux_2_${minor}_x86_64"); done
+for tag in manylinux2014 manylinux2010 manylinux1 linux; do PLATFORMS+=(--platform "${tag}_x86_64"); done
 gpu() {  # $1 name, $2 extras
   local log="$SCRATCH/$1.log" rep="$SCRATCH/$1.json" reqs="$SCRATCH/$1.txt"
   requirements "$2" >"$reqs"
-  timeout 900 "$PIP" install --dry-run --ignore-installed --quiet --report "$rep" "${PLATFORMS[@]}" \
+  # --isolated: this machine's pip configuration (its own caps and local indexes) says nothing about a GPU node
+  timeout 900 "$PIP" install --isolated --dry-run --ignore-installed --report "$rep" "${PLATFORMS[@]}" \
     --python-version 3.12 --implementation cp --abi cp312 --only-binary=:all: -r "$reqs" >"$log" 2>&1 || rm -f "$rep"
   report_line "$1" "cp312 manylinux x86_64" "$log" "$rep"
 }
