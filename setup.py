@@ -6,8 +6,10 @@ from setuptools import find_packages, setup
 # verified with live in constraints-cpu.txt, which the README's CPU commands pass with -c.
 # tools/check_extras.sh resolves every documented combination on its target platform.
 CORE = [
-    "torch>=2.13",
-    "transformers>=5.17,<6",
+    # upper bounds admit SGLang 0.5.23's pins (torch 2.14.1, transformers 5.19.0; not exercised here) and stop
+    # before newer, untested releases
+    "torch>=2.13,<2.15",
+    "transformers>=5.17,<5.20",
     "tokenizers>=0.22",
     "safetensors>=0.6",
     "numpy>=1.26",
