@@ -9,6 +9,10 @@
 # (--platform / --python-version / --only-binary=:all:, so nothing is built), from the requirement lists
 # of setup.py. Needs network access to the package index; a fresh pip is installed into a scratch venv.
 #
+# [te] is expected to print FAIL here: transformer_engine_torch (what transformer-engine[pytorch] pins) has
+# no cp312 manylinux wheel on the index, only a source build against the node's torch and CUDA toolkit:
+# on the GPU node, `pip install --no-build-isolation "transformer-engine[pytorch]>=2.4"` after torch.
+#
 # Usage: bash tools/check_extras.sh [--keep]   (--keep leaves the scratch directory and the JSON reports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
