@@ -89,3 +89,4 @@ gpu "gpu: .[sglang]" "sglang"
 gpu "gpu: .[te]" "te"
 gpu "gpu: .[dali]" "dali"
 gpu "gpu: .[megatron,sglang,te,dali]" "megatron,sglang,te,dali"
+gpu "gpu: .[megatron,sglang,dali]" "megatron,sglang,dali"   # then Transformer Engine from source, see above
