@@ -1,12 +1,15 @@
 """care_megatron: CARE (Contrastive Anchored REflection) RLVR for vision-language models."""
 from setuptools import find_packages, setup
 
-# The CPU path pins exactly what the embedded default and the test suite were verified with.
-# torch==2.13.0 resolves to the CPU build on the development machines; on a GPU cluster install
-# the CUDA build of the same torch first and pip keeps it.
+# Ranges here, so each GPU extra can resolve with the torch / transformers its own pins need
+# (SGLang pins both exactly). The exact versions the embedded default and the CPU test suite were
+# verified with live in constraints-cpu.txt, which the README's CPU commands pass with -c.
+# tools/check_extras.sh resolves every documented combination on its target platform.
 CORE = [
-    "torch==2.13.0",
-    "transformers==5.17.0",
+    # lower bound: the GPU checks ran on torch 2.11 (CUDA 13); upper bounds admit SGLang 0.5.23's pins (torch 2.14.1,
+    # transformers 5.19.0; not exercised here) and stop before newer, untested releases
+    "torch>=2.11,<2.15",
+    "transformers>=5.17,<5.20",
     "tokenizers>=0.22",
     "safetensors>=0.6",
     "numpy>=1.26",
@@ -29,9 +32,10 @@ EXTRAS = {
         "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
     ],
     "te": ["transformer-engine[pytorch]>=2.4"],
-    "sglang": ["sglang[srt]>=0.5.3"],
+    # 0.5.23 is the first SGLang on transformers 5 (it pins transformers==5.19.0, torch==2.14.1);
+    # SGLang has no [srt] extra any more: the plain package is the runtime.
+    "sglang": ["sglang>=0.5.23"],
     "dali": ["nvidia-dali-cuda130>=2.0"],
-    "apex": ["apex"],
     "triton": ["triton>=3.3"],
     "dev": [
         "pytest>=8",

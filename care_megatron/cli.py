@@ -48,9 +48,17 @@ def main(command: str, argv: list[str] | None = None) -> int:
         return 2
     progress = not args.no_progress
     if command == "train":
+        from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
         from care_megatron.trainer import train
 
-        train(config, resume=args.resume, progress=progress)
+        install_preemption_handlers()
+        print_memory_plan(config)
+        try:
+            train(config, resume=args.resume, progress=progress)
+        except PreemptionRequested as exc:
+            print(f"care-train: {exc}; checkpoint written under {config.train.output_dir}/checkpoints, "
+                  f"continue with --resume", file=sys.stderr)
+            return 128 + exc.signum  # the shell's convention for "ended by this signal"
     elif command == "sft":
         from care_megatron.sft import run_sft
 
@@ -73,6 +81,25 @@ def main(command: str, argv: list[str] | None = None) -> int:
         report = run_evaluation(config, checkpoint=args.checkpoint, greedy=args.greedy, progress=progress)
         print(report.to_table())
     return 0
+
+
+def print_memory_plan(config) -> None:
+    """On GPU, rank 0 prints the per-GPU memory plan of the run (care_megatron.memory_plan) before
+    anything is allocated, so a layout that cannot fit is visible in the first lines of the log."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+        return
+    from care_megatron.memory_plan import GIB, plan_memory
+
+    try:
+        gpus = int(os.environ.get("WORLD_SIZE", "1"))
+        memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory / GIB
+        print(plan_memory(config, gpu_memory_gib=memory, gpus=gpus).report(), file=sys.stderr)
+    except (ValueError, OSError, KeyError) as exc:  # an estimate must never stop a run
+        logging.getLogger(__name__).warning("no memory plan: %s", exc)
 
 
 def train_main() -> None:

@@ -1,7 +1,9 @@
 """Process-level helpers shared by the RL loop, SFT and evaluation."""
 from __future__ import annotations
 
+import logging
 import random
+import signal
 
 import numpy as np
 import torch
@@ -22,3 +24,60 @@ def is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ---------------------------------------------------------------- preemption (Slurm --signal / SIGTERM)
+
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""What a scheduler sends before it stops a job: Slurm's ``--signal=USR1@<seconds>`` warning (which
+the sbatch scripts forward to every trainer through torchrun), and SIGTERM at preemption or time-out."""
+
+_preemption: dict = {"installed": False, "signal": 0}
+
+
+class PreemptionRequested(KeyboardInterrupt):
+    """A preemption signal arrived. A subclass of KeyboardInterrupt, so the RL loop's Ctrl-C path
+    (write a checkpoint, then exit) handles it; ``care-train --resume`` continues from that checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def install_preemption_handlers(signals=PREEMPTION_SIGNALS) -> None:
+    """Record preemption signals instead of dying on them; :func:`check_preemption` acts on them.
+
+    The handler only records the signal: raising inside it could interrupt one rank between two
+    collectives that the other ranks are already blocked in, and the checkpoint (itself collective)
+    would then hang. The RL loop checks at each step boundary, where every rank is at the same point.
+    """
+    def record(signum, frame):
+        if not _preemption["signal"]:
+            logging.getLogger(__name__).warning("%s received: checkpointing at the end of this step, then exiting",
+                                                signal.Signals(signum).name)
+        _preemption["signal"] = signum
+
+    for sig in signals:
+        signal.signal(sig, record)
+    _preemption["installed"] = True
+
+
+def check_preemption() -> None:
+    """Raise :class:`PreemptionRequested` when this rank, or any rank, received a preemption signal.
+
+    Under torch.distributed every rank calls this at the same point (the top of an RL step), and the
+    flag is max-reduced over the world, so all ranks stop together even when only some got the signal.
+    A no-op (no collective) unless :func:`install_preemption_handlers` ran in this process.
+    """
+    if not _preemption["installed"]:
+        return
+    signum = int(_preemption["signal"])
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+        flag = torch.tensor([signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    if signum:
+        raise PreemptionRequested(signum)

@@ -30,9 +30,9 @@ def sft_response_text(record) -> str:
     return f"<think>{record.rationale}</think><answer>{answer}</answer>"
 
 
-def sft_sequence(record, tokenizer, image_processor, index: int):
+def sft_sequence(record, tokenizer, image_processor, index: int, image_pipeline=None):
     """Prompt + reference response as a training Sequence (loss on the response and its stop token)."""
-    prompt = build_prompt(record.question, record.images, tokenizer, image_processor)
+    prompt = build_prompt(record.question, record.images, tokenizer, image_processor, image_pipeline=image_pipeline)
     text = sft_response_text(record)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     regions = token_regions(token_char_offsets(ids, tokenizer), parse_response(text))
@@ -83,6 +83,9 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     model, tokenizer, image_processor = build_model_and_processor(
         config.model, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
     backend = build_backend(config, model, lr=config.train.sft_lr, keep_reference=False)
+    from care_megatron.data.images import run_image_pipeline
+
+    image_pipeline = run_image_pipeline(config.data, image_processor)  # None = PIL in the processor
     records, reports = build_sft_records(config.data)
     for report in reports:
         if report.num_skipped:  # malformed rows are skipped, never fatal: say how many and why
@@ -105,7 +108,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     for step in range(config.train.sft_steps):
         batch = next(batches)
-        seqs = [sft_sequence(r, tokenizer, image_processor, i) for i, r in enumerate(batch)]
+        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline) for i, r in enumerate(batch)]
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
         micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
                                mrope=MRopeSpec.from_hf_config(model.config))

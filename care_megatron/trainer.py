@@ -23,6 +23,7 @@ from care_megatron.algorithm.care import CareConfig
 from care_megatron.algorithm.policy_losses import PolicyLossConfig, get_policy_loss
 from care_megatron.config.schema import RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
+from care_megatron.data.images import run_image_pipeline
 from care_megatron.data.packing import MRopeSpec, pack_sequences
 from care_megatron.data.prompting import build_prompt
 from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
@@ -34,7 +35,7 @@ from care_megatron.rewards.registry import get_reward_fn
 from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
-from care_megatron.runtime import is_main_process, policy_model_config, seed_everything
+from care_megatron.runtime import check_preemption, is_main_process, policy_model_config, seed_everything
 from care_megatron.training import step_inputs
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class RLTrainer:
         self.out = Path(cfg.train.output_dir)
         self.model, self.tokenizer, self.image_processor = build_model_and_processor(
             policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        self.image_pipeline = run_image_pipeline(cfg.data, self.image_processor)  # None = PIL in the processor
         self.mrope = MRopeSpec.from_hf_config(self.model.config)
         self.backend = build_backend(cfg, self.model)  # initialises torch.distributed for Megatron
         self.main = is_main_process()
@@ -211,7 +213,8 @@ class RLTrainer:
         kept, prompts = [], []
         for record in records:
             try:
-                prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor))
+                prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor,
+                                            image_pipeline=self.image_pipeline))
                 kept.append(record)
             except (OSError, ValueError, TypeError) as exc:
                 self.skipped_records += 1
@@ -238,7 +241,7 @@ class RLTrainer:
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
         self.engine.wake(tags=("kv_cache",))
         report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
-                          batch_size=self.config.rollout.batch_size)
+                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline)
         metrics = report.as_metrics()
         if self.benchmark_subset is not None:
             metrics.update(self.benchmark_subset.metrics(self.engine, self.tokenizer, self.image_processor, greedy))
@@ -270,6 +273,7 @@ class RLTrainer:
             if step == 0 and self.data.eval:
                 logger.log(0, self.evaluate(), advance=False)
             for step in range(self.start_step, cfg.steps):
+                check_preemption()  # Slurm's warning signal: checkpoint (below) at this step boundary and exit
                 metrics = self.step(step)
                 self.bad_steps = self.bad_steps + 1 if metrics["skipped"] else 0
                 if self.bad_steps >= cfg.max_consecutive_bad_steps:

@@ -134,14 +134,42 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+BASE_KEY = "base"
+"""Top-level key of a config file naming the file(s) it extends (paths relative to that file)."""
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The sections of YAML file ``path``, with its ``base:`` files (one path or a list) merged under it.
+
+    Bases are merged in order, each with its own bases first, then the file's own sections on top,
+    so a per-method recipe can be a few lines over a per-model base. A cycle is an error naming the files.
+    """
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ValueError(f"config file {path}: 'base' includes form a cycle: {' -> '.join(map(str, (*_chain, path)))}")
+    data = load_yaml(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping of sections")
+    bases = data.pop(BASE_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"config file {path}: '{BASE_KEY}' must be a path or a list of paths")
+    merged: dict = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ValueError(f"config file {path}: base {base!r} not found (looked for {base_path})")
+        merged = _merge(merged, read_config_file(base_path, (*_chain, path)))
+    return _merge(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (YAML; None = all defaults), apply dotted ``overrides``, validate, return."""
+    """Read ``path`` (YAML, with its ``base:`` files; None = all defaults), apply dotted ``overrides``,
+    validate, return."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        data = load_yaml(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: top level must be a mapping of sections")
+        data = read_config_file(path)
     data = _merge(data, parse_overrides(overrides or []))
     return _build(RunConfig, data, "")
 

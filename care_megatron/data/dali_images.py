@@ -67,6 +67,7 @@ class DaliImagePipeline:
             raise ValueError(f"bad resize rule: factor={factor}, min_pixels={min_pixels}, max_pixels={max_pixels}")
         self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
         self.device, self.max_batch_size, self.base_dir = device, max_batch_size, base_dir
+        self.device_id = device_id  # the CUDA device decoding runs on (unused by the CPU operators)
         self._pipe = _build_graph(device, max_batch_size, num_threads, device_id if device == "gpu" else None)
 
     def _run_chunk(self, blobs: list[bytes]) -> list[np.ndarray]:
@@ -74,7 +75,10 @@ class DaliImagePipeline:
         self._pipe.feed_input("encoded", [np.frombuffer(blob, dtype=np.uint8) for blob in blobs])
         self._pipe.feed_input("width", [np.float32(w) for _, w in sizes])
         self._pipe.feed_input("height", [np.float32(h) for h, _ in sizes])
-        (output,) = self._pipe.run()
+        try:
+            (output,) = self._pipe.run()
+        except RuntimeError as exc:  # a corrupt file: an unreadable record (skipped by the caller), not a crash
+            raise OSError(f"DALI could not decode an image: {str(exc).splitlines()[0]}") from exc
         if self.device == "gpu":
             output = output.as_cpu()
         arrays = [np.array(output.at(i), dtype=np.uint8) for i in range(len(blobs))]

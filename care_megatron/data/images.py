@@ -95,3 +95,28 @@ def image_pipeline_from_config(data_config, patch_size: int = 14, spatial_merge_
     tower's patch and merge sizes (factor = patch_size * spatial_merge_size)."""
     return build_image_pipeline(data_config.image_backend, patch_size * spatial_merge_size,
                                 data_config.min_pixels, data_config.max_pixels, **backend_kwargs)
+
+
+def local_device_id() -> int:
+    """This process's accelerator index on its node: ``LOCAL_RANK`` (set by torchrun, and by the
+    sbatch scripts for every task), 0 for a single process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def run_image_pipeline(data_config, image_processor) -> Optional[ImagePipeline]:
+    """The image pipeline a run's prompt building uses, from ``data.image_backend``.
+
+    ``pil`` returns None: :func:`care_megatron.data.prompting.build_prompt` then lets the PIL image
+    processor decode and resize, which is the same rule as :class:`PilImagePipeline` (the reference).
+    ``dali`` returns a :class:`~care_megatron.data.dali_images.DaliImagePipeline` sized by the
+    processor's patch and merge sizes and ``data.min_pixels`` / ``data.max_pixels``: GPU decode on this
+    rank's own device (``LOCAL_RANK``; every rank decoding on GPU 0 would crowd one card), or DALI's
+    CPU operators when no CUDA device is visible.
+    """
+    if data_config.image_backend == "pil":
+        return None
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    return image_pipeline_from_config(data_config, int(image_processor.patch_size), int(image_processor.merge_size),
+                                      device=device, device_id=local_device_id())

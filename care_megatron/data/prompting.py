@@ -229,15 +229,22 @@ def _as_rgb(image):
 
 
 def build_prompt(question: str, images: Iterable, tokenizer, image_processor,
-                 system_prompt: str | None = SYSTEM_PROMPT, images_first: bool = True) -> PromptInputs:
+                 system_prompt: str | None = SYSTEM_PROMPT, images_first: bool = True,
+                 image_pipeline=None) -> PromptInputs:
     """Tokenise one prompt and process its images for a Qwen-VL model.
 
     ``images``: PIL images, file paths or encoded bytes (in placeholder order). ``image_processor``:
     from :func:`build_image_processor` (its patch / merge sizes decide the token counts). Returns
     :class:`PromptInputs` whose ``prompt_ids`` hold ``grid_t * grid_h * grid_w / merge_size**2``
     ``<|image_pad|>`` tokens per image, matching the rows the vision tower emits (the HF model
-    raises when the two differ).
+    raises when the two differ). ``image_pipeline`` (from ``data.image_backend``, see
+    :func:`care_megatron.data.images.run_image_pipeline`): decodes and resizes the images to the
+    processor's rule first (DALI), so the processor's own resize is the identity; None = the processor does it.
     """
+    if image_pipeline is not None:
+        from PIL import Image
+
+        images = [Image.fromarray(array) for array in image_pipeline(list(images))]
     images = [_as_rgb(im) for im in images]
     text = render_chat(question, len(images), system_prompt=system_prompt, images_first=images_first)
     merge_sq = int(image_processor.merge_size) ** 2

@@ -65,8 +65,11 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
                               seed=config.train.seed)
     reward_fn = functools.partial(get_reward_fn("verifier"),
                                   config=VerifierConfig(format_weight=config.algorithm.format_weight))
+    from care_megatron.data.images import run_image_pipeline
+
     report = evaluate(engine, records, tokenizer, image_processor, reward_fn, sampling,
-                      batch_size=config.rollout.batch_size, progress=progress, keep_samples=16)
+                      batch_size=config.rollout.batch_size, progress=progress, keep_samples=16,
+                      image_pipeline=run_image_pipeline(config.data, image_processor))
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=float))

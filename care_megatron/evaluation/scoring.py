@@ -39,7 +39,8 @@ class EvalReport:
 
 
 def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, reward_fn, sampling: SamplingParams,
-             batch_size: int = 64, progress: bool = False, keep_samples: int = 8) -> EvalReport:
+             batch_size: int = 64, progress: bool = False, keep_samples: int = 8,
+             image_pipeline=None) -> EvalReport:
     """Decode once per record with ``engine`` and score the answer span with ``reward_fn``.
 
     Never used with RGR (spec section 5: reflection is training-only).
@@ -50,7 +51,8 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [build_prompt(r.question, r.images, tokenizer, image_processor) for r in chunk]
+        prompts = [build_prompt(r.question, r.images, tokenizer, image_processor, image_pipeline=image_pipeline)
+                   for r in chunk]
         requests = [GenerationRequest(request_id=f"eval-{start + i}", prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
                                       images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
                     for i, p in enumerate(prompts)]

@@ -179,3 +179,82 @@ def test_dali_gpu_matches_pil_within_tolerance():
     dali = DaliImagePipeline(28, 56 * 56, 28 * 28 * 64, device="gpu", device_id=0, max_batch_size=4)
     for diff in _compare(pil(refs), dali(refs)):
         assert diff.mean() <= 1.5 and diff.max() <= 40
+
+
+# ------------------------------------------------------------------ data.image_backend wiring
+
+
+def test_pil_backend_leaves_decoding_to_the_processor():
+    from care_megatron.data.images import run_image_pipeline
+    from care_megatron.data.prompting import build_image_processor
+
+    assert run_image_pipeline(DataConfig(image_backend="pil"), build_image_processor("qwen2_5_vl")) is None
+
+
+@needs_dali
+def test_dali_backend_decodes_on_the_local_rank_device(monkeypatch):
+    """With CUDA visible, the config's rule and LOCAL_RANK (not device 0) reach DALI's pipeline graph."""
+    import care_megatron.data.dali_images as dali_images
+    from care_megatron.data.images import run_image_pipeline
+    from care_megatron.data.prompting import build_image_processor
+
+    built = {}
+    monkeypatch.setattr(dali_images, "_build_graph", lambda device, batch, threads, device_id: built.update(
+        device=device, device_id=device_id))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    config = DataConfig(image_backend="dali", min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
+    pipeline = run_image_pipeline(config, build_image_processor("qwen3_vl", config.min_pixels, config.max_pixels))
+    assert isinstance(pipeline, dali_images.DaliImagePipeline)
+    assert built == {"device": "gpu", "device_id": 5}
+    assert (pipeline.factor, pipeline.min_pixels, pipeline.max_pixels) == (32, 32 * 32 * 4, 32 * 32 * 64)
+
+
+@needs_dali
+def test_dali_backend_prompt_matches_the_pil_prompt(monkeypatch):
+    """build_prompt through DALI's CPU operators: same image grid and token ids as the PIL path,
+    pixel values within the decoders' tolerance; a corrupt file is an OSError (a skippable record)."""
+    from care_megatron.data.images import run_image_pipeline
+    from care_megatron.data.prompting import build_image_processor, build_prompt
+    from care_megatron.models.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    config = DataConfig(image_backend="dali", min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    processor = build_image_processor("qwen2_5_vl", config.min_pixels, config.max_pixels)
+    pipeline = run_image_pipeline(config, processor)
+    assert (pipeline.device, pipeline.device_id, pipeline.factor) == ("cpu", 2, 28)
+    tokenizer = load_tokenizer("tiny")
+    images = [_encode(_picture(100, 150), "PNG"), _encode(_picture(131, 77, 3), "PNG")]
+    reference = build_prompt("How many?", images, tokenizer, processor)
+    through_dali = build_prompt("How many?", images, tokenizer, processor, image_pipeline=pipeline)
+    assert torch.equal(through_dali.image_grid_thw, reference.image_grid_thw)
+    assert through_dali.prompt_ids == reference.prompt_ids
+    # normalised pixels: 1 / (255 * std) ~ 0.015 per level; the resize kernels differ by a few levels
+    assert (through_dali.pixel_values - reference.pixel_values).abs().mean() < 0.05
+    with pytest.raises(OSError):
+        build_prompt("How many?", [images[0][:200]], tokenizer, processor, image_pipeline=pipeline)
+
+
+@needs_dali
+def test_trainer_builds_prompts_through_the_configured_dali_pipeline(monkeypatch, tmp_path):
+    """data.image_backend=dali reaches the RL loop: the trainer's prompts (and so its rollouts) are
+    decoded by DALI on device LOCAL_RANK, and match what the PIL backend builds."""
+    from care_megatron.config import load_config
+    from care_megatron.data.dali_images import DaliImagePipeline
+    from care_megatron.trainer import RLTrainer
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    overrides = ["data.tasks=[count_shapes]", "data.train_size=4", "data.eval_size=0", "data.prompts_per_step=2",
+                 "data.image_size=60", "data.max_pixels=6272", f"train.output_dir={tmp_path}", "train.init_from=null"]
+    trainer = RLTrainer(load_config(None, overrides + ["data.image_backend=dali"]), progress=False)
+    assert isinstance(trainer.image_pipeline, DaliImagePipeline) and trainer.image_pipeline.device_id == 1
+    calls = []
+    decode = trainer.image_pipeline.__call__
+    monkeypatch.setattr(DaliImagePipeline, "__call__", lambda self, refs: calls.append(len(refs)) or decode(refs))
+    records, prompts = trainer.build_prompts(trainer.data.train[:2])
+    assert calls == [len(r.images) for r in records] and sum(calls) > 0
+    pil_trainer = RLTrainer(load_config(None, overrides), progress=False)
+    assert pil_trainer.image_pipeline is None
+    _, pil_prompts = pil_trainer.build_prompts(trainer.data.train[:2])
+    for ours, reference in zip(prompts, pil_prompts):
+        assert torch.equal(ours.image_grid_thw, reference.image_grid_thw) and ours.prompt_ids == reference.prompt_ids
