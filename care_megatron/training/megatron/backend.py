@@ -41,7 +41,6 @@ from care_megatron.training.megatron.optimizer import CpuOptimizer, MegatronOpti
 from care_megatron.training.megatron.packed_forward import (ForwardOptions, context_parallel_layout, forward_hidden,
                                                             logprobs_from_hidden, packed_forward)
 from care_megatron.training.megatron.parallel_state import all_reduce_host_values, initialize_parallel
-from care_megatron.training.megatron.vision import allreduce_vision_grads_over_tp
 
 log = logging.getLogger(__name__)
 
@@ -396,14 +395,13 @@ class MegatronBackend:
         return losses, metric_list
 
     def _reduce_grads_cpu(self) -> None:
-        """CPU path: what ``finalize_model_grads`` does on GPU (vision tower over TP, TP-partial
-        gradients, tied embeddings over PP), then the DP x CP sum."""
+        """CPU path: what ``finalize_model_grads`` does on GPU (TP-partial gradients, tied embeddings
+        over PP), then the DP x CP sum. As on GPU, the replicated vision tower is not reduced over TP:
+        each TP rank already holds its full gradient (the distributed tests check every rank's copy)."""
         from megatron.core import parallel_state as mps
 
         tp_group = mps.get_tensor_model_parallel_group()
         for chunk in self.policy_chunks:
-            if chunk.vision is not None:
-                allreduce_vision_grads_over_tp(chunk.vision, tp_group)
             allreduce_tp_partial_grads(chunk, tp_group)
         allreduce_tied_embedding_grads(self.policy_chunks)
         self.optimizer.reduce_grads()

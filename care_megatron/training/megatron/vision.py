@@ -1,10 +1,13 @@
 """Vision tower of Qwen2.5-VL on the first pipeline stage, replicated across tensor parallelism.
 
 The tower is transformers' own module (``Qwen2_5_VisionTransformerPretrainedModel``), so its
-numerics are the Hugging Face reference by construction. Every TP rank holds a full copy and
-computes the same features; :func:`allreduce_vision_grads_over_tp` averages its gradients over the
-TP group so the copies stay identical (each rank's gradient is already the full gradient; the
-mean removes rounding drift instead of multiplying by TP).
+numerics are the Hugging Face reference by construction. Every TP rank holds a full copy, runs it
+on the same pixels and receives the same full feature gradient (the first decoder layer's
+column-parallel input all-reduces it; under sequence parallelism the scatter's backward all-gathers
+it), so its gradients are already equal on every TP rank and are not reduced over TP, as Megatron
+treats its own replicated norms without sequence parallelism. The distributed tests check every TP
+rank's copy against transformers. (Non-deterministic GPU kernels in the tower's backward could let the
+copies drift apart by rounding over many steps; rank 0's copy is the one exported.)
 
 Features are scattered into the ``<|image_pad|>`` positions of the token embeddings
 (:func:`scatter_image_features`), and the result is passed to ``GPTModel`` as ``decoder_input``.
@@ -12,7 +15,6 @@ Features are scattered into the ``<|image_pad|>`` positions of the token embeddi
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 
@@ -62,23 +64,3 @@ def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, im
                          "an image was truncated or image_grid_thw does not match the prompt")
     index = mask.nonzero(as_tuple=True)[0]
     return embeddings.index_put((index,), image_features.to(embeddings.dtype))
-
-
-def allreduce_vision_grads_over_tp(vision: nn.Module, group, grad_attr: str = "grad") -> None:
-    """Average the replicated tower's gradients over the TP group (no-op for a 1-rank group).
-
-    ``grad_attr``: ``grad`` (CPU path) or ``main_grad`` (Megatron DDP's fp32 gradient buffer)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    grads = [getattr(p, grad_attr, None) for p in vision.parameters()]
-    grads = [g for g in grads if g is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n

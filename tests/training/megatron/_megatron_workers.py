@@ -226,10 +226,22 @@ def grad_parity(backend, hf, hf_grads) -> dict:
     def scale(names):
         return max((float(hf_grads[n].abs().max()) for n in names), default=0.0)
 
+    # The replicated vision tower is not reduced over TP: every TP rank's copy must already hold the
+    # full gradient (the mapping above reads one rank's copy; compare the others with it).
+    first_copy: dict = {}
+    vision_tp_spread = 0.0
+    for p, _, chunks in gathered:
+        for v, chunk in enumerate(chunks):
+            for name, grad in chunk.items():
+                if name.startswith("vision_model."):
+                    ref = first_copy.setdefault((p, v, name), grad)
+                    vision_tp_spread = max(vision_tp_spread, float((grad - ref).abs().max()))
     return {
         "_megatron_grads": mg_grads,  # HF names; popped by the caller (not a result)
         "missing_grads": sorted(set(hf_grads) ^ set(mg_grads)),
-        "grad_err": max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common),
+        # the largest error against transformers, including every TP rank's vision-tower copy
+        "grad_err": max(max(float((mg_grads[n] - hf_grads[n]).abs().max()) for n in common), vision_tp_spread),
+        "vision_grad_tp_spread": vision_tp_spread,
         "grad_scale": scale(common),
         "vision_grad_scale": scale([n for n in common if n.startswith(("visual.", "model.visual."))]),
         "deepstack_grad_scale": scale([n for n in common if "deepstack" in n]),
@@ -241,7 +253,7 @@ def _hf_step_with_gradients(hf, grads_by_name: dict):
     HF names) instead of its own gradients."""
     import copy
 
-    from checkpoints_convert import mapping_for_config
+    from care_megatron.models.weight_mapping import mapping_for_config
 
     spec = mapping_for_config(hf.config)
     twin = copy.deepcopy(hf)
@@ -259,7 +271,7 @@ def _step_drift(backend, hf, hf_grads) -> dict:
     so a gradient entry that is rounding noise in both implementations (an analytically ~zero entry)
     can move by up to lr in opposite directions. ``step_param_err_large_grad`` is the error on the
     entries whose gradient is well above rounding (|g| > 1e-6 * max |g| of the tensor)."""
-    from checkpoints_convert import mapping_for_config
+    from care_megatron.models.weight_mapping import mapping_for_config
 
     spec = mapping_for_config(hf.config)
     mine = {spec.canonical_hf_name(n): t for bucket in backend.export_weights() for n, t in bucket}
