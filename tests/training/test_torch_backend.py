@@ -116,3 +116,56 @@ def test_export_weights_buckets_respect_size_and_cover_state_dict(tiny, tmp_path
     for b in buckets:
         size = sum(t.numel() * t.element_size() for _, t in b)
         assert size <= limit or len(b) == 1
+
+
+def test_fast_train_path_is_bitwise_the_reference(tiny, monkeypatch):
+    """train_path="fast" (GQA heads shared through SDPA's enable_gqa, no repeat_kv) gives the same
+    log-probs, entropies, think embeddings, loss, metrics, gradient norm and updated weights, bit for
+    bit, as the stock attention; the fast function is really called, and the model's attention
+    implementation is "sdpa" again afterwards."""
+    from care_megatron.rollout import hf_engine
+
+    model, tok, ip = tiny
+    assert model.config.get_text_config().num_attention_heads > model.config.get_text_config().num_key_value_heads
+    calls = []
+    original = hf_engine.gqa_sdpa_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_engine, "gqa_sdpa_attention", counted)
+    seqs = _sequences(tok, ip, n=4, seed=2)
+    mrope = MRopeSpec.from_hf_config(model.config)
+    packed = pack_sequences(seqs, token_budget=max(len(s) for s in seqs) + 8, mrope=mrope, pad_multiple=8)
+    assert len(packed) >= 2
+
+    def loss_fn(outputs, mb, normalisers):
+        mask = mb.loss_mask.float()
+        loss = -(outputs.logprobs * mask).sum() / normalisers["tokens"] - 0.01 * (outputs.entropy * mask).sum()
+        return loss, {"entropy_sum": float((outputs.entropy * mask).sum().detach())}
+
+    results = {}
+    for path in ("reference", "fast"):
+        calls.clear()
+        backend = TorchBackend(copy.deepcopy(model), lr=1e-3, keep_reference=True, train_path=path)
+        outs = backend.forward_logprobs(packed, with_entropy=True, with_think_embeddings=True)
+        refs = backend.forward_logprobs(packed, model="reference")
+        step = backend.train_step(packed, loss_fn, {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in packed))})
+        assert (len(calls) > 0) == (path == "fast")
+        assert backend.model.config.get_text_config()._attn_implementation == "sdpa"
+        results[path] = (outs, refs, step, {n: p.detach().clone() for n, p in backend.model.named_parameters()})
+    (outs_r, refs_r, step_r, weights_r), (outs_f, refs_f, step_f, weights_f) = results["reference"], results["fast"]
+    for a, b in zip(outs_r + refs_r, outs_f + refs_f):
+        assert torch.equal(a.logprobs, b.logprobs)
+        assert (a.entropy is None) == (b.entropy is None) and (a.entropy is None or torch.equal(a.entropy, b.entropy))
+        assert (a.think_embeddings is None) == (b.think_embeddings is None)
+        assert a.think_embeddings is None or torch.equal(a.think_embeddings, b.think_embeddings)
+    assert not step_r.skipped and step_r.loss == step_f.loss and step_r.grad_norm == step_f.grad_norm
+    assert step_r.metrics == step_f.metrics
+    assert all(torch.equal(weights_r[n], weights_f[n]) for n in weights_r)
+
+
+def test_unknown_train_path_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="train_path must be one of"):
+        TorchBackend(copy.deepcopy(tiny[0]), lr=1e-3, keep_reference=False, train_path="turbo")
