@@ -25,9 +25,7 @@ prompts are the config's own (synthetic tasks need no download).
 path and/or dotted overrides applied on top of the base, e.g. ``--compare algorithm.name=grpo``,
 ``--compare rollout.engine=sglang``, ``--compare examples/configs/tiny_cpu_megatron.yaml``.
 ``--compare-decode-path reference`` is the same for the HF engine's reference decoding path (the one
-before the speed-up), to measure before / after in one invocation; ``--compare-train-path reference``
-likewise for the plain-PyTorch backend's stock attention (``TorchBackend.train_path``, the training
-forward / backward and the log-prob and reference passes before their speed-up). The variants' steps are
+before the speed-up), to measure before / after in one invocation. The variants' steps are
 interleaved (step k of each before step k + 1 of any), so load from other processes on a shared
 machine falls on both alike.
 
@@ -226,7 +224,7 @@ def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: 
     """Benchmark several configurations, their steps interleaved (step k of every variant before step
     k + 1 of any), so that load from other processes on a shared machine falls on all of them alike.
 
-    ``variants``: ``{"label", "config", "overrides", "decode_path", "train_path"}`` each. Returns ``{label: report}``
+    ``variants``: ``{"label", "config", "overrides", "decode_path"}`` each. Returns ``{label: report}``
     (see the module docstring).
     """
     from care_megatron.trainer import RLTrainer
@@ -238,10 +236,6 @@ def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: 
             trainer = RLTrainer(config, progress=False)
             if variant.get("decode_path") is not None:
                 trainer.engine.decode_path = variant["decode_path"]
-            if variant.get("train_path") is not None:
-                if not hasattr(trainer.backend, "train_path"):
-                    raise SystemExit(f"--train-path: the {type(trainer.backend).__name__} backend has no train_path")
-                trainer.backend.train_path = variant["train_path"]
             runs.append({"label": variant["label"], "config": config, "trainer": trainer, "per_step": [],
                          "counter": TokenCounter(trainer), "memory": MemoryProbe(trainer.schedule), "last": {}})
         for step in range(warmup + steps):
@@ -392,30 +386,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare-decode-path", default=None, choices=["fast", "reference"],
                         help="second run: same config, HF engine decode path switched (before / after)")
     parser.add_argument("--decode-path", default=None, choices=["fast", "reference"], help="HF engine decode path")
-    parser.add_argument("--compare-train-path", default=None, choices=["fast", "reference"],
-                        help="second run: same config, TorchBackend train path switched (before / after)")
-    parser.add_argument("--train-path", default=None, choices=["fast", "reference"], help="TorchBackend train path")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     parser.add_argument("--json", default=None, help="write the reports here")
     args = parser.parse_args(argv)
 
-    base_label = " ".join([f"decode={args.decode_path}"] * bool(args.decode_path)
-                          + [f"train={args.train_path}"] * bool(args.train_path)) or "base"
-    variants = [{"label": base_label, "config": args.config, "overrides": args.overrides, "decode_path": args.decode_path,
-                 "train_path": args.train_path}]
+    base_label = "base" if not args.decode_path else f"decode={args.decode_path}"
+    variants = [{"label": base_label, "config": args.config, "overrides": args.overrides, "decode_path": args.decode_path}]
     if args.compare:
         path, extra = parse_compare(args.compare)
         variants.append({"label": " ".join(args.compare), "config": path or args.config,
-                         "overrides": args.overrides + extra, "decode_path": args.decode_path,
-                         "train_path": args.train_path})
+                         "overrides": args.overrides + extra, "decode_path": args.decode_path})
     if args.compare_decode_path:
         variants.append({"label": f"decode={args.compare_decode_path}", "config": args.config,
-                         "overrides": args.overrides, "decode_path": args.compare_decode_path,
-                         "train_path": args.train_path})
-    if args.compare_train_path:
-        variants.append({"label": f"train={args.compare_train_path}", "config": args.config,
-                         "overrides": args.overrides, "decode_path": args.decode_path,
-                         "train_path": args.compare_train_path})
+                         "overrides": args.overrides, "decode_path": args.compare_decode_path})
     reports = run_benchmarks(variants, args.shape, args.steps, args.warmup, args.peak_tflops)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {"reports": reports}

@@ -22,8 +22,6 @@ from care_megatron.training.packed_utils import align_next_token, pool_think_hid
 
 log = logging.getLogger(__name__)
 
-TRAIN_PATHS = ("fast", "reference")
-
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,21 +40,11 @@ class TorchBackend:
         temperature: the rollout sampling temperature; log-probs are of softmax(logits / temperature)
             so the importance ratio compares like with like (the rollout engine reports the same).
         reference: keep a frozen copy of the initial policy for the KL term (None = no reference).
-        train_path: ``"fast"`` (default) or ``"reference"``. On CPU, ``"fast"`` runs the decoder's
-            attention in every forward (training and the no-grad log-prob / reference passes) through
-            the rollout engine's ``gqa_sdpa_attention``: transformers' SDPA call with the grouped K/V
-            heads shared through ``enable_gqa`` instead of ``repeat_kv`` copies, forward and backward.
-            Losses, gradients and metrics are bitwise those of ``"reference"`` (stock transformers;
-            tested). Elsewhere both are the stock path (on CUDA, SDPA with a mask and ``enable_gqa``
-            would fall back to its math kernel).
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
                  grad_clip: float = 1.0, temperature: float = 1.0, keep_reference: bool = True,
-                 device: str | torch.device = "cpu", train_path: str = "fast") -> None:
-        if train_path not in TRAIN_PATHS:
-            raise ValueError(f"TorchBackend.train_path must be one of {TRAIN_PATHS}, got {train_path!r}")
-        self.train_path = train_path
+                 device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.reference = None
@@ -94,20 +82,12 @@ class TorchBackend:
         attention_mask[rows, cols] = 1
         position_ids = torch.zeros((3, n, width), dtype=torch.long, device=self.device)
         position_ids[:, rows, cols] = mb.position_ids[:, :T].long()
-        with self._attention(model):
-            out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, use_cache=False)
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, use_cache=False)
         hidden = out.last_hidden_state[rows, cols]
         if mb.num_pad:
             hidden = torch.cat([hidden, hidden.new_zeros(mb.num_pad, hidden.shape[-1])])
         return hidden
-
-    def _attention(self, model: torch.nn.Module):
-        """The decoder-attention context of ``train_path`` (see the class docstring)."""
-        from care_megatron.rollout import hf_engine
-
-        fast = self.train_path == "fast" and self.device.type == "cpu"
-        return hf_engine._decoder_attention(model, hf_engine.GQA_SDPA if fast else None)
 
     def _outputs(self, model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool,
                  with_think_embeddings: bool) -> ForwardOutputs:
