@@ -315,6 +315,8 @@ def summarise(per_step: list[dict], parameters: int, config, peak_tflops: float 
         "peak_tflops": peak_tflops, "step_seconds": wall, "tokens_per_step": tokens, "phases": phases,
         "groups": groups, "dominant_group": dominant,
         "reward_mean": last_metrics.get("reward/mean"),
+        # the last step's training metrics (no timings): a speed-up that claims the same results must match them
+        "metrics": {k: v for k, v in last_metrics.items() if not k.startswith("timing/") and isinstance(v, (int, float))},
     }
 
 
@@ -406,6 +408,12 @@ def main(argv=None) -> dict:
               "overrides": args.overrides, "shape": args.shape, "reports": reports}
     print(f"hardware: {result['hardware']}; {args.steps} measured steps after {args.warmup} warm-up")
     print(format_table(reports))
+    if args.compare_decode_path:  # a path switch that claims the same results must leave every metric equal
+        first, second = reports[variants[0]["label"]]["metrics"], reports[variants[-1]["label"]]["metrics"]
+        differing = sorted(k for k in set(first) | set(second) if first.get(k) != second.get(k)
+                           and not (first.get(k) != first.get(k) and second.get(k) != second.get(k)))  # NaN == NaN here
+        print(f"last-step metrics of {variants[0]['label']} and {variants[-1]['label']}: "
+              + ("identical" if not differing else f"differ in {differing}") + f" ({len(first)} metrics)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -5,9 +5,12 @@ Measures, in one run on one device, GB/s (1e9 bytes / s) of:
 * ``plain_copy``: ``dst.copy_(src)`` tensor by tensor into preallocated tensors of the same shapes on
   the same device: the ceiling any sync path can reach;
 * ``export_only``: the weight source alone (buckets produced and dropped);
-* ``export_update_hf``: the Megatron-backend + HF-engine path: weights streamed out of the Megatron
-  exporter as Hugging-Face-named buckets, then ``HFRolloutEngine.update_weights`` (name mapping,
-  shape check, in-place copy into the rollout model);
+* ``export_update_hf``: the Megatron-backend + HF-engine path as ``colocate.sync_weights`` runs it:
+  weights streamed out of the Megatron exporter as Hugging-Face-named buckets with ``views=True``
+  (views of the parameters wherever the HF layout allows, no copy), then
+  ``HFRolloutEngine.update_weights`` (name mapping, shape check, in-place copy into the rollout model);
+* ``export_update_hf_copies``: the same with ``views=False``, the exporter's default (every exported
+  tensor fresh memory): the path ``sync_weights`` took before it asked for views;
 * ``torch_export_update_hf``: the path the embedded default runs every step: the plain-PyTorch
   backend's ``TorchBackend.export_weights`` (its state dict in buckets, no copy), then
   ``HFRolloutEngine.update_weights``;
@@ -111,9 +114,10 @@ def weight_source(model: torch.nn.Module, bucket_bytes: int):
             {n: t.detach() for n, t in model.state_dict().items()}, config, 1, 0, spec=get_mapping(config.model_type))
         megatron_model = module_from_state_dict(megatron_state)
         return ("care_megatron.training.megatron.weight_export.export_hf_weights (Megatron layout, TP=PP=1)",
-                lambda: export_hf_weights(megatron_model, config, bucket_bytes))
+                lambda views=True: export_hf_weights(megatron_model, config, bucket_bytes, views=views))
     return (f"model.state_dict() in buckets (weight_export unavailable: {why})",
-            lambda: bucket_named_tensors(((n, t.detach()) for n, t in model.state_dict().items()), bucket_bytes))
+            lambda views=True: bucket_named_tensors(((n, t.detach()) for n, t in model.state_dict().items()),
+                                                    bucket_bytes))
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -166,7 +170,10 @@ def main(argv=None) -> dict:
             del bucket
 
     def export_update_hf():
-        engine.update_weights(pair for bucket in source() for pair in bucket)
+        engine.update_weights(pair for bucket in source(views=True) for pair in bucket)
+
+    def export_update_hf_copies():
+        engine.update_weights(pair for bucket in source(views=False) for pair in bucket)
 
     from care_megatron.training.torch_backend import TorchBackend
 
@@ -193,7 +200,8 @@ def main(argv=None) -> dict:
 
     results = {}
     for label, fn in (("plain_copy", plain_copy), ("fresh_copy", fresh_copy), ("export_only", export_only),
-                      ("export_update_hf", export_update_hf), ("torch_export_update_hf", torch_export_update_hf),
+                      ("export_update_hf", export_update_hf), ("export_update_hf_copies", export_update_hf_copies),
+                      ("torch_export_update_hf", torch_export_update_hf),
                       ("flattened_bucket", flattened_bucket)):
         seconds = timed(fn, device, args.repeats)
         results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
@@ -218,7 +226,7 @@ def main(argv=None) -> dict:
     print(f"weight source: {source_name}")
     for label, r in results.items():
         ratio = r["GB_per_s"] / results["plain_copy"]["GB_per_s"]
-        print(f"  {label:22s} {r['GB_per_s']:8.2f} GB/s  {r['seconds'] * 1e3:9.1f} ms  ({ratio:5.2f} x plain copy)")
+        print(f"  {label:24s} {r['GB_per_s']:8.2f} GB/s  {r['seconds'] * 1e3:9.1f} ms  ({ratio:5.2f} x plain copy)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

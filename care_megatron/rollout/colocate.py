@@ -10,6 +10,7 @@ raises) and ``PhaseTimer`` times each phase; the trainer logs ``StepSchedule.met
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from typing import Any, Callable, Iterator
 
@@ -138,6 +139,11 @@ def sync_weights(backend: Any, engine: Any, bucket_bytes: int) -> int:
 
     Uses ``engine.update_weights_from_buckets`` when the engine has it (SGLang: one call per
     exporter bucket, no re-bucketing), else ``engine.update_weights`` over the flattened stream.
+
+    Asks the backend for views of its weights where it offers them (``export_weights(..., views=True)``):
+    both engine paths copy every tensor (the HF engine into its parameters, SGLang into a flattened
+    bucket) and finish with a bucket before the next one is exported, so a copy made by the exporter
+    would only be copied again.
     """
     sent = 0
 
@@ -147,9 +153,19 @@ def sync_weights(backend: Any, engine: Any, bucket_bytes: int) -> int:
             sent += sum(t.numel() * t.element_size() for _, t in bucket)
             yield bucket
 
-    buckets = counted(backend.export_weights(bucket_bytes))
+    export = backend.export_weights
+    buckets = counted(export(bucket_bytes, views=True) if _accepts_keyword(export, "views") else export(bucket_bytes))
     if hasattr(engine, "update_weights_from_buckets"):
         engine.update_weights_from_buckets(buckets)
     else:
         engine.update_weights(pair for bucket in buckets for pair in bucket)
     return sent
+
+
+def _accepts_keyword(function: Any, name: str) -> bool:
+    """Whether ``function`` takes keyword ``name`` (backends that predate an option keep their own policy)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -37,6 +37,10 @@ def main(rank: int, port: str, hf_dir: str, out_prefix: str) -> None:
     buckets = list(export_hf_weights(chunks, config, bucket_bytes=60_000, dtype=torch.bfloat16,
                                      pp_group=dist.group.WORLD))
     torch.save(buckets, f"{out_prefix}.pp2vp2.rank{rank}.pt")
+    # views on the owning stage (no cast): the broadcast needs them contiguous
+    buckets = [[(name, tensor.clone()) for name, tensor in bucket]
+               for bucket in export_hf_weights(chunks, config, bucket_bytes=60_000, pp_group=dist.group.WORLD, views=True)]
+    torch.save(buckets, f"{out_prefix}.pp2vp2_views.rank{rank}.pt")
     dist.destroy_process_group()
 
 

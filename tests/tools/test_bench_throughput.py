@@ -89,7 +89,7 @@ def test_weight_sync_bench_smoke(tmp_path):
     report = sync.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "1",
                         "--bucket-mb", "1", "--json", str(tmp_path / "sync.json")])
     assert set(report["results"]) == {"plain_copy", "fresh_copy", "export_only", "export_update_hf",
-                                      "torch_export_update_hf", "flattened_bucket"}
+                                      "export_update_hf_copies", "torch_export_update_hf", "flattened_bucket"}
     for row in report["results"].values():
         assert row["seconds"] > 0 and row["GB_per_s"] == pytest.approx(report["bytes"] / row["seconds"] / 1e9)
     assert json.loads((tmp_path / "sync.json").read_text())["bytes"] == report["bytes"]

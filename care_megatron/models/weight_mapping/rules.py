@@ -420,6 +420,24 @@ def rule_to_hf_tensors(rule: TensorRule, shards: Sequence[torch.Tensor], dims: L
     raise ValueError(f"unknown layout kind {rule.kind!r}")
 
 
+def single_shard_to_hf(rule: TensorRule, local: torch.Tensor, dims: LanguageModelDims) -> list[torch.Tensor]:
+    """:func:`rule_to_hf_tensors` of one whole tensor (TP = 1, or a replicated tensor) with no copy
+    where the HF layout is a view of the Megatron one: replicated / row / column tensors come back
+    as ``local`` itself, the vocabulary without its padding and gate / up as slices of it. Only
+    QKV needs a re-layout (heads are interleaved per group): one copy per output, not two (no
+    ``torch.cat`` of a single piece). Values are bit-identical to :func:`rule_to_hf_tensors`, but
+    the views alias ``local``."""
+    if rule.kind in (REPLICATED, ROW, COLUMN):
+        return [local]
+    if rule.kind == VOCAB:
+        return [local[: dims.vocab_size]]
+    if rule.kind == QKV:
+        return list(split_qkv(local, dims))
+    if rule.kind == GATE_UP:
+        return list(torch.chunk(local, 2, dim=0))
+    raise ValueError(f"unknown layout kind {rule.kind!r}")
+
+
 def rule_output_hf_names(rule: TensorRule, dims: LanguageModelDims) -> tuple[str, ...]:
     """HF names a rule produces when converting back (the tied last-stage output copy produces none)."""
     if rule.megatron_name == "output_layer.weight" and dims.tie_word_embeddings:

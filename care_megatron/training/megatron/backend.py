@@ -427,14 +427,15 @@ class MegatronBackend:
         return losses, metric_list
 
     # ------------------------------------------------------------------ protocol: weights / checkpoints
-    def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def export_weights(self, bucket_bytes: int = 512 << 20, views: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """HF-named full tensors in buckets, through ``weight_export`` (the shared mapping). While
         asleep only the policy weights come back for it (no gradients, master weights, Adam moments
-        or reference model), and they are freed again afterwards without a copy."""
+        or reference model), and they are freed again afterwards without a copy. ``views``: see
+        ``weight_export`` (read-only, each bucket consumed before the next is asked for)."""
         from care_megatron.training.megatron import weight_export
 
         with self._weights_awake():
-            yield from weight_export.export_weights(self, bucket_bytes)
+            yield from weight_export.export_weights(self, bucket_bytes, views=views)
 
     def state_dict_for_checkpoint(self) -> dict:
         with self._temporarily_awake():

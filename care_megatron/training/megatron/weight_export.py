@@ -13,6 +13,16 @@ names and layouts cannot drift apart) and for each Megatron tensor:
 4. appends it to the current bucket; a bucket is yielded once the next tensor would push it past
    ``bucket_bytes`` (a tensor larger than ``bucket_bytes`` forms a bucket of its own).
 
+Views: by default every exported tensor is fresh memory, safe to keep. With ``views=True`` a tensor
+whose HF layout is a view of the local parameter (TP = 1, or a replicated tensor: norms, the vision
+tower, row / column weights, gate / up halves, the un-padded vocabulary) is handed out as that view,
+no copy; on CPU a fresh copy of every tensor costs page faults on top of the copy the consumer makes
+anyway. Only for consumers that (a) never write to the tensors and (b) are done with a bucket before
+asking the generator for the next one (the parameters may be modified, offloaded or freed once the
+generator moves on or ends). ``care_megatron.rollout.colocate.sync_weights`` is such a consumer: the HF
+engine's ``update_weights`` copies each tensor into its own parameters, SGLang's path flattens each
+bucket into a new tensor and loads it synchronously.
+
 Memory: the exporter keeps no reference to a bucket after yielding it, so while the consumer works
 on bucket k the exporter holds only bucket k+1 being filled: peak extra memory is two buckets plus
 the transient TP gather of one tensor (which is freed before the next one starts).
@@ -35,7 +45,8 @@ from torch import nn
 
 from care_megatron.models.weight_mapping import ArchitectureSpec, mapping_for_config
 from care_megatron.models.weight_mapping.rules import (REPLICATED, ParallelLayout, TensorRule, dims_from_config,
-                                                       rule_output_hf_names, rule_to_hf_tensors, tensor_rules)
+                                                       rule_output_hf_names, rule_to_hf_tensors, single_shard_to_hf,
+                                                       tensor_rules)
 
 VISION_PREFIX = "vision_model."
 
@@ -92,8 +103,8 @@ def _meta_hf_shapes(rule: TensorRule, local: torch.Tensor, tp: int, dims) -> lis
 
 
 def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, dtype: Optional[torch.dtype] = None, *,
-                      tp_group=None, pp_group=None, spec: Optional[ArchitectureSpec] = None
-                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                      tp_group=None, pp_group=None, spec: Optional[ArchitectureSpec] = None,
+                      views: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets ``[(hf_name, full_tensor), ...]`` of at most ``bucket_bytes`` each.
 
     Args:
@@ -104,6 +115,8 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, dt
         bucket_bytes: bucket capacity in bytes (default 512 MiB).
         dtype: cast every exported tensor to this dtype (None keeps the parameter dtype).
         tp_group / pp_group: process groups; default Megatron's, or none (TP = PP = 1).
+        views: hand out views of the parameters where no re-layout is needed, instead of copies
+            (see the module docstring for which consumers may ask for them).
 
     Every rank of a TP x PP grid must iterate the generator to the end (collectives inside).
     """
@@ -132,7 +145,8 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, dt
             if tensor is None:
                 raise ValueError(f"export: the model has no parameter {rule.megatron_name} on PP rank {pp_rank}, "
                                  f"virtual stage {rule.vp_stage} (names seen: {sorted(local[rule.vp_stage])[:4]} ...)")
-            shapes[index] = _meta_hf_shapes(rule, tensor, tp, dims)
+            if pp > 1:  # only other stages need them (working them out on meta tensors is not free)
+                shapes[index] = _meta_hf_shapes(rule, tensor, tp, dims)
     if pp > 1:
         gathered = [None] * pp
         dist.all_gather_object(gathered, shapes, group=pp_group)
@@ -145,7 +159,10 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, dt
         names = rule_output_hf_names(rule, dims)
         if rule.pp_rank == pp_rank:
             tensors = [t.to(dtype) if dtype is not None and t.is_floating_point() else t
-                       for t in _gather_to_hf(rule, local[rule.vp_stage][rule.megatron_name], tp, tp_group, dims)]
+                       for t in _gather_to_hf(rule, local[rule.vp_stage][rule.megatron_name], tp, tp_group, dims,
+                                              views)]
+            if pp > 1:  # a collective needs contiguous memory (a view of the vocab or gate / up may not be)
+                tensors = [t.contiguous() for t in tensors]
         else:
             tensors = [torch.empty(shape, dtype=dtype if dtype is not None and d.is_floating_point else d,
                                    device=_device_of(local))
@@ -174,8 +191,11 @@ def _device_of(local: list[dict[str, torch.Tensor]]) -> torch.device:
     return torch.device("cpu")
 
 
-def _gather_to_hf(rule: TensorRule, local: torch.Tensor, tp: int, tp_group, dims) -> list[torch.Tensor]:
+def _gather_to_hf(rule: TensorRule, local: torch.Tensor, tp: int, tp_group, dims, views: bool = False
+                  ) -> list[torch.Tensor]:
     """All-gather one tensor's TP shards (rank order) and convert them to the HF tensor(s)."""
+    if views and (tp == 1 or rule.kind == REPLICATED):
+        return single_shard_to_hf(rule, local, dims)
     if tp == 1 or rule.kind == REPLICATED:
         pieces = [local] * tp
     else:
@@ -187,7 +207,7 @@ def _gather_to_hf(rule: TensorRule, local: torch.Tensor, tp: int, tp_group, dims
     return [t.clone() if any(t.data_ptr() == p.data_ptr() for p in pieces) else t.contiguous() for t in out]
 
 
-def export_weights(backend, bucket_bytes: int = 512 << 20, dtype: Optional[torch.dtype] = None
+def export_weights(backend, bucket_bytes: int = 512 << 20, dtype: Optional[torch.dtype] = None, views: bool = False
                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """``MegatronBackend.export_weights``: the backend's policy model through :func:`export_hf_weights`.
 
@@ -198,4 +218,4 @@ def export_weights(backend, bucket_bytes: int = 512 << 20, dtype: Optional[torch
         raise ValueError("export_weights: the backend must keep its transformers config as `hf_config` "
                          "(the weight mapping reads the architecture and dims from it)")
     chunks = getattr(backend, "policy_chunks", None) or backend.policy
-    return export_hf_weights(chunks, hf_config, bucket_bytes, dtype)
+    return export_hf_weights(chunks, hf_config, bucket_bytes, dtype, views=views)

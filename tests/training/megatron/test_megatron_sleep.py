@@ -117,10 +117,10 @@ def test_backend_sleep_export_wake_cycle(cpu_backend, monkeypatch):
     residency = {}
     real_export = weight_export.export_weights
 
-    def spying_export(owner, bucket_bytes):
+    def spying_export(owner, bucket_bytes, **options):
         residency["params"] = all(_nbytes(p) > 0 for p in params)
         residency["others"] = [_nbytes(t) for t in [*moments, *references, *grads]]
-        yield from real_export(owner, bucket_bytes)
+        yield from real_export(owner, bucket_bytes, **options)
 
     monkeypatch.setattr(weight_export, "export_weights", spying_export)
     exported_asleep = [(n, t.clone()) for bucket in backend.export_weights() for n, t in bucket]
