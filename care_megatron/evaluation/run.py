@@ -34,6 +34,20 @@ def _model_config(config: RunConfig, checkpoint: str | None):
     return _base_model_config(config), None
 
 
+
+def _load_policy(config: RunConfig, checkpoint: str | None):
+    """The policy to evaluate: model, tokenizer, image processor, its model config, and the
+    trainer-state file its weights came from (None for a Hugging Face directory)."""
+    from care_megatron.models import build_model_and_processor
+
+    model_config, state_path = _model_config(config, checkpoint)
+    model, tokenizer, image_processor = build_model_and_processor(
+        model_config, device="cuda" if torch.cuda.is_available() else "cpu",
+        min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    if state_path is not None:
+        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    return model, tokenizer, image_processor, model_config, state_path
+
 def _base_model_config(config: RunConfig):
     from care_megatron.models.policy import policy_model_config
 
@@ -43,18 +57,12 @@ def _base_model_config(config: RunConfig):
 def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: bool = True,
                    progress: bool = True) -> EvalReport:
     from care_megatron.data.dataset import build_records
-    from care_megatron.models import build_model_and_processor
     from care_megatron.rewards.registry import get_reward_fn
     from care_megatron.rewards.verifier import VerifierConfig
     from care_megatron.rollout.base import SamplingParams
     from care_megatron.rollout.registry import get_rollout_engine
 
-    model_config, state_path = _model_config(config, checkpoint)
-    model, tokenizer, image_processor = build_model_and_processor(
-        model_config, device="cuda" if torch.cuda.is_available() else "cpu",
-        min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
-    if state_path is not None:
-        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    model, tokenizer, image_processor, _, _ = _load_policy(config, checkpoint)
     engine = get_rollout_engine("hf", model.eval(), tokenizer, batch_size=config.rollout.batch_size)
     records = build_records(config.data).eval
     if not records:
@@ -84,7 +92,6 @@ def run_benchmark_evaluation(config: RunConfig, checkpoint: str | None = None, b
     and returns the :class:`~care_megatron.evaluation.benchmark_eval.BenchmarkReport`.
     """
     from care_megatron.evaluation.benchmark_eval import evaluate_benchmarks, load_judge
-    from care_megatron.models import build_model_and_processor
     from care_megatron.rollout.base import SamplingParams
     from care_megatron.rollout.builder import build_rollout_engine
     from care_megatron.rollout.registry import get_rollout_engine
@@ -93,12 +100,7 @@ def run_benchmark_evaluation(config: RunConfig, checkpoint: str | None = None, b
     if not benchmarks:
         raise ValueError("config field 'eval.benchmarks': no benchmark given (NAME=PATH, e.g. mathvista=/data/MathVista)")
     judge, judge_name = load_judge(config.eval.judge) if config.eval.judge else (None, None)
-    model_config, state_path = _model_config(config, checkpoint)
-    model, tokenizer, image_processor = build_model_and_processor(
-        model_config, device="cuda" if torch.cuda.is_available() else "cpu",
-        min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
-    if state_path is not None:
-        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    model, tokenizer, image_processor, model_config, state_path = _load_policy(config, checkpoint)
     if config.rollout.engine == "hf":
         engine = get_rollout_engine("hf", model.eval(), tokenizer, batch_size=config.rollout.batch_size)
     else:
