@@ -77,13 +77,15 @@ def test_frozen_run_shares_seeds_policy_and_prompts(sweep, tmp_path, monkeypatch
 
     monkeypatch.setattr(sweep, "run_command", fake_run)
     timings = sweep.run_seed("cfg.yaml", ["train.steps=3"], 2, tmp_path, 1e-10, 3, threads=1)
-    assert [c for c, _ in calls] == ["sft", "train", "train"]
+    assert sorted(c for c, _ in calls) == ["sft", "train", "train"] and calls[0][0] == "sft"
     assert timings == {"sft_s": 1.0, "train_s": 1.0, "frozen_s": 1.0}
 
     def as_dict(overrides):
         return dict(o.split("=", 1) for o in overrides)  # later keys win, like the config loader
 
-    sft, rl, frozen = (as_dict(o) for _, o in calls)
+    sft = as_dict(calls[0][1])
+    # the RL and frozen runs start side by side: tell them apart by their output directory
+    rl, frozen = sorted((as_dict(o) for _, o in calls[1:]), key=lambda d: d["train.output_dir"].endswith("frozen"))
     for key in ("train.seed", "data.seed", "model.init_seed"):
         assert sft[key] == rl[key] == frozen[key] == "2"
     assert rl["train.init_from"] == frozen["train.init_from"] == str(tmp_path / "seed2" / "sft")
@@ -91,3 +93,12 @@ def test_frozen_run_shares_seeds_policy_and_prompts(sweep, tmp_path, monkeypatch
     assert frozen["data.eval_size"] == "0"
     assert frozen["train.output_dir"] == str(tmp_path / "seed2" / "frozen")
     assert rl["train.output_dir"] == str(tmp_path / "seed2")
+
+
+def test_finished_phases_are_not_run_again(sweep, tmp_path, monkeypatch):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: 0.5, 0.25, steps=3)
+    for sub in ("sft", "final", "frozen/final"):
+        (tmp_path / "seed0" / sub).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "seed0" / "sft" / "config.json").write_text("{}")
+    monkeypatch.setattr(sweep, "run_command", lambda *a: pytest.fail("a finished phase ran again"))
+    assert sweep.run_seed(None, [], 0, tmp_path, 1e-10, 3, threads=1)["sft_s"] == 10.0

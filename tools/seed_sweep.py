@@ -1,7 +1,7 @@
 """Does the default visibly learn? SFT, RL and a frozen-policy RL run for several seeds, with intervals.
 
 For each seed ``k`` (``train.seed = data.seed = model.init_seed = k``) the tool runs, as separate
-processes through the package's CLI, exactly what a user runs:
+processes through the package's CLI, exactly what a user runs (2 and 3 side by side):
 
 1. ``care-sft``: the cold-start SFT policy, ``<out>/seed<k>/sft``;
 2. ``care-train`` from that policy: ``<out>/seed<k>/``;
@@ -23,8 +23,9 @@ freedom):
 It writes ``<out>/summary.json``, ``<out>/table.txt`` and, per seed, redraws ``<out>/seed<k>/curves.png``
 with the frozen run overlaid and the RL - frozen training-accuracy panel
 (``care_megatron.plotting.plot_run(..., baseline=...)``). Finished phases (their outputs exist) are not
-run again, so an interrupted sweep continues where it stopped. ``--jobs 2`` runs two seeds at once
-(each with ``train.threads=1``), which is the fastest use of a 2-core machine.
+run again, so an interrupted sweep continues where it stopped. ``--jobs N`` runs N seeds at once
+(every run with ``--threads``, default 1), so wall times measured in a sweep are of a shared machine;
+time the user's command on its own for the README.
 
 Usage::
 
@@ -103,12 +104,18 @@ def run_seed(config: str | None, overrides: list[str], seed: int, out: Path, fro
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     if not (directory / "sft" / "config.json").exists():
         timings["sft_s"] = run_command("sft", config, common, directory / "log.txt")
-    if not finished(directory, steps):
-        timings["train_s"] = run_command("train", config, common, directory / "log.txt")
     frozen = directory / "frozen"
+    runs = {}  # the RL and the frozen run are independent once the SFT policy exists: run them side by side
+    if not finished(directory, steps):
+        runs["train_s"] = (common, directory / "log.txt")
     if not finished(frozen, steps):
-        timings["frozen_s"] = run_command("train", config, [*common, f"train.output_dir={frozen}", f"train.lr={frozen_lr}",
-                                                            "data.eval_size=0"], directory / "log.txt")
+        runs["frozen_s"] = ([*common, f"train.output_dir={frozen}", f"train.lr={frozen_lr}", "data.eval_size=0"],
+                            frozen / "log.txt")
+    if runs:
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            futures = {key: pool.submit(run_command, "train", config, overrides, log)
+                       for key, (overrides, log) in runs.items()}
+            timings.update({key: future.result() for key, future in futures.items()})
     directory.mkdir(parents=True, exist_ok=True)
     timings_path.write_text(json.dumps(timings, indent=1))
     return timings
