@@ -102,3 +102,13 @@ def test_finished_phases_are_not_run_again(sweep, tmp_path, monkeypatch):
     (tmp_path / "seed0" / "sft" / "config.json").write_text("{}")
     monkeypatch.setattr(sweep, "run_command", lambda *a: pytest.fail("a finished phase ran again"))
     assert sweep.run_seed(None, [], 0, tmp_path, 1e-10, 3, threads=1)["sft_s"] == 10.0
+
+
+def test_unfinished_runs_are_compared_over_common_steps(sweep, tmp_path):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: s / 10, 0.25, steps=12)
+    frozen = tmp_path / "seed0" / "frozen" / "metrics.jsonl"  # the frozen run only reached step 6
+    frozen.write_text("".join(json.dumps({"step": s, "loss": 0.0, "accuracy/mean": 0.25}) + "\n" for s in range(1, 7)))
+    summary = sweep.seed_summary(tmp_path / "seed0", last=4)
+    assert summary["train_steps"] == [3, 6]
+    assert summary["train_last"] == pytest.approx((0.3 + 0.4 + 0.5 + 0.6) / 4)
+    assert summary["frozen_last"] == 0.25

@@ -131,9 +131,11 @@ def seed_summary(directory: Path, last: int) -> dict:
         raise RuntimeError(f"{directory}: missing evaluations or steps in metrics.jsonl")
     first, final = evals[0], evals[-1]
     tasks = sorted(k[len("eval/accuracy/"):] for k in first if k.startswith("eval/accuracy/"))
+    # compared over the steps both runs have reached (an unfinished run is summarised as far as it got)
+    common = sorted({r["step"] for r in steps} & {r["step"] for r in frozen_steps})[-last:]
 
     def tail_mean(seq: list[dict]) -> float:
-        values = [r["accuracy/mean"] for r in seq[-last:]]
+        values = [r["accuracy/mean"] for r in seq if r["step"] in common]
         return sum(values) / len(values)
 
     summary = {
@@ -141,7 +143,7 @@ def seed_summary(directory: Path, last: int) -> dict:
         "heldout_gain": final["eval/accuracy"] - first["eval/accuracy"],
         "heldout_steps": [first["step"], final["step"]],
         "heldout_curve": [[r["step"], r["eval/accuracy"]] for r in evals],
-        "train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps),
+        "train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps), "train_steps": [common[0], common[-1]],
         "per_task": {t: [first[f"eval/accuracy/{t}"], final.get(f"eval/accuracy/{t}", float("nan"))] for t in tasks},
     }
     summary["train_gain_over_frozen"] = summary["train_last"] - summary["frozen_last"]
@@ -178,6 +180,9 @@ def report(per_seed: dict[int, dict], last: int) -> tuple[dict, str]:
     lines = [f"{'metric':<52} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds) + "   mean [95% t-interval]"]
     for key, label in keys:
         lines.append(f"{label:<52} " + " ".join(f"{per_seed[s][key]:>8.3f}" for s in seeds) + f"   {_fmt(aggregate[key])}")
+    lines.append(f"{'(held-out at steps; training accuracy over steps)':<52} " + " ".join(
+        f"{'%d-%d' % tuple(per_seed[s]['heldout_steps']):>8}" for s in seeds) + "   " + " ".join(
+        "%d-%d" % tuple(per_seed[s]["train_steps"]) for s in seeds))
     for task in tasks:
         label = f"  held-out {task}: SFT -> RL"
         cells = " ".join(f"{per_seed[s]['per_task'][task][0]:.2f}->{per_seed[s]['per_task'][task][1]:.2f}"
