@@ -1,4 +1,6 @@
-"""The run's curves as one PNG: reward, held-out accuracy, failure-signal share, K', RGR success, loss."""
+"""The run's curves as one PNG: reward, training and held-out accuracy (overall and per task),
+failure-signal share, K', RGR success, loss; with a frozen-policy baseline, also the RL run's training
+accuracy minus the baseline's on the same prompt sequence."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +9,7 @@ from care_megatron.metrics import read_metrics
 
 PANELS = (
     ("reward/mean", "mean reward"),
+    ("accuracy/mean", "training accuracy (rollouts)"),
     ("eval/accuracy", "held-out accuracy"),
     ("signal/failure_share", "failure-signal share"),
     ("kprime/mean", "mean K'"),
@@ -16,8 +19,12 @@ PANELS = (
 
 
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = None,
-             others: dict[str, str | Path] | None = None) -> Path | None:
-    """Plot the panels present in ``metrics_path`` (and, overlaid, in each of ``others``: label -> path)."""
+             others: dict[str, str | Path] | None = None, baseline: str | Path | None = None) -> Path | None:
+    """Plot the panels present in ``metrics_path`` (and, overlaid, in each of ``others``: label -> path).
+
+    ``baseline``: metrics of a frozen-policy run on the same prompt sequence (same seeds, learning
+    rate ~0, e.g. ``tools/seed_sweep.py``'s ``frozen/``); it is overlaid as ``frozen policy`` and adds
+    the panel of :func:`draw_gain_over_baseline`. Held-out accuracy per task gets its own panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,13 +33,25 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     runs = {title or Path(metrics_path).parent.name: read_metrics(metrics_path)}
     for label, path in (others or {}).items():
         runs[label] = read_metrics(path)
+    main_rows = next(iter(runs.values()))
+    baseline_rows = read_metrics(baseline) if baseline is not None else None
+    if baseline_rows is not None:
+        runs[BASELINE_LABEL] = baseline_rows
     panels = [(k, t) for k, t in PANELS if any(k in row for rows in runs.values() for row in rows)]
     if not panels:
         return None
+    extra = []  # (draw function, its arguments) of the panels beyond PANELS
+    if baseline_rows is not None:
+        extra.append((draw_gain_over_baseline, (main_rows, baseline_rows)))
+    if task_accuracy_keys(main_rows):
+        extra.append((draw_task_accuracy, (main_rows,)))
+    panels += [("", "")] * len(extra)
     cols = 3
     rows_n = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, panels):
+    for ax, (draw, args) in zip(list(axes.flat)[len(panels) - len(extra):], extra):
+        draw(ax, *args)
+    for ax, (key, label) in zip(axes.flat, panels[:len(panels) - len(extra)]):
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if not pts:
@@ -58,3 +77,67 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+BASELINE_LABEL = "frozen policy"
+TASK_PREFIX = "eval/accuracy/"
+
+
+def gain_over_baseline(rows: list[dict], baseline_rows: list[dict], key: str = "accuracy/mean",
+                       window: int | None = None) -> dict[str, list[float]]:
+    """Per-step ``key`` of ``rows`` minus ``baseline_rows``' at the same step, with a trailing mean.
+
+    A frozen-policy baseline sees the same prompt at each step, so the difference removes the prompt
+    sequence's own difficulty. ``window`` (default ~10% of the steps, at least 5) is the trailing
+    window; ``low`` / ``high`` are the trailing mean -+ 2 standard errors of the differences in it."""
+    base = {r["step"]: r[key] for r in baseline_rows if isinstance(r.get(key), (int, float))}
+    pts = [(r["step"], r[key] - base[r["step"]]) for r in rows
+           if isinstance(r.get(key), (int, float)) and r["step"] in base]
+    out: dict[str, list[float]] = {"step": [p[0] for p in pts], "diff": [p[1] for p in pts],
+                                   "mean": [], "low": [], "high": []}
+    window = window or max(5, len(pts) // 10)
+    diffs = out["diff"]
+    for i in range(len(diffs)):
+        chunk = diffs[max(0, i - window + 1):i + 1]
+        mean = sum(chunk) / len(chunk)
+        sd = (sum((v - mean) ** 2 for v in chunk) / (len(chunk) - 1)) ** 0.5 if len(chunk) > 1 else 0.0
+        half = 2 * sd / len(chunk) ** 0.5
+        out["mean"].append(mean)
+        out["low"].append(mean - half)
+        out["high"].append(mean + half)
+    return out
+
+
+def draw_gain_over_baseline(ax, rows: list[dict], baseline_rows: list[dict]) -> None:
+    """Panel: RL training accuracy minus the frozen policy's (:func:`gain_over_baseline`); a band
+    clear of zero is learning seen through the noise of the prompt order."""
+    gain = gain_over_baseline(rows, baseline_rows)
+    ax.set_title("training accuracy: RL - frozen policy")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if not gain["step"]:
+        return
+    ax.plot(gain["step"], gain["diff"], alpha=0.3, linewidth=1, color="C0")
+    ax.fill_between(gain["step"], gain["low"], gain["high"], color="C0", alpha=0.2)
+    ax.plot(gain["step"], gain["mean"], color="C0", linewidth=2, label="trailing mean +- 2 s.e.")
+    ax.legend(fontsize=8)
+
+
+def task_accuracy_keys(rows: list[dict]) -> list[str]:
+    """The per-task held-out accuracy keys (``eval/accuracy/<task>``) present in ``rows``, sorted."""
+    return sorted({k for r in rows for k in r if k.startswith(TASK_PREFIX)})
+
+
+def draw_task_accuracy(ax, rows: list[dict]) -> None:
+    """Held-out accuracy of each task on the fixed held-out set, against the step."""
+    for key in task_accuracy_keys(rows):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=key[len(TASK_PREFIX):])
+    ax.set_title("held-out accuracy per task")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -78,8 +78,10 @@ def _synthetic_splits(task: str, train_n: int, eval_n: int, config) -> tuple[lis
         record = synthetic.generate_one(task, index, config.seed, config.difficulty[index % len(config.difficulty)],
                                         config.image_size, EVAL_STREAM)
         index += 1
-        if _fingerprint(record) not in seen:
+        fingerprint = _fingerprint(record)
+        if fingerprint not in seen:
             held_out.append(record)
+            seen.add(fingerprint)  # a question counted twice would overstate the held-out set's size
     return train, held_out
 
 

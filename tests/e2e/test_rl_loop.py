@@ -20,6 +20,10 @@ SMALL = [
     "data.train_size=40", "data.eval_size=4", "data.prompts_per_step=2", "rollout.group_size=4",
     "rollout.max_new_tokens=12", "train.micro_batch_tokens=512", "train.threads=1", "train.init_from=null",
     "train.eval_every=0", "train.save_every=2", "train.sft_steps=6", "train.sft_batch_size=4",
+    # the golden metrics and the Megatron parity runs were recorded on this task mix and learning rate;
+    # pinned here so retuning the default's (tiny_cpu.yaml) leaves these tests' runs unchanged
+    "data.tasks=[count_shapes,tallest_bar,triangle_angle,compare_lengths,easy_vqa]", "data.difficulty=[1,2]",
+    "train.lr=2.0e-4",
 ]
 
 

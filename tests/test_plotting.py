@@ -1,0 +1,60 @@
+"""curves.png: the frozen-policy comparison (closed-form differences) and the per-task panel."""
+import json
+
+import pytest
+
+from care_megatron.plotting import gain_over_baseline, plot_run, task_accuracy_keys
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gain_over_baseline_closed_form():
+    rl = [{"step": s, "accuracy/mean": a} for s, a in zip([1, 2, 3, 4], [0.5, 0.75, 0.25, 1.0])]
+    frozen = [{"step": s, "accuracy/mean": a} for s, a in zip([1, 2, 3, 4], [0.5, 0.25, 0.25, 0.5])]
+    frozen.append({"step": 0, "eval/accuracy": 0.3})  # an evaluation row has no training accuracy
+    gain = gain_over_baseline(rl, frozen, window=2)
+    assert gain["step"] == [1, 2, 3, 4]
+    assert gain["diff"] == [0.0, 0.5, 0.0, 0.5]
+    assert gain["mean"] == [0.0, 0.25, 0.25, 0.25]
+    # window of two differences {0, 0.5}: sd = sqrt(0.125), s.e. = sd / sqrt(2) = 0.25, band = mean -+ 0.5
+    assert gain["low"][1:] == pytest.approx([-0.25] * 3)
+    assert gain["high"][1:] == pytest.approx([0.75] * 3)
+    assert gain["low"][0] == gain["high"][0] == 0.0  # one value: no spread
+
+
+def test_gain_over_baseline_pairs_by_step():
+    rl = [{"step": 1, "accuracy/mean": 0.5}, {"step": 2, "accuracy/mean": 0.9}]
+    frozen = [{"step": 2, "accuracy/mean": 0.4}]
+    assert gain_over_baseline(rl, frozen)["diff"] == pytest.approx([0.5])
+
+
+def test_curves_png_has_frozen_and_per_task_panels(tmp_path, monkeypatch):
+    rows = [{"step": 0, "eval/accuracy": 0.4, "eval/accuracy/a": 0.2, "eval/accuracy/b": 0.6}]
+    rows += [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.05 * s, "loss": 1.0 / s} for s in range(1, 13)]
+    rows.append({"step": 12, "eval/accuracy": 0.6, "eval/accuracy/a": 0.5, "eval/accuracy/b": 0.7})
+    frozen = [{"step": s, "reward/mean": 0.1, "accuracy/mean": 0.05, "loss": 1.0} for s in range(1, 13)]
+    metrics = _write(tmp_path / "run" / "metrics.jsonl", rows)
+    base = _write(tmp_path / "run" / "frozen" / "metrics.jsonl", frozen)
+    assert task_accuracy_keys(rows) == ["eval/accuracy/a", "eval/accuracy/b"]
+
+    import matplotlib.figure
+
+    titles = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        titles.append([ax.get_title() for ax in fig.axes if ax.axison])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    out = plot_run(metrics, tmp_path / "curves.png", baseline=base)
+    assert out.stat().st_size > 1000
+    assert titles[-1] == ["mean reward", "training accuracy (rollouts)", "held-out accuracy", "loss",
+                          "training accuracy: RL - frozen policy", "held-out accuracy per task"]
+    plot_run(metrics, tmp_path / "plain.png")  # without a baseline: no difference panel
+    assert "training accuracy: RL - frozen policy" not in titles[-1]
+    assert "held-out accuracy per task" in titles[-1]

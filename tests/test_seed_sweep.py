@@ -1,0 +1,114 @@
+"""tools/seed_sweep.py: the t-interval, the per-seed summary, and that the frozen run shares the RL run's
+seeds, initial policy and prompts (only the learning rate and evaluation differ)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "seed_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("seed_sweep", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mean_interval_closed_form(sweep):
+    stat = sweep.mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert stat["mean"] == 2.0
+    assert stat["high"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
+    assert 2.0 - stat["low"] == pytest.approx(4.303 / math.sqrt(3))
+    assert math.isnan(sweep.mean_interval([0.5])["low"])
+
+
+def test_t_quantiles_match_scipy(sweep):
+    stats = pytest.importorskip("scipy.stats")
+    for dof in list(sweep.T_975):
+        assert sweep.t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=6e-4)
+    assert sweep.t_quantile_975(22) >= stats.t.ppf(0.975, 22)  # untabulated: conservative
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fake_seed(directory, sft_acc, final_acc, rl_acc, frozen_acc, steps=12):
+    rows = [{"step": 0, "eval/accuracy": sft_acc, "eval/accuracy/x": sft_acc}]
+    rows += [{"step": s, "loss": 0.0, "accuracy/mean": rl_acc(s)} for s in range(1, steps + 1)]
+    rows[-1].update({"eval/accuracy": final_acc, "eval/accuracy/x": final_acc})
+    _write(directory / "metrics.jsonl", rows)
+    _write(directory / "frozen" / "metrics.jsonl",
+           [{"step": s, "loss": 0.0, "accuracy/mean": frozen_acc} for s in range(1, steps + 1)])
+    (directory / "timings.json").write_text(json.dumps({"sft_s": 10.0, "train_s": 20.0, "frozen_s": 15.0}))
+
+
+def test_seed_summary_and_report(sweep, tmp_path):
+    # steps 1..12; last 10 steps are 3..12 -> mean of s / 20 over 3..12 = 7.5 / 20 = 0.375
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: s / 20, 0.25)
+    _fake_seed(tmp_path / "seed1", 0.4, 0.5, lambda s: 0.5, 0.3)
+    s0 = sweep.seed_summary(tmp_path / "seed0", last=10)
+    assert s0["heldout_sft"] == 0.3 and s0["heldout_final"] == 0.5
+    assert s0["heldout_gain"] == pytest.approx(0.2)
+    assert s0["train_last"] == pytest.approx(0.375)
+    assert s0["train_gain_over_frozen"] == pytest.approx(0.125)
+    assert s0["per_task"] == {"x": [0.3, 0.5]}
+    assert s0["user_commands_s"] == 30.0
+    s1 = sweep.seed_summary(tmp_path / "seed1", last=10)
+    aggregate, table = sweep.report({0: s0, 1: s1}, last=10)
+    assert aggregate["heldout_gain"]["mean"] == pytest.approx(0.15)
+    # two seeds: half-width = t(0.975, 1) * sd / sqrt(2), sd of {0.2, 0.1} = 0.0707
+    assert aggregate["heldout_gain"]["high"] - 0.15 == pytest.approx(12.706 * math.sqrt(0.005) / math.sqrt(2))
+    assert aggregate["train_gain_over_frozen"]["mean"] == pytest.approx((0.125 + 0.2) / 2)
+    assert "held-out gain (RL - SFT)" in table and "x: SFT -> RL" in table
+
+
+def test_frozen_run_shares_seeds_policy_and_prompts(sweep, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(command, config, overrides, log_path):
+        calls.append((command, overrides))
+        return 1.0
+
+    monkeypatch.setattr(sweep, "run_command", fake_run)
+    timings = sweep.run_seed("cfg.yaml", ["train.steps=3"], 2, tmp_path, 1e-10, 3, threads=1)
+    assert sorted(c for c, _ in calls) == ["sft", "train", "train"] and calls[0][0] == "sft"
+    assert timings == {"sft_s": 1.0, "train_s": 1.0, "frozen_s": 1.0}
+
+    def as_dict(overrides):
+        return dict(o.split("=", 1) for o in overrides)  # later keys win, like the config loader
+
+    sft = as_dict(calls[0][1])
+    # the RL and frozen runs start side by side: tell them apart by their output directory
+    rl, frozen = sorted((as_dict(o) for _, o in calls[1:]), key=lambda d: d["train.output_dir"].endswith("frozen"))
+    for key in ("train.seed", "data.seed", "model.init_seed"):
+        assert sft[key] == rl[key] == frozen[key] == "2"
+    assert rl["train.init_from"] == frozen["train.init_from"] == str(tmp_path / "seed2" / "sft")
+    assert float(frozen["train.lr"]) == 1e-10 and "train.lr" not in rl
+    assert frozen["data.eval_size"] == "0"
+    assert frozen["train.output_dir"] == str(tmp_path / "seed2" / "frozen")
+    assert rl["train.output_dir"] == str(tmp_path / "seed2")
+
+
+def test_finished_phases_are_not_run_again(sweep, tmp_path, monkeypatch):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: 0.5, 0.25, steps=3)
+    for sub in ("sft", "final", "frozen/final"):
+        (tmp_path / "seed0" / sub).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "seed0" / "sft" / "config.json").write_text("{}")
+    monkeypatch.setattr(sweep, "run_command", lambda *a: pytest.fail("a finished phase ran again"))
+    assert sweep.run_seed(None, [], 0, tmp_path, 1e-10, 3, threads=1)["sft_s"] == 10.0
+
+
+def test_unfinished_runs_are_compared_over_common_steps(sweep, tmp_path):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: s / 10, 0.25, steps=12)
+    frozen = tmp_path / "seed0" / "frozen" / "metrics.jsonl"  # the frozen run only reached step 6
+    frozen.write_text("".join(json.dumps({"step": s, "loss": 0.0, "accuracy/mean": 0.25}) + "\n" for s in range(1, 7)))
+    summary = sweep.seed_summary(tmp_path / "seed0", last=4)
+    assert summary["train_steps"] == [3, 6]
+    assert summary["train_last"] == pytest.approx((0.3 + 0.4 + 0.5 + 0.6) / 4)
+    assert summary["frozen_last"] == 0.25

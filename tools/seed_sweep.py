@@ -1,0 +1,237 @@
+"""Does the default visibly learn? SFT, RL and a frozen-policy RL run for several seeds, with intervals.
+
+For each seed ``k`` (``train.seed = data.seed = model.init_seed = k``) the tool runs, as separate
+processes through the package's CLI, exactly what a user runs (2 and 3 side by side):
+
+1. ``care-sft``: the cold-start SFT policy, ``<out>/seed<k>/sft``;
+2. ``care-train`` from that policy: ``<out>/seed<k>/``;
+3. the same ``care-train`` with ``train.lr`` at ``--frozen-lr`` (1e-10: Adam's step is then ~1e-10 per
+   parameter, i.e. a frozen policy) into ``<out>/seed<k>/frozen/``. It draws the same prompts in the
+   same order with the same sampling seeds, so its training accuracy is the prompt sequence's own
+   difficulty curve; the RL run's excess over it is what the policy learned. It skips held-out
+   evaluation (``data.eval_size=0``), which does not change the training records.
+
+It then prints, per seed and as mean with a 95% Student-t interval over the seeds (n - 1 degrees of
+freedom):
+
+* held-out accuracy of the SFT policy (the RL run's step-0 evaluation) and after RL (its last
+  evaluation), their difference, and the same per task;
+* the mean training (rollout) accuracy of the last ``--last`` steps of the RL run and of the frozen
+  run, and their difference;
+* wall time of the two user commands (``care-sft`` + ``care-train``).
+
+It writes ``<out>/summary.json``, ``<out>/table.txt`` and, per seed, redraws ``<out>/seed<k>/curves.png``
+with the frozen run overlaid and the RL - frozen training-accuracy panel
+(``care_megatron.plotting.plot_run(..., baseline=...)``). Finished phases (their outputs exist) are not
+run again, so an interrupted sweep continues where it stopped. ``--jobs N`` runs N seeds at once
+(every run with ``--threads``, default 1), so wall times measured in a sweep are of a shared machine;
+time the user's command on its own for the README.
+
+Usage::
+
+    python tools/seed_sweep.py --config examples/configs/tiny_cpu.yaml --out runs/sweep --seeds 3 --jobs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042}
+"""Two-sided 95% quantiles of Student's t by degrees of freedom (tabulated; 1.96 beyond 30)."""
+
+
+def t_quantile_975(dof: int) -> float:
+    if dof in T_975:
+        return T_975[dof]
+    if dof > 30:
+        return 1.96
+    return T_975[max(d for d in T_975 if d <= dof)]  # conservative: the next smaller tabulated dof
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval (half-width ``t * sd / sqrt(n)``); one value has no interval."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_command(command: str, config: str | None, overrides: list[str], log_path: Path) -> float:
+    """``python -m care_megatron.cli <command>`` with ``overrides``; returns its wall time in seconds."""
+    argv = [sys.executable, "-m", "care_megatron.cli", command, *(["--config", config] if config else []),
+            *overrides, "--no-progress"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed with exit code {done.returncode}; see {log_path}")
+    return time.perf_counter() - start
+
+
+def finished(directory: Path, steps: int) -> bool:
+    rows = [r for r in read_rows(directory / "metrics.jsonl") if "loss" in r]
+    return bool(rows) and rows[-1]["step"] >= steps and (directory / "final").is_dir()
+
+
+def run_seed(config: str | None, overrides: list[str], seed: int, out: Path, frozen_lr: float, steps: int,
+             threads: int) -> dict:
+    directory = out / f"seed{seed}"
+    common = [*overrides, f"train.seed={seed}", f"data.seed={seed}", f"model.init_seed={seed}",
+              f"train.threads={threads}", f"train.output_dir={directory}", f"train.init_from={directory / 'sft'}"]
+    timings_path = directory / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    if not (directory / "sft" / "config.json").exists():
+        timings["sft_s"] = run_command("sft", config, common, directory / "log.txt")
+    frozen = directory / "frozen"
+    runs = {}  # the RL and the frozen run are independent once the SFT policy exists: run them side by side
+    if not finished(directory, steps):
+        runs["train_s"] = (common, directory / "log.txt")
+    if not finished(frozen, steps):
+        runs["frozen_s"] = ([*common, f"train.output_dir={frozen}", f"train.lr={frozen_lr}", "data.eval_size=0"],
+                            frozen / "log.txt")
+    if runs:
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            futures = {key: pool.submit(run_command, "train", config, overrides, log)
+                       for key, (overrides, log) in runs.items()}
+            timings.update({key: future.result() for key, future in futures.items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    timings_path.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
+def seed_summary(directory: Path, last: int) -> dict:
+    rows = read_rows(directory / "metrics.jsonl")
+    frozen_rows = read_rows(directory / "frozen" / "metrics.jsonl")
+    evals = [r for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "accuracy/mean" in r]
+    frozen_steps = [r for r in frozen_rows if "accuracy/mean" in r]
+    if not evals or not steps or not frozen_steps:
+        raise RuntimeError(f"{directory}: missing evaluations or steps in metrics.jsonl")
+    first, final = evals[0], evals[-1]
+    tasks = sorted(k[len("eval/accuracy/"):] for k in first if k.startswith("eval/accuracy/"))
+    # compared over the steps both runs have reached (an unfinished run is summarised as far as it got)
+    common = sorted({r["step"] for r in steps} & {r["step"] for r in frozen_steps})[-last:]
+
+    def tail_mean(seq: list[dict]) -> float:
+        values = [r["accuracy/mean"] for r in seq if r["step"] in common]
+        return sum(values) / len(values)
+
+    summary = {
+        "heldout_sft": first["eval/accuracy"], "heldout_final": final["eval/accuracy"],
+        "heldout_gain": final["eval/accuracy"] - first["eval/accuracy"],
+        "heldout_steps": [first["step"], final["step"]],
+        "heldout_curve": [[r["step"], r["eval/accuracy"]] for r in evals],
+        "train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps), "train_steps": [common[0], common[-1]],
+        "per_task": {t: [first[f"eval/accuracy/{t}"], final.get(f"eval/accuracy/{t}", float("nan"))] for t in tasks},
+    }
+    summary["train_gain_over_frozen"] = summary["train_last"] - summary["frozen_last"]
+    timings_path = directory / "timings.json"
+    if timings_path.exists():
+        timings = json.loads(timings_path.read_text())
+        summary["timings"] = timings
+        if "sft_s" in timings and "train_s" in timings:
+            summary["user_commands_s"] = timings["sft_s"] + timings["train_s"]
+    return summary
+
+
+def _fmt(stat: dict) -> str:
+    if stat["n"] < 2:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def report(per_seed: dict[int, dict], last: int) -> tuple[dict, str]:
+    keys = [("heldout_sft", "held-out accuracy, SFT policy"), ("heldout_final", "held-out accuracy, after RL"),
+            ("heldout_gain", "held-out gain (RL - SFT)"), ("train_last", f"training accuracy, last {last} steps, RL"),
+            ("frozen_last", f"training accuracy, last {last} steps, frozen policy"),
+            ("train_gain_over_frozen", "training-accuracy gain over frozen")]
+    seeds = sorted(per_seed)
+    aggregate = {key: mean_interval([per_seed[s][key] for s in seeds]) for key, _ in keys}
+    times = [per_seed[s]["user_commands_s"] for s in seeds if "user_commands_s" in per_seed[s]]
+    if times:
+        aggregate["user_commands_s"] = mean_interval(times)
+    tasks = sorted(set().union(*(per_seed[s]["per_task"] for s in seeds)))
+    for task in tasks:
+        gains = [per_seed[s]["per_task"][task][1] - per_seed[s]["per_task"][task][0] for s in seeds
+                 if task in per_seed[s]["per_task"]]
+        aggregate[f"heldout_gain/{task}"] = mean_interval(gains)
+    lines = [f"{'metric':<52} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds) + "   mean [95% t-interval]"]
+    for key, label in keys:
+        lines.append(f"{label:<52} " + " ".join(f"{per_seed[s][key]:>8.3f}" for s in seeds) + f"   {_fmt(aggregate[key])}")
+    lines.append(f"{'(held-out at steps; training accuracy over steps)':<52} " + " ".join(
+        f"{'%d-%d' % tuple(per_seed[s]['heldout_steps']):>8}" for s in seeds) + "   " + " ".join(
+        "%d-%d" % tuple(per_seed[s]["train_steps"]) for s in seeds))
+    for task in tasks:
+        label = f"  held-out {task}: SFT -> RL"
+        cells = " ".join(f"{per_seed[s]['per_task'][task][0]:.2f}->{per_seed[s]['per_task'][task][1]:.2f}"
+                         if task in per_seed[s]["per_task"] else "-" for s in seeds)
+        lines.append(f"{label:<52} {cells}   gain {_fmt(aggregate[f'heldout_gain/{task}'])}")
+    if times:
+        lines.append(f"{'wall time care-sft + care-train (s)':<52} " + " ".join(f"{t:>8.0f}" for t in times)
+                     + f"   {_fmt(aggregate['user_commands_s'])}")
+    return aggregate, "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="examples/configs/tiny_cpu.yaml", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (each with --threads threads)")
+    parser.add_argument("--threads", type=int, default=1, help="train.threads of every run")
+    parser.add_argument("--frozen-lr", type=float, default=1e-10, help="learning rate of the frozen-policy run")
+    parser.add_argument("--last", type=int, default=10, help="training accuracy is averaged over this many last steps")
+    parser.add_argument("--no-run", action="store_true", help="only summarise finished runs")
+    args = parser.parse_args(argv)
+
+    from care_megatron.config import load_config
+    from care_megatron.plotting import plot_run
+
+    out = Path(args.out)
+    steps = load_config(args.config, args.overrides).train.steps
+    seeds = list(range(args.seeds))
+    if not args.no_run:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_seed, args.config, args.overrides, s, out, args.frozen_lr, steps, args.threads)
+                       for s in seeds]
+            for future in futures:
+                future.result()
+    per_seed = {s: seed_summary(out / f"seed{s}", args.last) for s in seeds}
+    for s in seeds:
+        directory = out / f"seed{s}"
+        plot_run(directory / "metrics.jsonl", directory / "curves.png", title=f"RL, seed {s}",
+                 baseline=directory / "frozen" / "metrics.jsonl")
+    aggregate, table = report(per_seed, args.last)
+    print(table)
+    result = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "last": args.last,
+              "frozen_lr": args.frozen_lr, "per_seed": per_seed, "aggregate": aggregate}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    (out / "table.txt").write_text(table + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
