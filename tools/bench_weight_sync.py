@@ -20,7 +20,9 @@ Measures, in one run on one device, GB/s (1e9 bytes / s) of:
 * ``flattened_bucket``: the in-process part of the colocated SGLang path: each bucket flattened
   into one tensor (``sglang_engine.flatten_bucket``, what gets CUDA-IPC-shared), then rebuilt and
   copied into the rollout model as SGLang's loader does. The IPC hand-off and SGLang's own loader
-  are not included (they need SGLang on a GPU).
+  are not included (they need SGLang on a GPU);
+* ``flattened_bucket_reused``: the same with one flat buffer reused for every bucket
+  (``flatten_bucket(..., out=buffer)``): what is left when no fresh memory is touched.
 
 The weight source is ``care_megatron.training.megatron.weight_export.export_hf_weights`` run on the
 trainer's weights converted to Megatron layout in this process (TP = PP = 1: the un-fusing of QKV
@@ -198,11 +200,24 @@ def main(argv=None) -> dict:
             for name, tensor in unflatten_bucket(flat, meta):
                 rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
 
+    # one buffer sized for the largest bucket, allocated (and first touched) before timing
+    buffer = torch.zeros(max(sum(t.numel() for _, t in bucket) for bucket in source()), dtype=dtype, device=device)
+
+    def flattened_bucket_reused():
+        class Meta:
+            def __init__(self, **kw):
+                self.__dict__.update(kw)
+
+        for bucket in source():
+            flat, meta = flatten_bucket(bucket, Meta, out=buffer)
+            for name, tensor in unflatten_bucket(flat, meta):
+                rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
+
     results = {}
     for label, fn in (("plain_copy", plain_copy), ("fresh_copy", fresh_copy), ("export_only", export_only),
                       ("export_update_hf", export_update_hf), ("export_update_hf_copies", export_update_hf_copies),
                       ("torch_export_update_hf", torch_export_update_hf),
-                      ("flattened_bucket", flattened_bucket)):
+                      ("flattened_bucket", flattened_bucket), ("flattened_bucket_reused", flattened_bucket_reused)):
         seconds = timed(fn, device, args.repeats)
         results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
     # The sync must actually have synced: rollout == trainer afterwards.

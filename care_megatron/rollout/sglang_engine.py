@@ -337,25 +337,39 @@ def sglang_sampling_params(sampling: SamplingParams, stop_token_ids: Iterable[in
     }
 
 
-def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], metadata_cls: Callable[..., Any]):
+def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], metadata_cls: Callable[..., Any],
+                   out: torch.Tensor | None = None):
     """One flat tensor + per-tensor metadata (SGLang's ``flattened_bucket`` layout: tensor i occupies
     ``flat[start_idx:end_idx]``, reshaped to ``shape``).
 
     Returns ``(flat, metadata)``: flat Tensor[sum numel] of the bucket's dtype on its device.
+    ``out``: a 1-D buffer of that dtype and device with room for the bucket, reused instead of a fresh
+    allocation (``flat`` is then its leading slice); the caller must not reuse it while a receiver
+    may still read the previous bucket.
     """
     if not bucket:
         raise ValueError("flatten_bucket: empty bucket")
     dtype, device = bucket[0][1].dtype, bucket[0][1].device
-    metadata, parts, start = [], [], 0
+    metadata, start = [], 0
     for name, tensor in bucket:
         if tensor.dtype != dtype or tensor.device != device:
             raise ValueError(f"flatten_bucket: {name!r} is {tensor.dtype} on {tensor.device}, bucket is {dtype} on {device}")
         numel = tensor.numel()
         metadata.append(metadata_cls(name=name, shape=tensor.shape, dtype=dtype, start_idx=start,
                                      end_idx=start + numel, numel=numel))
-        parts.append(tensor.reshape(-1))
         start += numel
-    return torch.cat(parts), metadata
+    # One write per tensor straight from the exporter's (possibly strided) views: reshape(-1) of a
+    # non-contiguous view followed by torch.cat would copy those bytes twice.
+    if out is None:
+        flat = torch.empty(start, dtype=dtype, device=device)
+    else:
+        if out.dim() != 1 or out.dtype != dtype or out.device != device or out.numel() < start:
+            raise ValueError(f"flatten_bucket: out is {tuple(out.shape)} {out.dtype} on {out.device}; the bucket needs "
+                             f"({start},) {dtype} on {device}")
+        flat = out[:start]
+    for m, (_, tensor) in zip(metadata, bucket):
+        flat[m.start_idx:m.end_idx].view(tensor.shape).copy_(tensor)
+    return flat, metadata
 
 
 def unflatten_bucket(flat: torch.Tensor, metadata: list[Any]) -> list[tuple[str, torch.Tensor]]:

@@ -26,7 +26,8 @@ KEYS = ["loss", "pg_loss", "kl", "entropy", "grad_norm", "reward/mean", "accurac
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout,expected", [
     (["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1"),
-    (["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"], "TP=1 PP=1 CP=2"),
+    pytest.param(["parallel.tensor_model_parallel_size=1", "parallel.context_parallel_size=2"], "TP=1 PP=1 CP=2",
+                 marks=pytest.mark.extended),  # CP=2 parity: tests/training/megatron (test_context_parallel_cp2_parity_qwen2_5_vl)
     (["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], "TP=1 PP=2 CP=1"),
 ], ids=["tp2", "cp2", "pp2"])
 def test_megatron_matches_torch_backend(tmp_path, layout, expected):
@@ -68,7 +69,8 @@ def test_megatron_data_parallel_dp2_runs_and_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=1"],
-                                    ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]],
+                                    pytest.param(["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+                                                 marks=pytest.mark.extended)],
                          ids=["dp2", "tp2_sp"])
 def test_megatron_sft_matches_torch_backend(tmp_path, layout):
     """care-sft on 2 ranks (DP=2: each rank its half of the batch, normalised by the whole batch's
@@ -97,7 +99,8 @@ SCRIPTED_KEYS = KEYS + ["adv/abs_mean", "rgr/trigger_rate", "rgr/success_rate", 
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout,expected", [
     (["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1"),
-    (["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], "TP=1 PP=2 CP=1"),
+    pytest.param(["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], "TP=1 PP=2 CP=1",
+                 marks=pytest.mark.extended),
 ], ids=["tp2", "pp2"])
 def test_megatron_matches_torch_backend_on_the_anchored_path(tmp_path, monkeypatch, layout, expected):
     """The scripted step (anchored groups with RGR success and failure, rescue, saturated group; see

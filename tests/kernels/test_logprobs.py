@@ -191,7 +191,7 @@ def _vocab_parallel_worker(rank, world_size, init_file, result_file):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=[pytest.mark.slow, pytest.mark.extended])])
 def test_vocab_parallel_op_matches_full_vocab(tmp_path, world_size):
     import torch.multiprocessing as mp
 

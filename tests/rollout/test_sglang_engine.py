@@ -181,9 +181,16 @@ def test_bucketing_respects_size_and_dtype():
 
 def test_flatten_round_trip_exact():
     torch.manual_seed(0)
-    bucket = [("w", torch.randn(3, 4)), ("b", torch.randn(4)), ("s", torch.randn(()))]
+    # a transposed (non-contiguous) view, as the exporter hands out, keeps its logical order
+    bucket = [("w", torch.randn(3, 4)), ("b", torch.randn(4)), ("s", torch.randn(())), ("t", torch.randn(4, 2).t())]
     flat, meta = se.flatten_bucket(bucket, FakeMetadata)
-    assert flat.shape == (17,) and [m.start_idx for m in meta] == [0, 12, 16]
+    assert flat.shape == (25,) and [m.start_idx for m in meta] == [0, 12, 16, 17]
+    assert torch.equal(flat[17:], bucket[3][1].reshape(-1))
+    buffer = torch.full((30,), float("nan"))
+    reused, _ = se.flatten_bucket(bucket, FakeMetadata, out=buffer)
+    assert reused.data_ptr() == buffer.data_ptr() and torch.equal(reused, flat)
+    with pytest.raises(ValueError, match="the bucket needs"):
+        se.flatten_bucket(bucket, FakeMetadata, out=torch.empty(24))
     for (n0, t0), (n1, t1) in zip(bucket, se.unflatten_bucket(flat, meta)):
         assert n0 == n1 and torch.equal(t0, t1)
     with pytest.raises(ValueError, match="bucket is torch.float32"):

@@ -125,6 +125,7 @@ def test_context_parallel_cp2_parity_qwen2_5_vl(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_context_parallel_cp2_tp2_sequence_parallel_qwen3_vl(tmp_path):
     """CP=2 x TP=2 with sequence parallelism on Qwen3-VL (interleaved M-RoPE, DeepStack): 4 ranks."""
     results = _run_cp(tmp_path, tp=2, cp=2, sp=True, arch="qwen3_vl")
@@ -133,6 +134,7 @@ def test_context_parallel_cp2_tp2_sequence_parallel_qwen3_vl(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_context_parallel_cp2_with_data_parallel_dp2(tmp_path):
     """CP=2 x DP=2 (4 ranks): each DP rank trains on its own micro-batch; gradients summed over DP x CP
     equal transformers' over both micro-batches, so the AdamW step matches too."""
@@ -141,7 +143,7 @@ def test_context_parallel_cp2_with_data_parallel_dp2(tmp_path):
     _check_cp(results, 2, dp=2)
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tie", [False, pytest.param(True, marks=pytest.mark.extended)], ids=["untied", "tied"])
 def test_pipeline_parallel_pp2_through_megatron_schedules(tmp_path, tie):
     """PP=2 on CPU through Megatron's real schedules (1F1B, p2p over gloo): the vision tower and the
     embedding on stage 0, the output layer on stage 1; log-probs, entropy, think embeddings (broadcast
@@ -156,6 +158,7 @@ def test_pipeline_parallel_pp2_through_megatron_schedules(tmp_path, tie):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_virtual_pipeline_pp4_vp2_interleaved_schedule(tmp_path):
     """PP=4 x VP=2 (16 decoder layers; chunk v of rank r = model stage 4v + r) through Megatron's
     interleaved schedule on CPU, tied embeddings, 3 micro-batches (one empty one appended to reach a
@@ -175,7 +178,7 @@ def test_virtual_pipeline_pp4_vp2_interleaved_schedule(tmp_path):
     assert reshard["moved"] > 1e-2 and reshard["reshard_err"] < 1e-5, reshard
 
 
-@pytest.mark.parametrize("recompute", ["full", "selective"])
+@pytest.mark.parametrize("recompute", ["full", pytest.param("selective", marks=pytest.mark.extended)])
 def test_activation_recomputation_keeps_gradients(tmp_path, recompute):
     """Megatron's activation recomputation (full: every layer's forward re-run in backward;
     selective: core attention) at TP=2 + SP: outputs, gradients and the AdamW step still match
@@ -188,6 +191,7 @@ def test_activation_recomputation_keeps_gradients(tmp_path, recompute):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_pipeline_and_context_parallel_pp2_cp2(tmp_path):
     """PP=2 x CP=2 (4 ranks): stage 1 receives stage 0's CP-local hidden rows through Megatron's p2p,
     both stages build the same padded layout; tied embeddings."""
