@@ -15,7 +15,7 @@ import torch
 from care_megatron.config.schema import RunConfig
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.data.packing import pack_sequences
-from care_megatron.data.prompting import IM_END, build_prompt, build_sequence
+from care_megatron.data.prompting import IM_END, SYSTEM_PROMPT, build_prompt, build_sequence, resolve_system_prompt
 from care_megatron.metrics import MetricsLogger
 from care_megatron.rewards.parsing import parse_response, token_char_offsets, token_regions
 from care_megatron.training.base import ForwardOutputs
@@ -30,9 +30,11 @@ def sft_response_text(record) -> str:
     return f"<think>{record.rationale}</think><answer>{answer}</answer>"
 
 
-def sft_sequence(record, tokenizer, image_processor, index: int, image_pipeline=None):
+def sft_sequence(record, tokenizer, image_processor, index: int, image_pipeline=None,
+                 system_prompt: str | None = SYSTEM_PROMPT):
     """Prompt + reference response as a training Sequence (loss on the response and its stop token)."""
-    prompt = build_prompt(record.question, record.images, tokenizer, image_processor, image_pipeline=image_pipeline)
+    prompt = build_prompt(record.question, record.images, tokenizer, image_processor, system_prompt=system_prompt,
+                          image_pipeline=image_pipeline)
     text = sft_response_text(record)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     regions = token_regions(token_char_offsets(ids, tokenizer), parse_response(text))
@@ -86,6 +88,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     from care_megatron.data.images import run_image_pipeline
 
     image_pipeline = run_image_pipeline(config.data, image_processor)  # None = PIL in the processor
+    system_prompt = resolve_system_prompt(config.data.system_prompt)
     records, reports = build_sft_records(config.data)
     for report in reports:
         if report.num_skipped:  # malformed rows are skipped, never fatal: say how many and why
@@ -108,7 +111,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     for step in range(config.train.sft_steps):
         batch = next(batches)
-        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline) for i, r in enumerate(batch)]
+        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt) for i, r in enumerate(batch)]
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
         micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
                                mrope=MRopeSpec.from_hf_config(model.config))

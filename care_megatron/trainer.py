@@ -25,7 +25,7 @@ from care_megatron.config.schema import RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
 from care_megatron.data.images import run_image_pipeline
 from care_megatron.data.packing import MRopeSpec, pack_sequences
-from care_megatron.data.prompting import build_prompt
+from care_megatron.data.prompting import build_prompt, resolve_system_prompt
 from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
 from care_megatron.evaluation.scoring import evaluate
 from care_megatron.experience import (advantage_inputs, dapo_dynamic_sampling, generate_rollouts,
@@ -70,6 +70,7 @@ class RLTrainer:
         self.model, self.tokenizer, self.image_processor = build_model_and_processor(
             policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         self.image_pipeline = run_image_pipeline(cfg.data, self.image_processor)  # None = PIL in the processor
+        self.system_prompt = resolve_system_prompt(cfg.data.system_prompt)
         self.mrope = MRopeSpec.from_hf_config(self.model.config)
         self.backend = build_backend(cfg, self.model)  # initialises torch.distributed for Megatron
         self.main = is_main_process()
@@ -214,7 +215,7 @@ class RLTrainer:
         for record in records:
             try:
                 prompts.append(build_prompt(record.question, record.images, self.tokenizer, self.image_processor,
-                                            image_pipeline=self.image_pipeline))
+                                            system_prompt=self.system_prompt, image_pipeline=self.image_pipeline))
                 kept.append(record)
             except (OSError, ValueError, TypeError) as exc:
                 self.skipped_records += 1
@@ -241,7 +242,8 @@ class RLTrainer:
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
         self.engine.wake(tags=("kv_cache",))
         report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
-                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline)
+                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
+                          system_prompt=self.system_prompt)
         metrics = report.as_metrics()
         if self.benchmark_subset is not None:
             metrics.update(self.benchmark_subset.metrics(self.engine, self.tokenizer, self.image_processor, greedy))

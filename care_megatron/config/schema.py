@@ -220,6 +220,10 @@ class DataConfig:
     """Image decoding: ``pil`` (CPU) or ``dali`` (GPU decode, needs the [dali] extra)."""
     prompts_per_step: int = 8
     """Prompts per RL step (each sampled G times)."""
+    system_prompt: Optional[str] = None
+    """System turn of every SFT / RL / held-out prompt. None: the package's instruction
+    (``care_megatron.data.prompting.SYSTEM_PROMPT``, asks for the ``<think>``/``<answer>`` layout);
+    ``""``: no system turn; any other text: that text."""
     seed: int = 0
     """Data order / generation seed."""
 

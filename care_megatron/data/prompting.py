@@ -32,6 +32,13 @@ SYSTEM_PROMPT = (
 )
 """System prompt of every RL / SFT / evaluation prompt: asks for the ``<think>``/``<answer>`` layout."""
 
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """``data.system_prompt`` as :func:`render_chat` takes it: None -> :data:`SYSTEM_PROMPT`, "" -> no system turn."""
+    if value is None:
+        return SYSTEM_PROMPT
+    return value or None
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"

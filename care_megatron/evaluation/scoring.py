@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from care_megatron.data.prompting import build_prompt
+from care_megatron.data.prompting import SYSTEM_PROMPT, build_prompt
 from care_megatron.rewards.parsing import regions_from_token_ids
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, strip_stop_token
 
@@ -40,7 +40,7 @@ class EvalReport:
 
 def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, reward_fn, sampling: SamplingParams,
              batch_size: int = 64, progress: bool = False, keep_samples: int = 8,
-             image_pipeline=None) -> EvalReport:
+             image_pipeline=None, system_prompt: str | None = SYSTEM_PROMPT) -> EvalReport:
     """Decode once per record with ``engine`` and score the answer span with ``reward_fn``.
 
     Never used with RGR (spec section 5: reflection is training-only).
@@ -51,7 +51,8 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [build_prompt(r.question, r.images, tokenizer, image_processor, image_pipeline=image_pipeline)
+        prompts = [build_prompt(r.question, r.images, tokenizer, image_processor, system_prompt=system_prompt,
+                                image_pipeline=image_pipeline)
                    for r in chunk]
         requests = [GenerationRequest(request_id=f"eval-{start + i}", prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
                                       images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)

@@ -94,3 +94,28 @@ def test_build_sequence_masks_regions_and_fields(tokenizer):
         build_sequence(prompt, response, regions[:-1])
     with pytest.raises(ValueError, match="outside Region"):
         build_sequence(prompt, response, [5] * len(response))
+
+
+def test_data_system_prompt_reaches_sft_sequences_and_evaluation_prompts(tokenizer):
+    """``data.system_prompt``: None = the package instruction, "" = no system turn, text = that text;
+    SFT sequences and held-out prompts carry the same turn (RL prompts go through the trainer's copy)."""
+    from care_megatron.config.loader import load_config
+    from care_megatron.data.prompting import resolve_system_prompt
+    from care_megatron.data.synthetic import generate
+    from care_megatron.sft import sft_sequence
+
+    assert resolve_system_prompt(None) == SYSTEM_PROMPT
+    assert resolve_system_prompt("") is None
+    assert resolve_system_prompt("Be brief.") == "Be brief."
+    assert load_config(None, ["data.system_prompt=Be brief."]).data.system_prompt == "Be brief."
+    processor = build_image_processor("qwen2_5_vl", min_pixels=56 * 56, max_pixels=56 * 56)
+    record = generate("compare_lengths", 1, seed=0)[0]
+    lengths = {}
+    for value in (None, "", "Be brief."):
+        seq = sft_sequence(record, tokenizer, processor, 0, system_prompt=resolve_system_prompt(value))
+        prompt = build_prompt(record.question, record.images, tokenizer, processor, system_prompt=resolve_system_prompt(value))
+        text = tokenizer.decode(seq.input_ids[: len(prompt.prompt_ids)])
+        assert list(seq.input_ids[: len(prompt.prompt_ids)]) == list(prompt.prompt_ids)
+        assert ("<|im_start|>system" in text) == (value != "")
+        lengths[value] = len(prompt.prompt_ids)
+    assert lengths[""] < lengths["Be brief."] < lengths[None]

@@ -441,6 +441,7 @@ def test_trainer_evaluation_wakes_weights_syncs_then_wakes_the_kv_cache(tokenize
     trainer.engine = make_engine(tokenizer, version=version)
     trainer.tokenizer, trainer.image_processor, trainer.reward_fn = tokenizer, None, None
     trainer.sampling, trainer.benchmark_subset, trainer.image_pipeline = {"stop_token_ids": []}, None, None
+    trainer.system_prompt = None
     trainer.data = type("Data", (), {"eval": []})()
 
     class Report:
