@@ -69,6 +69,10 @@ MECHANISMS = (("signal/failure_share", "failure-signal share"), ("rgr/trigger_ra
               ("rgr/success_rate", "RGR success rate"), ("rescue/rate", "rescue rate"),
               ("length/think_mean", "mean think length"))
 
+TRAIN_WINDOW = 10
+"""Training accuracy (``accuracy/mean`` of the G original rollouts per prompt) is averaged over the first and
+the last this-many steps of a run: on a fixed prompt set it moves when held-out accuracy cannot."""
+
 
 # ------------------------------------------------------------------------------------ statistics
 def _betacf(a: float, b: float, x: float) -> float:
@@ -211,7 +215,14 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
     for key, _ in MECHANISMS:
         values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
         mechanisms[key] = sum(values) / len(values) if values else None
+    accuracy = [r["accuracy/mean"] for r in sorted(train_rows, key=lambda r: r["step"])
+                if isinstance(r.get("accuracy/mean"), (int, float))]
+    window = min(TRAIN_WINDOW, len(accuracy))
+    training = {"first": sum(accuracy[:window]) / window if window else None,
+                "last": sum(accuracy[-window:]) / window if window else None}
+    training["gain"] = None if training["first"] is None else training["last"] - training["first"]
     return {
+        "training_accuracy": training,
         "final_step": final.get("step"),
         "per_task": per_task,
         "macro": final.get("eval/macro_accuracy"),
@@ -243,7 +254,16 @@ def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
         table[method] = row
     mechanisms = {method: {key: mean_interval([runs[s]["mechanisms"][key] for s in sorted(runs)])
                            for key, _ in MECHANISMS} for method, runs in summaries.items()}
-    return {"tasks": tasks, "table": table, "mechanisms": mechanisms}
+    training = {}
+    for method, runs in summaries.items():
+        seeds = [s for s in sorted(runs) if "training_accuracy" in runs[s]]
+        training[method] = {key: mean_interval([runs[s]["training_accuracy"][key] for s in seeds])
+                            for key in ("first", "last", "gain")}
+        if reference is not None and method != "grpo":
+            paired = [s for s in seeds if s in reference and "training_accuracy" in reference[s]]
+            training[method]["last"]["delta_vs_grpo"] = mean_interval(
+                [runs[s]["training_accuracy"]["last"] - reference[s]["training_accuracy"]["last"] for s in paired])
+    return {"tasks": tasks, "table": table, "mechanisms": mechanisms, "training_accuracy": training}
 
 
 def _cell(stat: dict, delta: bool = False) -> str:
@@ -266,6 +286,13 @@ def markdown_table(result: dict) -> str:
               "|" + "---|" * (len(MECHANISMS) + 1)]
     for method, stats in result["mechanisms"].items():
         lines.append("| " + " | ".join([method, *[_cell(stats[k]) for k, _ in MECHANISMS]]) + " |")
+    if result.get("training_accuracy"):
+        lines += ["", f"| method | training accuracy, first {TRAIN_WINDOW} steps | last {TRAIN_WINDOW} steps | "
+                      f"last - first | Δ last vs GRPO |", "|---|---|---|---|---|"]
+        for method, stats in result["training_accuracy"].items():
+            delta = stats["last"].get("delta_vs_grpo")
+            lines.append("| " + " | ".join([method, _cell(stats["first"]), _cell(stats["last"]), _cell(stats["gain"], True),
+                                            _cell(delta, True) if delta else "-"]) + " |")
     lines.append("")
     lines.append("Mean ± half-width of the 95% t-interval over seeds (n - 1 dof); Δ paired by seed.")
     return "\n".join(lines)

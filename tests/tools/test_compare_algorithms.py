@@ -64,6 +64,28 @@ def test_delta_to_grpo_is_paired_by_seed(tool):
     assert "| grpo | 0.200 ± 0.248 | 0.300 ± 0.248 | - |" in tool.markdown_table(result)
 
 
+def test_training_accuracy_first_and_last_window_and_paired_delta(tool):
+    # 12 steps with accuracy/mean = step / 100: first 10 steps mean 0.055, last 10 mean 0.075
+    rows = [{"step": 0, "eval/accuracy": 0.5, "eval/macro_accuracy": 0.5}]
+    rows += [{"step": k, "reward/mean": 0.0, "accuracy/mean": k / 100} for k in range(1, 13)]
+    summary = tool.run_summary(rows, prompts_per_step=2, group_size=4)
+    assert summary["training_accuracy"]["first"] == pytest.approx(0.055)
+    assert summary["training_accuracy"]["last"] == pytest.approx(0.075)
+    assert summary["training_accuracy"]["gain"] == pytest.approx(0.02)
+    short = tool.run_summary(rows[:4], prompts_per_step=2, group_size=4)  # 3 steps: both windows are all of them
+    assert short["training_accuracy"]["first"] == short["training_accuracy"]["last"] == pytest.approx(0.02)
+
+    def run(last):
+        return {"macro": 0.5, "per_task": {}, "mechanisms": {k: 0.1 for k, _ in tool.MECHANISMS},
+                "training_accuracy": {"first": 0.3, "last": last, "gain": last - 0.3}}
+
+    result = tool.aggregate({"grpo": {0: run(0.4), 1: run(0.5)}, "care": {0: run(0.6), 1: run(0.6)}})
+    delta = result["training_accuracy"]["care"]["last"]["delta_vs_grpo"]  # per seed 0.2, 0.1
+    assert delta["mean"] == pytest.approx(0.15) and delta["n"] == 2
+    assert result["training_accuracy"]["grpo"]["gain"]["mean"] == pytest.approx(0.15)
+    assert "| care | 0.300 ± 0.000 | 0.600 ± 0.000 | +0.300 ± 0.000 | +0.150 ± 0.635 |" in tool.markdown_table(result)
+
+
 def test_decoded_tokens_from_logged_metrics(tool):
     # CARE with RGR, reflected samples inside length/response_mean: (4 groups x 8 + 2 reflected) x 10
     assert tool.decoded_tokens({"length/response_mean": 10.0, "groups/count": 4.0, "rgr/trigger_rate": 0.5}, 4, 8) == 340.0
