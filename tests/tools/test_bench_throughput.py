@@ -1,11 +1,10 @@
 """tools/bench_throughput.py on CPU with the tiny model: the phase table is complete and its times are
 consistent (a smoke test: no speed is asserted)."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _tool_loader import load_tool
 
 from care_megatron.trainer import RL_PHASES
 
@@ -15,11 +14,7 @@ SMALL = ["data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +84,8 @@ def test_weight_sync_bench_smoke(tmp_path):
     report = sync.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "1",
                         "--bucket-mb", "1", "--json", str(tmp_path / "sync.json")])
     assert set(report["results"]) == {"plain_copy", "fresh_copy", "export_only", "export_update_hf",
-                                      "export_update_hf_copies", "torch_export_update_hf", "flattened_bucket"}
+                                      "export_update_hf_copies", "torch_export_update_hf", "flattened_bucket",
+                                      "flattened_bucket_reused"}
     for row in report["results"].values():
         assert row["seconds"] > 0 and row["GB_per_s"] == pytest.approx(report["bytes"] / row["seconds"] / 1e9)
     assert json.loads((tmp_path / "sync.json").read_text())["bytes"] == report["bytes"]

@@ -1,25 +1,20 @@
 """tools/compare_algorithms.py: interval math against hand-computed values, decoded-token accounting,
 and a tiny end-to-end comparison (2 methods x 2 seeds x 1 step) that writes the table / JSON / PNGs
 and does not re-run finished runs."""
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from _tool_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("compare_algorithms", ROOT / "tools" / "compare_algorithms.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("compare_algorithms")
 
 
 @pytest.mark.parametrize("dof, expected", [(1, 12.706204736174707), (2, 4.302652729749464), (4, 2.7764451051977934),

@@ -1,20 +1,13 @@
 """tools/probe_image_use.py: a policy whose vision tower emits nothing scores the true and a swapped image
 exactly the same; an untrained random policy does not."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "probe_image_use.py"
+from _tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("probe_image_use", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("probe_image_use")
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,14 @@
 """tools/seed_sweep.py: the t-interval, the per-seed summary, and that the frozen run shares the RL run's
 seeds, initial policy and prompts (only the learning rate and evaluation differ)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "seed_sweep.py"
-
+from _tool_loader import load_tool
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("seed_sweep", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("seed_sweep")
 
 
 def test_mean_interval_closed_form(sweep):
