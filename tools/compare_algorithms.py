@@ -73,6 +73,9 @@ TRAIN_WINDOW = 10
 """Training accuracy (``accuracy/mean`` of the G original rollouts per prompt) is averaged over the first and
 the last this-many steps of a run: on a fixed prompt set it moves when held-out accuracy cannot."""
 
+SMOOTH = 5
+"""The training-accuracy curve is the trailing mean over this many steps (one step's 8 prompts are noisy)."""
+
 
 # ------------------------------------------------------------------------------------ statistics
 def _betacf(a: float, b: float, x: float) -> float:
@@ -221,6 +224,9 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
     training = {"first": sum(accuracy[:window]) / window if window else None,
                 "last": sum(accuracy[-window:]) / window if window else None}
     training["gain"] = None if training["first"] is None else training["last"] - training["first"]
+    ordered = [r for r in sorted(train_rows, key=lambda r: r["step"]) if isinstance(r.get("accuracy/mean"), (int, float))]
+    smooth = [sum(x["accuracy/mean"] for x in ordered[max(0, i - SMOOTH + 1):i + 1]) / (i + 1 - max(0, i - SMOOTH + 1))
+              for i in range(len(ordered))]
     return {
         "training_accuracy": training,
         "final_step": final.get("step"),
@@ -229,6 +235,7 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
         "mechanisms": mechanisms,
         "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval/accuracy"]) for r in evals],
         "kl_curve": [(r["step"], r["kl"]) for r in train_rows if isinstance(r.get("kl"), (int, float))],
+        "train_accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), v) for r, v in zip(ordered, smooth)],
         "decoded_tokens": cumulative,
     }
 
@@ -322,6 +329,8 @@ def plot_curves(result: dict, out: Path) -> list[Path]:
 
     written = []
     for key, xlabel, ylabel, name in (("accuracy_vs_tokens", "decoded tokens", "held-out accuracy", "accuracy_vs_tokens.png"),
+                                      ("train_accuracy_vs_tokens", "decoded tokens",
+                                       f"training accuracy ({SMOOTH}-step mean)", "train_accuracy_vs_tokens.png"),
                                       ("kl_per_step", "step", "KL to reference", "kl.png")):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for method, curve in result["curves"][key].items():
@@ -393,6 +402,8 @@ def main(argv=None) -> dict:
     result["curves"] = {
         "accuracy_vs_tokens": {m: band([r["accuracy_curve"] for r in runs.values()]) for m, runs in summaries.items()},
         "kl_per_step": {m: band([r["kl_curve"] for r in runs.values()]) for m, runs in summaries.items()},
+        "train_accuracy_vs_tokens": {m: band([r.get("train_accuracy_curve", []) for r in runs.values()])
+                                     for m, runs in summaries.items()},
     }
     result.update(config=args.config, overrides=args.overrides, methods=args.methods, seeds=args.seeds, steps=steps,
                   executed=executed, runs={m: {str(s): r for s, r in runs.items()} for m, runs in summaries.items()})

@@ -67,6 +67,10 @@ def test_training_accuracy_first_and_last_window_and_paired_delta(tool):
     assert summary["training_accuracy"]["first"] == pytest.approx(0.055)
     assert summary["training_accuracy"]["last"] == pytest.approx(0.075)
     assert summary["training_accuracy"]["gain"] == pytest.approx(0.02)
+    # trailing 5-step mean at step 12: (8 + 9 + 10 + 11 + 12) / 500; at step 2: (1 + 2) / 200
+    curve = summary["train_accuracy_curve"]
+    assert len(curve) == 12 and curve[-1][1] == pytest.approx(0.10) and curve[1][1] == pytest.approx(0.015)
+    assert [x for x, _ in curve] == sorted(x for x, _ in curve)
     short = tool.run_summary(rows[:4], prompts_per_step=2, group_size=4)  # 3 steps: both windows are all of them
     assert short["training_accuracy"]["first"] == short["training_accuracy"]["last"] == pytest.approx(0.02)
 
@@ -113,7 +117,7 @@ def test_tiny_comparison_writes_outputs_and_resumes(tool, tmp_path, capsys):
             "--seeds", "2", "--out", str(tmp_path)]
     first = tool.main(args)
     assert sorted(first["executed"]) == ["care/seed0", "care/seed1", "grpo/seed0", "grpo/seed1"]
-    for name in ("table.md", "summary.json", "accuracy_vs_tokens.png", "kl.png"):
+    for name in ("table.md", "summary.json", "accuracy_vs_tokens.png", "train_accuracy_vs_tokens.png", "kl.png"):
         assert (tmp_path / name).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tasks"] == ["compare_lengths", "count_shapes"]
