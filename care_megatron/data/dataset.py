@@ -2,7 +2,7 @@
 
 :func:`build_records` turns ``data.tasks`` into two record lists:
 
-* a synthetic task name (``count_shapes``, ``tallest_bar``, ``triangle_angle``, ``compare_lengths``):
+* a synthetic task name (``count_shapes``, ``tallest_bar``, ``triangle_angle``, ``compare_lengths``, ``shape_color``):
   generated with ``data.seed`` on stream 0 for training and stream 1 for held-out records, so the
   two never share a generator; held-out records that still coincide with a training record
   (same question and pixels, possible at difficulty 1) are replaced;

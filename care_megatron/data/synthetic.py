@@ -16,6 +16,9 @@ Tasks (registry :data:`TASKS`), each at difficulty 1..3:
   Harder levels move from multiples of 30 to multiples of 10 to any whole degree.
 * ``compare_lengths``: a red and a blue segment; which is longer (``multiple_choice``). Harder
   levels rotate the segments and bring their lengths closer.
+* ``shape_color``: the colour of one shape (``multiple_choice`` over all four colours, shuffled, so
+  the question text carries no hint). Level 1 draws that shape alone; levels 2 and 3 add one or two
+  shapes of other kinds and colours, so the colour must be bound to the named kind.
 
 Rationales are short and regular (``red squares: 3``, ``180-60-50=70``) so that a ~1-5M-parameter
 model with a ~1.5k-token vocabulary can learn them in cold-start SFT. Default images are 56x56,
@@ -248,6 +251,34 @@ def _compare_lengths(rng: np.random.Generator, difficulty: int, size: int) -> Sa
                   choices=choices, details={"lengths": {k: round(v, 2) for k, v in lengths.items()}})
 
 
+def _shape_color(rng: np.random.Generator, difficulty: int, size: int) -> Sample:
+    num_shapes = difficulty  # 1, 2 or 3 shapes, each a different kind and colour
+    kinds = [str(k) for k in rng.permutation(list(SHAPES))[:num_shapes]]
+    colors = [str(c) for c in rng.permutation(list(COLORS))[:num_shapes]]
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    # Level 1: one shape anywhere, 35-70% of the side; more shapes: one per horizontal strip, so they
+    # never overlap and each keeps at least a quarter of the side.
+    boxes = []
+    for index in range(num_shapes):
+        if num_shapes == 1:
+            side = int(size * rng.uniform(0.35, 0.7))
+            x0, y0 = (int(rng.integers(0, size - side + 1)) for _ in range(2))
+        else:
+            strip = size // num_shapes
+            side = max(4, int(min(strip, size) * rng.uniform(0.6, 0.9)))
+            x0 = int(rng.integers(0, size - side + 1))
+            y0 = index * strip + int(rng.integers(0, strip - side + 1))
+        boxes.append([x0, y0, x0 + side - 1, y0 + side - 1])
+        _draw_shape(draw, kinds[index], tuple(boxes[-1]), COLORS[colors[index]])
+    target = int(rng.integers(num_shapes))
+    choices = [str(c) for c in rng.permutation(list(COLORS))]
+    question = f"What colour is the {kinds[target]}? {format_options(choices)}"
+    return Sample(image, question, CHOICE_LETTERS[choices.index(colors[target])], "multiple_choice",
+                  f"{kinds[target]}: {colors[target]}", choices=choices,
+                  details={"objects": [[k, c] for k, c in zip(kinds, colors)], "boxes": boxes, "target": target})
+
+
 @dataclass(frozen=True)
 class SyntheticTask:
     """A registered synthetic task."""
@@ -266,6 +297,7 @@ TASKS: dict[str, SyntheticTask] = {
         SyntheticTask("tallest_bar", _tallest_bar, 2),
         SyntheticTask("triangle_angle", _triangle_angle, 3),
         SyntheticTask("compare_lengths", _compare_lengths, 4),
+        SyntheticTask("shape_color", _shape_color, 5),
     )
 }
 """Synthetic tasks by name."""

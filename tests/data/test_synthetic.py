@@ -124,7 +124,28 @@ def test_compare_lengths_answer_matches_the_picture():
         assert abs(lengths["red"] - lengths["blue"]) >= 3.0 - 0.01
 
 
+def test_shape_color_answer_matches_the_picture():
+    for record in generate("shape_color", 90, seed=6, difficulty=[1, 2, 3], image_size=56):
+        details, array = record.metadata["details"], _pixels(record)
+        objects, boxes = details["objects"], details["boxes"]
+        assert len(objects) == record.metadata["difficulty"]
+        assert len({k for k, _ in objects}) == len({c for _, c in objects}) == len(objects)  # kinds and colours differ
+        for (kind, color), (x0, y0, x1, y1) in zip(objects, boxes):
+            # the centre of a shape's box is inside any of the three kinds, and has the shape's colour
+            assert tuple(array[(y0 + y1) // 2, (x0 + x1) // 2]) == COLORS[color]
+            assert _components(_mask(array, color)) == 1
+        kind, color = objects[details["target"]]
+        assert sorted(record.choices) == sorted(COLORS) and record.choices[ord(record.answer) - ord("A")] == color
+        assert record.question.startswith(f"What colour is the {kind}?") and record.rationale == f"{kind}: {color}"
+        drawn = {c for c in COLORS if _mask(array, c).any()}
+        assert drawn == {c for _, c in objects}  # nothing else coloured: the answer is in the picture only
+
+
 def test_answers_are_balanced_enough_to_need_the_image():
+    colors = [r.rationale.split(": ")[1] for r in generate("shape_color", 400, seed=0, difficulty=[1, 2])]
+    assert all(0.18 < colors.count(c) / len(colors) < 0.32 for c in COLORS)
+    letters = [r.answer for r in generate("shape_color", 400, seed=0, difficulty=1)]
+    assert all(0.18 < letters.count(x) / len(letters) < 0.32 for x in "ABCD")
     answers = [r.answer for r in generate("compare_lengths", 200, seed=0, difficulty=2)]
     assert 0.35 < answers.count("A") / len(answers) < 0.65
     counts = [int(r.answer) for r in generate("count_shapes", 200, seed=0, difficulty=3)]
