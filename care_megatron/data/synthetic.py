@@ -16,9 +16,10 @@ Tasks (registry :data:`TASKS`), each at difficulty 1..3:
   Harder levels move from multiples of 30 to multiples of 10 to any whole degree.
 * ``compare_lengths``: a red and a blue segment; which is longer (``multiple_choice``). Harder
   levels rotate the segments and bring their lengths closer.
-* ``shape_color``: the colour of one shape (``multiple_choice`` over all four colours, shuffled, so
-  the question text carries no hint). Level 1 draws that shape alone; levels 2 and 3 add one or two
-  shapes of other kinds and colours, so the colour must be bound to the named kind.
+* ``shape_color``: the colour of one shape, answered with the colour's name (``text``; the question
+  lists the four colours in a fixed order, so it carries no hint). Level 1 draws that shape alone;
+  levels 2 and 3 add one or two shapes of other kinds and colours, so the colour must be bound to the
+  named kind.
 
 Rationales are short and regular (``red squares: 3``, ``180-60-50=70``) so that a ~1-5M-parameter
 model with a ~1.5k-token vocabulary can learn them in cold-start SFT. Default images are 56x56,
@@ -272,10 +273,8 @@ def _shape_color(rng: np.random.Generator, difficulty: int, size: int) -> Sample
         boxes.append([x0, y0, x0 + side - 1, y0 + side - 1])
         _draw_shape(draw, kinds[index], tuple(boxes[-1]), COLORS[colors[index]])
     target = int(rng.integers(num_shapes))
-    choices = [str(c) for c in rng.permutation(list(COLORS))]
-    question = f"What colour is the {kinds[target]}? {format_options(choices)}"
-    return Sample(image, question, CHOICE_LETTERS[choices.index(colors[target])], "multiple_choice",
-                  f"{kinds[target]}: {colors[target]}", choices=choices,
+    return Sample(image, f"What colour is the {kinds[target]}? Answer with one of: red, green, blue, yellow.",
+                  colors[target], "text", f"{kinds[target]}: {colors[target]}",
                   details={"objects": [[k, c] for k, c in zip(kinds, colors)], "boxes": boxes, "target": target})
 
 
