@@ -1,7 +1,9 @@
-"""The embedded default (examples/configs/tiny_cpu.yaml) can show learning: its held-out set is big
+"""The embedded default (examples/configs/tiny_cpu.yaml) and its candidate retune (tiny_cpu_color.yaml) can show learning: its held-out set is big
 enough that a 0.10 gain is several standard errors, and every held-out record is new to training."""
 import math
 from pathlib import Path
+
+import pytest
 
 from care_megatron.config import load_config
 from care_megatron.data.dataset import _fingerprint, build_records
@@ -9,8 +11,9 @@ from care_megatron.data.dataset import _fingerprint, build_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_heldout_set_is_large_and_disjoint():
-    config = load_config(ROOT / "examples/configs/tiny_cpu.yaml", [])
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_color.yaml"])
+def test_default_heldout_set_is_large_and_disjoint(name):
+    config = load_config(ROOT / "examples/configs" / name, [])
     splits = build_records(config.data)
     # worst case p = 0.5: standard error of a held-out accuracy sqrt(p (1 - p) / n) <= 0.03
     assert len(splits.eval) == config.data.eval_size
