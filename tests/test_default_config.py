@@ -1,5 +1,6 @@
-"""The embedded default (examples/configs/tiny_cpu.yaml) and its candidate retune (tiny_cpu_color.yaml) can show learning: its held-out set is big
-enough that a 0.10 gain is several standard errors, and every held-out record is new to training."""
+"""The embedded default (examples/configs/tiny_cpu.yaml) and its candidate retune (tiny_cpu_color.yaml) can
+show learning: each held-out set is big enough that a 0.10 gain is several standard errors, and every
+held-out record is new to training."""
 import math
 from pathlib import Path
 

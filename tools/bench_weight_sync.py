@@ -190,34 +190,25 @@ def main(argv=None) -> dict:
 
     rollout_params = dict(rollout.named_parameters())
 
-    def flattened_bucket():
-        class Meta:  # SGLang's FlattenedTensorMetadata has these fields
-            def __init__(self, **kw):
-                self.__dict__.update(kw)
+    class Meta:  # SGLang's FlattenedTensorMetadata has these fields
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
 
+    def flattened_payload(out=None):
         for bucket in source():
-            flat, meta = flatten_bucket(bucket, Meta)
+            flat, meta = flatten_bucket(bucket, Meta, out=out)
             for name, tensor in unflatten_bucket(flat, meta):
                 rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
 
     # one buffer sized for the largest bucket, allocated (and first touched) before timing
     buffer = torch.zeros(max(sum(t.numel() for _, t in bucket) for bucket in source()), dtype=dtype, device=device)
 
-    def flattened_bucket_reused():
-        class Meta:
-            def __init__(self, **kw):
-                self.__dict__.update(kw)
-
-        for bucket in source():
-            flat, meta = flatten_bucket(bucket, Meta, out=buffer)
-            for name, tensor in unflatten_bucket(flat, meta):
-                rollout_params[checkpoint_name_to_module_name(name, rollout_params)].data.copy_(tensor)
-
     results = {}
     for label, fn in (("plain_copy", plain_copy), ("fresh_copy", fresh_copy), ("export_only", export_only),
                       ("export_update_hf", export_update_hf), ("export_update_hf_copies", export_update_hf_copies),
                       ("torch_export_update_hf", torch_export_update_hf),
-                      ("flattened_bucket", flattened_bucket), ("flattened_bucket_reused", flattened_bucket_reused)):
+                      ("flattened_bucket", flattened_payload),
+                      ("flattened_bucket_reused", lambda: flattened_payload(buffer))):
         seconds = timed(fn, device, args.repeats)
         results[label] = {"seconds": seconds, "GB_per_s": total_bytes / seconds / 1e9}
     # The sync must actually have synced: rollout == trainer afterwards.

@@ -218,15 +218,13 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
     for key, _ in MECHANISMS:
         values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
         mechanisms[key] = sum(values) / len(values) if values else None
-    accuracy = [r["accuracy/mean"] for r in sorted(train_rows, key=lambda r: r["step"])
-                if isinstance(r.get("accuracy/mean"), (int, float))]
+    ordered = [r for r in sorted(train_rows, key=lambda r: r["step"]) if isinstance(r.get("accuracy/mean"), (int, float))]
+    accuracy = [r["accuracy/mean"] for r in ordered]
     window = min(TRAIN_WINDOW, len(accuracy))
     training = {"first": sum(accuracy[:window]) / window if window else None,
                 "last": sum(accuracy[-window:]) / window if window else None}
     training["gain"] = None if training["first"] is None else training["last"] - training["first"]
-    ordered = [r for r in sorted(train_rows, key=lambda r: r["step"]) if isinstance(r.get("accuracy/mean"), (int, float))]
-    smooth = [sum(x["accuracy/mean"] for x in ordered[max(0, i - SMOOTH + 1):i + 1]) / (i + 1 - max(0, i - SMOOTH + 1))
-              for i in range(len(ordered))]
+    trailing = [accuracy[max(0, i - SMOOTH + 1):i + 1] for i in range(len(accuracy))]
     return {
         "training_accuracy": training,
         "final_step": final.get("step"),
@@ -235,7 +233,7 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
         "mechanisms": mechanisms,
         "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval/accuracy"]) for r in evals],
         "kl_curve": [(r["step"], r["kl"]) for r in train_rows if isinstance(r.get("kl"), (int, float))],
-        "train_accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), v) for r, v in zip(ordered, smooth)],
+        "train_accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), sum(w) / len(w)) for r, w in zip(ordered, trailing)],
         "decoded_tokens": cumulative,
     }
 

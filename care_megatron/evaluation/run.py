@@ -34,7 +34,6 @@ def _model_config(config: RunConfig, checkpoint: str | None):
     return _base_model_config(config), None
 
 
-
 def _load_policy(config: RunConfig, checkpoint: str | None):
     """The policy to evaluate: model, tokenizer, image processor, its model config, and the
     trainer-state file its weights came from (None for a Hugging Face directory)."""
@@ -47,6 +46,7 @@ def _load_policy(config: RunConfig, checkpoint: str | None):
     if state_path is not None:
         model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
     return model, tokenizer, image_processor, model_config, state_path
+
 
 def _base_model_config(config: RunConfig):
     from care_megatron.models.policy import policy_model_config
@@ -74,10 +74,13 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
     reward_fn = functools.partial(get_reward_fn("verifier"),
                                   config=VerifierConfig(format_weight=config.algorithm.format_weight))
     from care_megatron.data.images import run_image_pipeline
+    from care_megatron.data.prompting import resolve_system_prompt
 
+    # the same prompts the policy was trained and evaluated on during training (data.system_prompt)
     report = evaluate(engine, records, tokenizer, image_processor, reward_fn, sampling,
                       batch_size=config.rollout.batch_size, progress=progress, keep_samples=16,
-                      image_pipeline=run_image_pipeline(config.data, image_processor))
+                      image_pipeline=run_image_pipeline(config.data, image_processor),
+                      system_prompt=resolve_system_prompt(config.data.system_prompt))
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=float))

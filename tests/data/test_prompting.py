@@ -119,3 +119,24 @@ def test_data_system_prompt_reaches_sft_sequences_and_evaluation_prompts(tokeniz
         assert ("<|im_start|>system" in text) == (value != "")
         lengths[value] = len(prompt.prompt_ids)
     assert lengths[""] < lengths["Be brief."] < lengths[None]
+
+
+def test_care_eval_prompts_carry_data_system_prompt(tmp_path, monkeypatch):
+    """``care-eval`` (run_evaluation) builds its held-out prompts with the run's ``data.system_prompt``,
+    as training and the trainer's own evaluation do."""
+    from care_megatron.config.loader import load_config
+    from care_megatron.evaluation import scoring
+    from care_megatron.evaluation.run import run_evaluation
+
+    seen = []
+
+    def recording_build_prompt(*args, **kwargs):
+        seen.append(kwargs.get("system_prompt"))
+        return build_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "build_prompt", recording_build_prompt)
+    config = load_config(None, ["data.tasks=[compare_lengths]", "data.train_size=2", "data.eval_size=2",
+                                "rollout.max_new_tokens=2", f"train.output_dir={tmp_path}", "train.init_from=null",
+                                "data.system_prompt=Be brief."])
+    report = run_evaluation(config, progress=False)
+    assert report.num_examples == 2 and seen == ["Be brief.", "Be brief."]

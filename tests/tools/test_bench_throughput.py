@@ -13,13 +13,9 @@ SMALL = ["data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data
          "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch_tokens=2048"]
 
 
-def _tool(name):
-    return load_tool(name)
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _tool("bench_throughput")
+    return load_tool("bench_throughput")
 
 
 def test_phase_groups_partition_rl_phases(bench):
@@ -80,7 +76,7 @@ def test_named_shapes_build_the_released_layer_sizes(bench):
 def test_weight_sync_bench_smoke(tmp_path):
     """tools/bench_weight_sync.py on a tiny shape: every path timed, the rollout model ends equal to the
     trainer's (the tool checks it and exits otherwise)."""
-    sync = _tool("bench_weight_sync")
+    sync = load_tool("bench_weight_sync")
     report = sync.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--vocab", "256", "--repeats", "1",
                         "--bucket-mb", "1", "--json", str(tmp_path / "sync.json")])
     assert set(report["results"]) == {"plain_copy", "fresh_copy", "export_only", "export_update_hf",
