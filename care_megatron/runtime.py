@@ -74,10 +74,10 @@ def check_preemption() -> None:
     signum = int(_preemption["signal"])
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
-        flag = torch.tensor([signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
+    if dist.is_available() and dist.is_initialized():
+        # on the world group's device, as every host-side collective of a step (NCCL refuses CPU tensors)
+        from care_megatron.training.megatron.parallel_state import all_reduce_host_values
+
+        signum = int(all_reduce_host_values([signum], dist.group.WORLD, op=dist.ReduceOp.MAX)[0])
     if signum:
         raise PreemptionRequested(signum)

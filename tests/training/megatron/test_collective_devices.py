@@ -6,6 +6,7 @@ backend's loss and metric sums reduce to the right values, and the guard really 
 they used to have (a ``torch.tensor(...)`` built on the host and all-reduced).
 """
 import os
+import signal
 import socket
 
 import pytest
@@ -79,6 +80,17 @@ def _worker(rank, world, port, out_dir):
     result["mismatch"] = metrics["rollout/mismatch_abs_mean"]
     result["tokens"] = int(sum(int(mb.loss_mask.sum()) for mb in packed))
     result["metric_sums"] = _sum_metrics([{"loss": 0.5 + rank}, {"loss": 0.25}], group)
+    # 3. a preemption signal on one rank stops both at the step boundary (flag max-reduced over the world)
+    from care_megatron import runtime
+
+    runtime.install_preemption_handlers()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    try:
+        runtime.check_preemption()
+        result["preempted"] = 0
+    except runtime.PreemptionRequested as exc:
+        result["preempted"] = exc.signum
     result["violations"] = list(_collective_guard.VIOLATIONS)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -98,3 +110,4 @@ def test_step_host_collectives_run_on_the_group_device(tmp_path):
         expected = (0.25 * tokens[0] + 0.5 * tokens[1]) / sum(tokens)
         assert r["mismatch"] == pytest.approx(expected, rel=1e-6)
         assert r["metric_sums"] == {"loss": 0.75 + 1.75, "micro_batches": 4.0}
+        assert r["preempted"] == int(signal.SIGUSR1)  # rank 0 got no signal and stops too
