@@ -44,29 +44,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042}
-"""Two-sided 95% quantiles of Student's t by degrees of freedom (tabulated; 1.96 beyond 30)."""
-
-
-def t_quantile_975(dof: int) -> float:
-    if dof in T_975:
-        return T_975[dof]
-    if dof > 30:
-        return 1.96
-    return T_975[max(d for d in T_975 if d <= dof)]  # conservative: the next smaller tabulated dof
+from care_megatron.stats import mean_interval as _t_interval  # noqa: E402
 
 
 def mean_interval(values: list[float]) -> dict:
-    """Mean and 95% t-interval (half-width ``t * sd / sqrt(n)``); one value has no interval."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+    """Mean and 95% t-interval over the seeds (:func:`care_megatron.stats.mean_interval`, the same
+    statistics as ``tools/compare_algorithms.py``); one value has no interval (NaN bounds)."""
+    stat = _t_interval(values)
+    nan = float("nan")
+    return {"mean": stat["mean"], "low": nan if stat["low"] is None else stat["low"],
+            "high": nan if stat["high"] is None else stat["high"], "n": stat["n"]}
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -6,24 +6,27 @@ import math
 import pytest
 from _tool_loader import load_tool
 
+
 @pytest.fixture(scope="module")
 def sweep():
     return load_tool("seed_sweep")
 
 
 def test_mean_interval_closed_form(sweep):
-    stat = sweep.mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    stat = sweep.mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.302652729749464
     assert stat["mean"] == 2.0
-    assert stat["high"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
-    assert 2.0 - stat["low"] == pytest.approx(4.303 / math.sqrt(3))
+    assert stat["high"] - 2.0 == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-9)
+    assert 2.0 - stat["low"] == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-9)
     assert math.isnan(sweep.mean_interval([0.5])["low"])
 
 
-def test_t_quantiles_match_scipy(sweep):
-    stats = pytest.importorskip("scipy.stats")
-    for dof in list(sweep.T_975):
-        assert sweep.t_quantile_975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=6e-4)
-    assert sweep.t_quantile_975(22) >= stats.t.ppf(0.975, 22)  # untabulated: conservative
+def test_interval_is_the_one_compare_algorithms_reports(sweep):
+    """One t-interval for every tool (care_megatron.stats, checked against scipy in tests/test_stats.py)."""
+    from care_megatron import stats
+
+    values = [0.2, 0.5, 0.3, 0.9]
+    ours, shared = sweep.mean_interval(values), stats.mean_interval(values)
+    assert (ours["mean"], ours["low"], ours["high"], ours["n"]) == (shared["mean"], shared["low"], shared["high"], 4)
 
 
 def _write(path, rows):
@@ -56,7 +59,8 @@ def test_seed_summary_and_report(sweep, tmp_path):
     aggregate, table = sweep.report({0: s0, 1: s1}, last=10)
     assert aggregate["heldout_gain"]["mean"] == pytest.approx(0.15)
     # two seeds: half-width = t(0.975, 1) * sd / sqrt(2), sd of {0.2, 0.1} = 0.0707
-    assert aggregate["heldout_gain"]["high"] - 0.15 == pytest.approx(12.706 * math.sqrt(0.005) / math.sqrt(2))
+    assert aggregate["heldout_gain"]["high"] - 0.15 == pytest.approx(12.706204736174707 * math.sqrt(0.005) / math.sqrt(2),
+                                                                     rel=1e-9)
     assert aggregate["train_gain_over_frozen"]["mean"] == pytest.approx((0.125 + 0.2) / 2)
     assert "held-out gain (RL - SFT)" in table and "x: SFT -> RL" in table
 
