@@ -40,6 +40,11 @@ class ModelConfig:
         _check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", "must be sdpa or eager")
 
 
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+"""``parallel.fp8_recipe`` values: megatron-core's ``TransformerConfig.fp8_recipe`` names (TE's
+``Float8CurrentScaling``, ``DelayedScaling``, ``Float8BlockScaling``, ``MXFP8BlockScaling``)."""
+
+
 @dataclass
 class ParallelConfig:
     backend: str = "torch"
@@ -81,8 +86,8 @@ class ParallelConfig:
                "must be auto, transformer_engine or local")
         _check(self.fp8 in (None, "hybrid", "e4m3"), "parallel.fp8", "must be null, hybrid or e4m3")
         _check(not (self.fp8 and self.transformer_impl == "local"), "parallel.fp8", "FP8 needs transformer_impl auto or transformer_engine")
-        _check(self.fp8_recipe in ("tensorwise", "delayed", "blockwise", "mxfp8"), "parallel.fp8_recipe",
-               "must be tensorwise, delayed, blockwise or mxfp8")
+        _check(self.fp8_recipe in FP8_RECIPES, "parallel.fp8_recipe", "must be " + ", ".join(FP8_RECIPES[:-1])
+               + " or " + FP8_RECIPES[-1])
         _check(not (self.fp8 and self.fp8_recipe == "delayed" and self.fp8_first_last_bf16), "parallel.fp8_first_last_bf16",
                "the delayed FP8 recipe cannot keep the first / last layers in bf16; use fp8_recipe=tensorwise or set it false")
         _check(not (self.sequence_parallel and self.tensor_model_parallel_size == 1), "parallel.sequence_parallel",

@@ -33,25 +33,16 @@ def te_layer_spec(qk_layernorm: bool):
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
-"""``parallel.fp8_recipe`` values: megatron-core's ``TransformerConfig.fp8_recipe`` names (TE's
-``Float8CurrentScaling``, ``DelayedScaling``, ``Float8BlockScaling``, ``MXFP8BlockScaling``)."""
-
-
 def fp8_config_fields(fp8: str | None, first_last_bf16: bool, recipe: str = "tensorwise") -> dict:
     """TransformerConfig fields for FP8 through TE, {} when off.
 
-    megatron-core refuses ``first_last_layers_bf16`` with the delayed recipe (its
-    ``TransformerConfig.__post_init__``), so the default recipe is ``tensorwise`` (per-tensor current
-    scaling, TE >= 2.2); the amax-history fields only mean something to ``delayed``."""
+    ``recipe`` is one of ``care_megatron.config.schema.FP8_RECIPES``; ``ParallelConfig`` has already
+    refused ``first_last_layers_bf16`` with the delayed recipe, as megatron-core's
+    ``TransformerConfig.__post_init__`` would, which is why the default recipe is ``tensorwise``
+    (per-tensor current scaling, TE >= 2.2). The amax-history fields only mean something to ``delayed``."""
     if fp8 is None:
         return {}
     require_transformer_engine(f"parallel.fp8={fp8}")
-    if recipe not in FP8_RECIPES:
-        raise ValueError(f"config field 'parallel.fp8_recipe': must be one of {FP8_RECIPES}, got {recipe!r}")
-    if recipe == "delayed" and first_last_bf16:
-        raise ValueError("config field 'parallel.fp8_first_last_bf16': the delayed FP8 recipe cannot keep the first / "
-                         "last layers in bf16 (megatron-core refuses it); use fp8_recipe=tensorwise or set it false")
     fields = {"fp8": fp8, "fp8_recipe": recipe, "first_last_layers_bf16": first_last_bf16}
     if first_last_bf16:
         fields.update(num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
