@@ -89,6 +89,21 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
+def read_run_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` that may still be running or was killed: [] when the file
+    does not exist yet, and a line cut short by a kill is skipped (the resumed run writes it again)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 # keys of care_advantages' ``info`` the diagnostics read: one entry per group / one per rollout
 _GROUP_KEYS = ("group_ids", "anchored", "rescue", "saturated", "num_negatives", "rgr_target")
 _ROW_KEYS = ("role", "z_scores", "group_of", "is_reflected", "in_subgroup")

@@ -54,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from care_megatron.metrics import read_run_metrics  # noqa: E402
 from care_megatron.stats import mean_interval  # noqa: E402
 
 METHODS = {
@@ -85,16 +86,7 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 
 def read_rows(directory: Path) -> list[dict]:
-    path = directory / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: the resumed run rewrites it
-            continue
-    return rows
+    return read_run_metrics(directory / "metrics.jsonl")
 
 
 def is_finished(directory: Path, steps: int) -> bool:

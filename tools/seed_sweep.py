@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from care_megatron.metrics import read_run_metrics  # noqa: E402
 from care_megatron.stats import mean_interval as _t_interval  # noqa: E402
 
 
@@ -54,12 +55,6 @@ def mean_interval(values: list[float]) -> dict:
     nan = float("nan")
     return {"mean": stat["mean"], "low": nan if stat["low"] is None else stat["low"],
             "high": nan if stat["high"] is None else stat["high"], "n": stat["n"]}
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_command(command: str, config: str | None, overrides: list[str], log_path: Path) -> float:
@@ -78,7 +73,7 @@ def run_command(command: str, config: str | None, overrides: list[str], log_path
 
 
 def finished(directory: Path, steps: int) -> bool:
-    rows = [r for r in read_rows(directory / "metrics.jsonl") if "loss" in r]
+    rows = [r for r in read_run_metrics(directory / "metrics.jsonl") if "loss" in r]
     return bool(rows) and rows[-1]["step"] >= steps and (directory / "final").is_dir()
 
 
@@ -109,8 +104,8 @@ def run_seed(config: str | None, overrides: list[str], seed: int, out: Path, fro
 
 
 def seed_summary(directory: Path, last: int) -> dict:
-    rows = read_rows(directory / "metrics.jsonl")
-    frozen_rows = read_rows(directory / "frozen" / "metrics.jsonl")
+    rows = read_run_metrics(directory / "metrics.jsonl")
+    frozen_rows = read_run_metrics(directory / "frozen" / "metrics.jsonl")
     evals = [r for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "accuracy/mean" in r]
     frozen_steps = [r for r in frozen_rows if "accuracy/mean" in r]
