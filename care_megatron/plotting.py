@@ -10,7 +10,8 @@ from care_megatron.metrics import read_metrics
 PANELS = (
     ("reward/mean", "mean reward"),
     ("accuracy/mean", "training accuracy (rollouts)"),
-    ("eval/accuracy", "held-out accuracy"),
+    ("eval/accuracy", "held-out accuracy (greedy)"),
+    ("eval_sampled/accuracy", "held-out accuracy (sampled, mean@N)"),
     ("signal/failure_share", "failure-signal share"),
     ("kprime/mean", "mean K'"),
     ("rgr/success_rate", "RGR success rate"),
@@ -57,7 +58,7 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            if key.startswith("eval/") or len(ys) < 8:
+            if key.startswith(("eval/", "eval_sampled/")) or len(ys) < 8:
                 ax.plot(xs, ys, marker="o", markersize=3, label=name)
             else:  # per-step values are noisy: faint raw curve, bold trailing mean over ~10% of the run
                 line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)

@@ -245,10 +245,22 @@ class RLTrainer:
                           batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
                           system_prompt=self.system_prompt)
         metrics = report.as_metrics()
+        if self.config.eval.samples:
+            metrics.update(self.evaluate_sampled(self.config.eval.samples))
         if self.benchmark_subset is not None:
             metrics.update(self.benchmark_subset.metrics(self.engine, self.tokenizer, self.image_processor, greedy))
         self.engine.sleep()
         return metrics
+
+    def evaluate_sampled(self, n: int) -> dict[str, float]:
+        """mean@n on the held-out split: n draws per question at the rollout's sampling settings, one
+        fixed seed (common random numbers across evaluations); ``eval_sampled/*`` metrics."""
+        sampling = SamplingParams(**self.sampling, seed=derive_seed(self.config.train.seed, 0, 0, "eval_sampled"))
+        records = [record for record in self.data.eval for _ in range(n)]
+        report = evaluate(self.engine, records, self.tokenizer, self.image_processor, self.reward_fn, sampling,
+                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
+                          system_prompt=self.system_prompt, keep_samples=0)
+        return report.as_metrics(prefix="eval_sampled/")
 
     def save(self, step: int) -> Path:
         state = {"data": self.prompts.state_dict(), "bad_steps": self.bad_steps}

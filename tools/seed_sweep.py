@@ -103,16 +103,34 @@ def run_seed(config: str | None, overrides: list[str], seed: int, out: Path, fro
     return timings
 
 
+HELDOUT = (("eval/", "heldout", "held-out accuracy (greedy)"),
+           ("eval_sampled/", "heldout_sampled", "held-out accuracy (sampled, mean@N)"))
+"""Held-out metric families: metric prefix, summary key prefix, label. ``eval_sampled/`` exists when the
+runs set ``eval.samples``."""
+
+
+def heldout_summary(rows: list[dict], prefix: str, key: str) -> dict:
+    """SFT (first evaluation) and final held-out accuracy of one metric family, overall and per task."""
+    evals = [r for r in rows if f"{prefix}accuracy" in r]
+    if not evals:
+        return {}
+    first, final = evals[0], evals[-1]
+    tasks = sorted(k[len(f"{prefix}accuracy/"):] for k in first if k.startswith(f"{prefix}accuracy/"))
+    return {f"{key}_sft": first[f"{prefix}accuracy"], f"{key}_final": final[f"{prefix}accuracy"],
+            f"{key}_gain": final[f"{prefix}accuracy"] - first[f"{prefix}accuracy"],
+            f"{key}_steps": [first["step"], final["step"]],
+            f"{key}_curve": [[r["step"], r[f"{prefix}accuracy"]] for r in evals],
+            f"{key}_per_task": {t: [first[f"{prefix}accuracy/{t}"], final.get(f"{prefix}accuracy/{t}", float("nan"))]
+                                for t in tasks}}
+
+
 def seed_summary(directory: Path, last: int) -> dict:
     rows = read_run_metrics(directory / "metrics.jsonl")
     frozen_rows = read_run_metrics(directory / "frozen" / "metrics.jsonl")
-    evals = [r for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "accuracy/mean" in r]
     frozen_steps = [r for r in frozen_rows if "accuracy/mean" in r]
-    if not evals or not steps or not frozen_steps:
+    if not any("eval/accuracy" in r for r in rows) or not steps or not frozen_steps:
         raise RuntimeError(f"{directory}: missing evaluations or steps in metrics.jsonl")
-    first, final = evals[0], evals[-1]
-    tasks = sorted(k[len("eval/accuracy/"):] for k in first if k.startswith("eval/accuracy/"))
     # compared over the steps both runs have reached (an unfinished run is summarised as far as it got)
     common = sorted({r["step"] for r in steps} & {r["step"] for r in frozen_steps})[-last:]
 
@@ -120,14 +138,10 @@ def seed_summary(directory: Path, last: int) -> dict:
         values = [r["accuracy/mean"] for r in seq if r["step"] in common]
         return sum(values) / len(values)
 
-    summary = {
-        "heldout_sft": first["eval/accuracy"], "heldout_final": final["eval/accuracy"],
-        "heldout_gain": final["eval/accuracy"] - first["eval/accuracy"],
-        "heldout_steps": [first["step"], final["step"]],
-        "heldout_curve": [[r["step"], r["eval/accuracy"]] for r in evals],
-        "train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps), "train_steps": [common[0], common[-1]],
-        "per_task": {t: [first[f"eval/accuracy/{t}"], final.get(f"eval/accuracy/{t}", float("nan"))] for t in tasks},
-    }
+    summary = {"train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps), "train_steps": [common[0], common[-1]]}
+    for prefix, key, _ in HELDOUT:
+        summary.update(heldout_summary(rows, prefix, key))
+    summary["per_task"] = summary["heldout_per_task"]
     summary["train_gain_over_frozen"] = summary["train_last"] - summary["frozen_last"]
     timings_path = directory / "timings.json"
     if timings_path.exists():
@@ -145,31 +159,38 @@ def _fmt(stat: dict) -> str:
 
 
 def report(per_seed: dict[int, dict], last: int) -> tuple[dict, str]:
-    keys = [("heldout_sft", "held-out accuracy, SFT policy"), ("heldout_final", "held-out accuracy, after RL"),
-            ("heldout_gain", "held-out gain (RL - SFT)"), ("train_last", f"training accuracy, last {last} steps, RL"),
-            ("frozen_last", f"training accuracy, last {last} steps, frozen policy"),
-            ("train_gain_over_frozen", "training-accuracy gain over frozen")]
     seeds = sorted(per_seed)
+    keys = []
+    for _, key, label in HELDOUT:
+        if all(f"{key}_sft" in per_seed[s] for s in seeds):
+            keys += [(f"{key}_sft", f"{label}, SFT policy"), (f"{key}_final", f"{label}, after RL"),
+                     (f"{key}_gain", f"{label}: gain (RL - SFT)")]
+    keys += [("train_last", f"training accuracy, last {last} steps, RL"),
+             ("frozen_last", f"training accuracy, last {last} steps, frozen policy"),
+             ("train_gain_over_frozen", "training-accuracy gain over frozen")]
     aggregate = {key: mean_interval([per_seed[s][key] for s in seeds]) for key, _ in keys}
     times = [per_seed[s]["user_commands_s"] for s in seeds if "user_commands_s" in per_seed[s]]
     if times:
         aggregate["user_commands_s"] = mean_interval(times)
-    tasks = sorted(set().union(*(per_seed[s]["per_task"] for s in seeds)))
-    for task in tasks:
-        gains = [per_seed[s]["per_task"][task][1] - per_seed[s]["per_task"][task][0] for s in seeds
-                 if task in per_seed[s]["per_task"]]
-        aggregate[f"heldout_gain/{task}"] = mean_interval(gains)
     lines = [f"{'metric':<52} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds) + "   mean [95% t-interval]"]
     for key, label in keys:
         lines.append(f"{label:<52} " + " ".join(f"{per_seed[s][key]:>8.3f}" for s in seeds) + f"   {_fmt(aggregate[key])}")
     lines.append(f"{'(held-out at steps; training accuracy over steps)':<52} " + " ".join(
         f"{'%d-%d' % tuple(per_seed[s]['heldout_steps']):>8}" for s in seeds) + "   " + " ".join(
         "%d-%d" % tuple(per_seed[s]["train_steps"]) for s in seeds))
-    for task in tasks:
-        label = f"  held-out {task}: SFT -> RL"
-        cells = " ".join(f"{per_seed[s]['per_task'][task][0]:.2f}->{per_seed[s]['per_task'][task][1]:.2f}"
-                         if task in per_seed[s]["per_task"] else "-" for s in seeds)
-        lines.append(f"{label:<52} {cells}   gain {_fmt(aggregate[f'heldout_gain/{task}'])}")
+    for _, key, label in HELDOUT:
+        table = f"{key}_per_task"
+        if not all(table in per_seed[s] for s in seeds):
+            continue
+        tasks = sorted(set().union(*(per_seed[s][table] for s in seeds)))
+        suffix = "" if key == "heldout" else f"/{key}"
+        for task in tasks:
+            gains = [per_seed[s][table][task][1] - per_seed[s][table][task][0] for s in seeds if task in per_seed[s][table]]
+            aggregate[f"heldout_gain/{task}{suffix}"] = mean_interval(gains)
+            cells = " ".join(f"{per_seed[s][table][task][0]:.2f}->{per_seed[s][table][task][1]:.2f}"
+                             if task in per_seed[s][table] else "-" for s in seeds)
+            name = f"  held-out {task}{'' if key == 'heldout' else ' (sampled)'}: SFT -> RL"
+            lines.append(f"{name:<52} {cells}   gain {_fmt(aggregate[f'heldout_gain/{task}{suffix}'])}")
     if times:
         lines.append(f"{'wall time care-sft + care-train (s)':<52} " + " ".join(f"{t:>8.0f}" for t in times)
                      + f"   {_fmt(aggregate['user_commands_s'])}")

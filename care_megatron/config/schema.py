@@ -306,6 +306,11 @@ class EvalConfig:
     train_subset: int = 0
     """Training-time evaluation: the first N usable examples of each ``eval.benchmarks`` entry, scored
     greedily at every ``train.eval_every`` as ``bench/<name>`` metrics (0 = off)."""
+    samples: int = 0
+    """Training-time held-out evaluation: besides the greedy decode (``eval/*``), decode N samples per
+    question at the rollout's temperature / top-p / top-k with a fixed seed and report their mean
+    accuracy as ``eval_sampled/*`` (mean@N, the accuracy of the policy RL samples from; the same seed at
+    every evaluation, so two evaluations differ by the policy, not the draw). 0 = greedy only."""
 
     def __post_init__(self) -> None:
         if self.benchmarks:
@@ -316,6 +321,7 @@ class EvalConfig:
         _check(self.limit is None or self.limit >= 1, "eval.limit", "must be >= 1 or null")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
         _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
+        _check(self.samples >= 0, "eval.samples", "must be >= 0")
 
 
 @dataclass

@@ -34,10 +34,13 @@ def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _fake_seed(directory, sft_acc, final_acc, rl_acc, frozen_acc, steps=12):
+def _fake_seed(directory, sft_acc, final_acc, rl_acc, frozen_acc, steps=12, sampled=None):
     rows = [{"step": 0, "eval/accuracy": sft_acc, "eval/accuracy/x": sft_acc}]
     rows += [{"step": s, "loss": 0.0, "accuracy/mean": rl_acc(s)} for s in range(1, steps + 1)]
     rows[-1].update({"eval/accuracy": final_acc, "eval/accuracy/x": final_acc})
+    if sampled is not None:  # eval.samples set: eval_sampled/* beside eval/* at every evaluation
+        rows[0].update({"eval_sampled/accuracy": sampled[0], "eval_sampled/accuracy/x": sampled[0]})
+        rows[-1].update({"eval_sampled/accuracy": sampled[1], "eval_sampled/accuracy/x": sampled[1]})
     _write(directory / "metrics.jsonl", rows)
     _write(directory / "frozen" / "metrics.jsonl",
            [{"step": s, "loss": 0.0, "accuracy/mean": frozen_acc} for s in range(1, steps + 1)])
@@ -62,7 +65,22 @@ def test_seed_summary_and_report(sweep, tmp_path):
     assert aggregate["heldout_gain"]["high"] - 0.15 == pytest.approx(12.706204736174707 * math.sqrt(0.005) / math.sqrt(2),
                                                                      rel=1e-9)
     assert aggregate["train_gain_over_frozen"]["mean"] == pytest.approx((0.125 + 0.2) / 2)
-    assert "held-out gain (RL - SFT)" in table and "x: SFT -> RL" in table
+    assert "held-out accuracy (greedy): gain (RL - SFT)" in table and "held-out x: SFT -> RL" in table
+    assert "sampled" not in table  # runs without eval.samples have no sampled rows
+
+
+def test_sampled_heldout_is_summarised_beside_greedy(sweep, tmp_path):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: 0.4, 0.25, sampled=(0.2, 0.45))
+    _fake_seed(tmp_path / "seed1", 0.4, 0.5, lambda s: 0.5, 0.3, sampled=(0.1, 0.2))
+    s0 = sweep.seed_summary(tmp_path / "seed0", last=10)
+    assert (s0["heldout_sampled_sft"], s0["heldout_sampled_final"]) == (0.2, 0.45)
+    assert s0["heldout_sampled_gain"] == pytest.approx(0.25) and s0["heldout_gain"] == pytest.approx(0.2)
+    assert s0["heldout_sampled_per_task"] == {"x": [0.2, 0.45]} and s0["per_task"] == {"x": [0.3, 0.5]}
+    aggregate, table = sweep.report({0: s0, 1: sweep.seed_summary(tmp_path / "seed1", last=10)}, last=10)
+    assert aggregate["heldout_sampled_gain"]["mean"] == pytest.approx((0.25 + 0.1) / 2)
+    assert aggregate["heldout_gain/x/heldout_sampled"]["mean"] == pytest.approx((0.25 + 0.1) / 2)
+    assert aggregate["heldout_gain/x"]["mean"] == pytest.approx(0.15)
+    assert "held-out accuracy (sampled, mean@N): gain (RL - SFT)" in table and "held-out x (sampled): SFT -> RL" in table
 
 
 def test_frozen_run_shares_seeds_policy_and_prompts(sweep, tmp_path, monkeypatch):
