@@ -53,7 +53,7 @@ def test_curves_png_has_frozen_and_per_task_panels(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
     out = plot_run(metrics, tmp_path / "curves.png", baseline=base)
     assert out.stat().st_size > 1000
-    assert titles[-1] == ["mean reward", "training accuracy (rollouts)", "held-out accuracy", "loss",
+    assert titles[-1] == ["mean reward", "training accuracy (rollouts)", "held-out accuracy (greedy)", "loss",
                           "training accuracy: RL - frozen policy", "held-out accuracy per task"]
     plot_run(metrics, tmp_path / "plain.png")  # without a baseline: no difference panel
     assert "training accuracy: RL - frozen policy" not in titles[-1]
