@@ -25,7 +25,10 @@ prompts are the config's own (synthetic tasks need no download).
 path and/or dotted overrides applied on top of the base, e.g. ``--compare algorithm.name=grpo``,
 ``--compare rollout.engine=sglang``, ``--compare examples/configs/tiny_cpu_megatron.yaml``.
 ``--compare-decode-path reference`` is the same for the HF engine's reference decoding path (the one
-before the speed-up), to measure before / after in one invocation. The variants' steps are
+before the speed-up), to measure before / after in one invocation; ``--compare-kernel-backend reference``
+likewise for the fused ops' kernel backend (``reference``: the textbook torch chunk arithmetic of the
+LM-head log-probs, before the in-place ``torch`` backend; the train, log-prob and reference passes all
+use it). Both print whether the last step's metrics are identical. The variants' steps are
 interleaved (step k of each before step k + 1 of any), so load from other processes on a shared
 machine falls on both alike.
 
@@ -224,9 +227,11 @@ def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: 
     """Benchmark several configurations, their steps interleaved (step k of every variant before step
     k + 1 of any), so that load from other processes on a shared machine falls on all of them alike.
 
-    ``variants``: ``{"label", "config", "overrides", "decode_path"}`` each. Returns ``{label: report}``
+    ``variants``: ``{"label", "config", "overrides", "decode_path", "kernel_backend"}`` each (the last two
+    optional; the kernel backend is forced around that variant's steps). Returns ``{label: report}``
     (see the module docstring).
     """
+    from care_megatron.kernels import force_kernel_backend
     from care_megatron.trainer import RLTrainer
 
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as out:
@@ -237,14 +242,16 @@ def run_benchmarks(variants: list[dict], shape: str | None, steps: int, warmup: 
             if variant.get("decode_path") is not None:
                 trainer.engine.decode_path = variant["decode_path"]
             runs.append({"label": variant["label"], "config": config, "trainer": trainer, "per_step": [],
+                         "kernel_backend": variant.get("kernel_backend") or "auto",
                          "counter": TokenCounter(trainer), "memory": MemoryProbe(trainer.schedule), "last": {}})
         for step in range(warmup + steps):
             for run in runs:
                 run["memory"].peaks.clear()
                 run["counter"].take()
-                start = time.perf_counter()
-                metrics = run["trainer"].step(step)
-                wall = time.perf_counter() - start
+                with force_kernel_backend(run["kernel_backend"]):
+                    start = time.perf_counter()
+                    metrics = run["trainer"].step(step)
+                    wall = time.perf_counter() - start
                 if step >= warmup:
                     run["per_step"].append({"wall": wall, "tokens": run["counter"].take(),
                                             "memory": dict(run["memory"].peaks),
@@ -388,19 +395,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare-decode-path", default=None, choices=["fast", "reference"],
                         help="second run: same config, HF engine decode path switched (before / after)")
     parser.add_argument("--decode-path", default=None, choices=["fast", "reference"], help="HF engine decode path")
+    parser.add_argument("--compare-kernel-backend", default=None, choices=["auto", "torch", "reference", "triton"],
+                        help="second run: same config, fused-op kernel backend forced (before / after)")
+    parser.add_argument("--kernel-backend", default=None, choices=["auto", "torch", "reference", "triton"],
+                        help="fused-op kernel backend of the base run (default auto: triton on CUDA, else torch)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     parser.add_argument("--json", default=None, help="write the reports here")
     args = parser.parse_args(argv)
 
-    base_label = "base" if not args.decode_path else f"decode={args.decode_path}"
-    variants = [{"label": base_label, "config": args.config, "overrides": args.overrides, "decode_path": args.decode_path}]
+    base_label = " ".join([*([f"decode={args.decode_path}"] if args.decode_path else []),
+                           *([f"kernels={args.kernel_backend}"] if args.kernel_backend else [])]) or "base"
+    base = {"label": base_label, "config": args.config, "overrides": args.overrides, "decode_path": args.decode_path,
+            "kernel_backend": args.kernel_backend}
+    variants = [base]
     if args.compare:
         path, extra = parse_compare(args.compare)
-        variants.append({"label": " ".join(args.compare), "config": path or args.config,
-                         "overrides": args.overrides + extra, "decode_path": args.decode_path})
+        variants.append({**base, "label": " ".join(args.compare), "config": path or args.config,
+                         "overrides": args.overrides + extra})
     if args.compare_decode_path:
-        variants.append({"label": f"decode={args.compare_decode_path}", "config": args.config,
-                         "overrides": args.overrides, "decode_path": args.compare_decode_path})
+        variants.append({**base, "label": f"decode={args.compare_decode_path}", "decode_path": args.compare_decode_path})
+    if args.compare_kernel_backend:
+        variants.append({**base, "label": f"kernels={args.compare_kernel_backend}",
+                         "kernel_backend": args.compare_kernel_backend})
     reports = run_benchmarks(variants, args.shape, args.steps, args.warmup, args.peak_tflops)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {"reports": reports}
@@ -408,7 +424,7 @@ def main(argv=None) -> dict:
               "overrides": args.overrides, "shape": args.shape, "reports": reports}
     print(f"hardware: {result['hardware']}; {args.steps} measured steps after {args.warmup} warm-up")
     print(format_table(reports))
-    if args.compare_decode_path:  # a path switch that claims the same results must leave every metric equal
+    if args.compare_decode_path or args.compare_kernel_backend:  # a path switch claiming the same results: every metric equal
         first, second = reports[variants[0]["label"]]["metrics"], reports[variants[-1]["label"]]["metrics"]
         differing = sorted(k for k in set(first) | set(second) if first.get(k) != second.get(k)
                            and not (first.get(k) != first.get(k) and second.get(k) != second.get(k)))  # NaN == NaN here

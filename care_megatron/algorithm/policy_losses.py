@@ -336,7 +336,8 @@ def _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy):
         raise ValueError(f"kl_coef = {config.kl_coef} needs ref_logprobs")
     entropy_sum = zero
     if entropy is not None:
-        entropy_sum = torch.where(mask, entropy.float(), 0.0).sum()
+        # without the bonus the entropy is a metric only: no gradient path (the log-prob op skips its backward)
+        entropy_sum = torch.where(mask, (entropy if config.entropy_coef else entropy.detach()).float(), 0.0).sum()
     elif config.entropy_coef > 0:
         raise ValueError(f"entropy_coef = {config.entropy_coef} needs entropy")
     kl_loss = config.kl_coef * kl_sum / num_tokens

@@ -1,8 +1,10 @@
 """Choosing between a fused Triton kernel and its torch reference.
 
 Every fused op in :mod:`care_megatron.kernels` has two implementations: ``reference`` (pure
-torch, runs anywhere) and ``triton``. The default is chosen per call from the input tensors:
-Triton when they live on a CUDA device and ``triton`` imports, the reference otherwise (the
+torch, runs anywhere) and ``triton``; an op may also have a ``torch`` one (the reference's
+arithmetic, bit for bit, with fewer memory passes: the LM-head log-probs' chunk ops), and ops
+without it run their reference under that name. The default is chosen per call from the input
+tensors: Triton when they live on a CUDA device and ``triton`` imports, ``torch`` otherwise (the
 nanochat pattern: fast path chosen at import, reference as fallback). Tests force either with
 :func:`force_kernel_backend` (or the ``CARE_KERNEL_BACKEND`` environment variable); forcing
 ``triton`` on CPU tensors runs the kernels in Triton's interpreter (numpy, needs
@@ -21,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 _forced_backend: str = os.environ.get("CARE_KERNEL_BACKEND", "auto")
 if _forced_backend not in BACKENDS:
@@ -38,7 +40,7 @@ except Exception as error:  # pragma: no cover - depends on the environment
 
 
 def set_kernel_backend(name: str) -> None:
-    """Force every fused op to ``name`` ("reference" or "triton"), or back to "auto"."""
+    """Force every fused op to ``name`` ("reference", "torch" or "triton"), or back to "auto"."""
     global _forced_backend
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {name!r}: expected one of {BACKENDS}")
@@ -68,10 +70,10 @@ def resolve_backend(device: torch.device) -> str:
     if _forced_backend != "auto":
         return _forced_backend
     if not TRITON_AVAILABLE:
-        return "reference"
-    # CPU tensors take the reference even under TRITON_INTERPRET=1: the interpreter is orders of
+        return "torch"
+    # CPU tensors take torch even under TRITON_INTERPRET=1: the interpreter is orders of
     # magnitude slower than torch, so it only runs when a test forces the "triton" backend.
-    return "triton" if device.type == "cuda" else "reference"
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def interpreter_active() -> bool:

@@ -57,6 +57,21 @@ def test_tiny_cpu_smoke_with_compare(bench, tmp_path, capsys):
     assert "step time algorithm.name=grpo / base" in table
 
 
+def test_kernel_backend_before_after_gives_the_same_run(bench, capsys):
+    """The in-place torch chunk ops (and the skipped backward of an unread entropy) against the textbook
+    reference in one invocation: two RL steps, so the second step runs on weights the first update
+    produced through each path; every logged metric (loss, gradient norm, rewards, KL...) is the same."""
+    result = bench.main(["--config", str(ROOT / "examples/configs/tiny_cpu.yaml"), *SMALL, "train.threads=1",
+                         "--shape", "tiny", "--steps", "2", "--warmup", "0", "--compare-kernel-backend", "reference"])
+    reports = result["reports"]
+    assert list(reports) == ["base", "kernels=reference"]
+    base, reference = reports["base"]["metrics"], reports["kernels=reference"]["metrics"]
+    timing = {k for k in base if k.startswith("timing/") or k.startswith("memory/") or k.startswith("throughput/")}
+    assert {k: v for k, v in base.items() if k not in timing} == {k: v for k, v in reference.items() if k not in timing}
+    assert base["grad_norm"] > 0 and "entropy" in base
+    assert "last-step metrics of base and kernels=reference: identical" in capsys.readouterr().out
+
+
 def test_named_shapes_build_the_released_layer_sizes(bench):
     from care_megatron.models.registry import build_hf_config
 

@@ -11,7 +11,8 @@ and feeds two matmuls for the gradients of ``hidden`` and ``weight``. Peak extra
 ``weight`` needs a gradient and is low precision).
 
 Dispatch (see :mod:`care_megatron.kernels._dispatch`): the per-chunk arithmetic is Triton on CUDA
-when triton imports, the torch reference otherwise; ``force_kernel_backend`` pins either.
+when triton imports, otherwise :mod:`.inplace` (the torch reference's operations, bit for bit, with
+buffers reused); ``force_kernel_backend`` pins any of them, ``"reference"`` the textbook twin.
 
 Vocabulary-parallel building blocks: :func:`linear_logprob_partials` returns the per-shard partials
 (max, sumexp, weighted shift sum, target logit) of a vocabulary slice, and
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from care_megatron.kernels._dispatch import resolve_backend
-from care_megatron.kernels.logprobs import reference
+from care_megatron.kernels.logprobs import inplace, reference
 from care_megatron.kernels.logprobs.reference import (
     IGNORE_INDEX,
     combine_vocab_parallel_partials,
@@ -50,7 +51,7 @@ def _chunk_ops(backend: str):
         from care_megatron.kernels.logprobs import triton as triton_ops
 
         return triton_ops
-    return reference
+    return inplace if backend == "torch" else reference
 
 
 def _local_labels(labels: torch.Tensor, vocab_start: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
@@ -123,6 +124,10 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, backend, ignore_index, vocab_start, group,
                 reduce_grad_input=True):
         ops = _chunk_ops(backend)
+        # An output no loss term reads (the entropy when the entropy bonus is off) then reaches backward
+        # as None, and its [T, V] term is skipped. The textbook reference keeps autograd's default
+        # (a zero gradient, computed through), which is what tools/bench_throughput compares against.
+        ctx.set_materialize_grads(backend == "reference")
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         local_labels = _local_labels(labels, vocab_start, vocab_size, ignore_index)
         partials = [torch.empty(num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(4)]
