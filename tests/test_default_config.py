@@ -1,4 +1,4 @@
-"""The embedded default (examples/configs/tiny_cpu.yaml) and its candidate retune (tiny_cpu_color.yaml) can
+"""The embedded default (examples/configs/tiny_cpu.yaml) and the previous one (tiny_cpu_shapes.yaml) can
 show learning: each held-out set is big enough that a 0.10 gain is several standard errors, and every
 held-out record is new to training."""
 import math
@@ -12,7 +12,7 @@ from care_megatron.data.dataset import _fingerprint, build_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_color.yaml"])
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_shapes.yaml"])
 def test_default_heldout_set_is_large_and_disjoint(name):
     config = load_config(ROOT / "examples/configs" / name, [])
     splits = build_records(config.data)

@@ -254,6 +254,11 @@ class TrainConfig:
     """Global gradient-norm clip."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed (THD) micro-batch."""
+    group_by_length: bool = True
+    """Torch backend: run a micro-batch's sequences through the model in groups of similar length
+    instead of one batch padded to the longest (RGR's reflection prompts are about twice as long as
+    the rest). The same results up to floating-point summation order; the Megatron backend runs
+    THD-packed sequences unpadded and ignores it."""
     sft_steps: int = 150
     """Cold-start SFT optimizer steps (``care-sft``)."""
     sft_lr: float = 3e-3

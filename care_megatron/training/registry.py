@@ -23,7 +23,7 @@ def build_backend(config: RunConfig, model, *, lr: float | None = None, keep_ref
         return TorchBackend(model, lr=lr, weight_decay=config.train.weight_decay,
                             warmup_steps=config.train.warmup_steps, grad_clip=config.train.grad_clip,
                             temperature=logprob_temperature(config.rollout.temperature),
-                            keep_reference=keep_reference,
+                            keep_reference=keep_reference, group_by_length=config.train.group_by_length,
                             device="cuda" if torch.cuda.is_available() else "cpu")
     if name == "megatron":
         try:

@@ -22,6 +22,31 @@ from care_megatron.training.packed_utils import align_next_token, pool_think_hid
 
 log = logging.getLogger(__name__)
 
+GROUP_OVERHEAD_TOKENS = 256
+"""What one more model call costs, in padded tokens (``length_groups``' trade-off: a group saves the
+padding of its rows, but each call re-runs per-call work such as the layer loop's launch costs)."""
+
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Partition sequences (by index) into groups run as separate padded batches, minimising
+    ``sum over groups (rows x longest) + overhead x groups``: an exact dynamic programme over the
+    sequences sorted by length (an optimal partition is contiguous in that order). Each group lists
+    its indices ascending; groups come shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0] + [None] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * longest + overhead
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return groups[::-1]
+
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -40,11 +65,13 @@ class TorchBackend:
         temperature: the rollout sampling temperature; log-probs are of softmax(logits / temperature)
             so the importance ratio compares like with like (the rollout engine reports the same).
         reference: keep a frozen copy of the initial policy for the KL term (None = no reference).
+        group_by_length: run each micro-batch's sequences in groups of similar length (less padding;
+            the same results up to floating-point summation order).
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
                  grad_clip: float = 1.0, temperature: float = 1.0, keep_reference: bool = True,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", group_by_length: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.reference = None
@@ -53,6 +80,7 @@ class TorchBackend:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.temperature = float(temperature)
+        self.group_by_length = bool(group_by_length)
         self.grad_clip = grad_clip
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -65,29 +93,72 @@ class TorchBackend:
     def _language_forward(self, model: torch.nn.Module, mb: PackedMicroBatch) -> torch.Tensor:
         """Final-layer (post-norm) hidden states [T, D] of one packed micro-batch.
 
-        The THD micro-batch is laid out as a right-padded [n, L_max] batch for the HF model (an
+        The THD micro-batch is laid out as right-padded [n, L_max] batches for the HF model (an
         attention mask keeps sequences apart, each sequence keeps its own M-RoPE positions), then
         the hidden states are gathered back to the packed token order. On CPU this costs
         n * L_max^2 attention work instead of the T^2 of a dense block-diagonal mask over the pack.
+        With ``group_by_length`` the sequences go through the model in groups of similar length
+        (:func:`length_groups`), each with its own images, so a few long sequences (RGR's reflection
+        prompts are twice as long) do not pad every other row to their length.
         """
         mb = mb.to(self.device)
         lengths = mb.sequence_lengths()
-        n, width = mb.num_sequences, int(lengths.max())
-        T = int(mb.cu_seqlens[-1])
-        rows = torch.repeat_interleave(torch.arange(n, device=self.device), lengths.to(self.device))
-        cols = torch.arange(T, device=self.device) - mb.cu_seqlens[:-1].long().to(self.device)[rows]
-        input_ids = torch.full((n, width), 0, dtype=torch.long, device=self.device)
-        input_ids[rows, cols] = mb.input_ids[:T]
-        attention_mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
-        attention_mask[rows, cols] = 1
-        position_ids = torch.zeros((3, n, width), dtype=torch.long, device=self.device)
-        position_ids[:, rows, cols] = mb.position_ids[:, :T].long()
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, use_cache=False)
-        hidden = out.last_hidden_state[rows, cols]
+        groups = (length_groups(lengths.tolist(), GROUP_OVERHEAD_TOKENS) if self.group_by_length
+                  else [list(range(mb.num_sequences))])
+        if len(groups) == 1:
+            hidden = self._padded_forward(model, mb, lengths, torch.arange(mb.num_sequences, device=self.device))[1]
+        else:
+            sources, outputs = zip(*(self._padded_forward(model, mb, lengths, torch.tensor(g, device=self.device))
+                                     for g in groups))
+            order = torch.cat(sources)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=self.device)
+            hidden = torch.cat(outputs)[inverse]
         if mb.num_pad:
             hidden = torch.cat([hidden, hidden.new_zeros(mb.num_pad, hidden.shape[-1])])
         return hidden
+
+    def _padded_forward(self, model: torch.nn.Module, mb: PackedMicroBatch, lengths: torch.Tensor,
+                        sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder on ``sequences`` (ascending indices into ``mb``) as one right-padded batch with
+        their images; returns (packed token index of each output row, hidden states [tokens, D])."""
+        group_lengths = lengths[sequences]
+        n, width = sequences.numel(), int(group_lengths.max())
+        starts = mb.cu_seqlens[:-1].long().to(self.device)[sequences]
+        rows = torch.repeat_interleave(torch.arange(n, device=self.device), group_lengths)
+        first = torch.cumsum(group_lengths, 0) - group_lengths
+        cols = torch.arange(int(group_lengths.sum()), device=self.device) - first[rows]
+        source = starts[rows] + cols
+        input_ids = torch.full((n, width), 0, dtype=torch.long, device=self.device)
+        input_ids[rows, cols] = mb.input_ids[source]
+        attention_mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        attention_mask[rows, cols] = 1
+        position_ids = torch.zeros((3, n, width), dtype=torch.long, device=self.device)
+        position_ids[:, rows, cols] = mb.position_ids[:, source].long()
+        pixel_values, image_grid_thw = mb.pixel_values, mb.image_grid_thw
+        if pixel_values is not None and n < mb.num_sequences:
+            pixel_values, image_grid_thw = self._group_images(model, mb, sequences)
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
+        return source, out.last_hidden_state[rows, cols]
+
+    def _group_images(self, model: torch.nn.Module, mb: PackedMicroBatch, sequences: torch.Tensor):
+        """Pixel rows and grids of the images that belong to ``sequences`` (in packing order), or (None, None)."""
+        grid = mb.image_grid_thw.to(self.device)
+        patches = grid.prod(-1)
+        merge = int(model.config.vision_config.spatial_merge_size)
+        tokens = patches // (merge * merge)
+        T = int(mb.cu_seqlens[-1])
+        positions = torch.nonzero(mb.input_ids[:T] == model.config.image_token_id).flatten()
+        first_token = positions[torch.cumsum(tokens, 0) - tokens]
+        owner = torch.searchsorted(mb.cu_seqlens[1:].long().to(self.device), first_token, right=True)
+        keep = torch.isin(owner, sequences)
+        if not bool(keep.any()):
+            return None, None
+        offsets = torch.cumsum(patches, 0) - patches
+        rows = torch.cat([torch.arange(int(o), int(o + p), device=self.device)
+                          for o, p in zip(offsets[keep].tolist(), patches[keep].tolist())])
+        return mb.pixel_values[rows], grid[keep]
 
     def _outputs(self, model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool,
                  with_think_embeddings: bool) -> ForwardOutputs:

@@ -37,7 +37,7 @@ SCRIPTED = [
 
 
 def scripted_config(tmp_path, *extra):
-    return load_config(ROOT / "examples/configs/tiny_cpu.yaml", [*SCRIPTED, f"train.output_dir={tmp_path}", *extra])
+    return load_config(ROOT / "examples/configs/tiny_cpu_shapes.yaml", [*SCRIPTED, f"train.output_dir={tmp_path}", *extra])
 
 
 def two_value_z(n: int, p: int, gap: float) -> tuple[float, float]:

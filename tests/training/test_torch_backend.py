@@ -116,3 +116,68 @@ def test_export_weights_buckets_respect_size_and_cover_state_dict(tiny, tmp_path
     for b in buckets:
         size = sum(t.numel() * t.element_size() for _, t in b)
         assert size <= limit or len(b) == 1
+
+
+def _all_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _all_partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+@pytest.mark.parametrize("lengths,overhead", [([10, 10, 10, 40], 5), ([7, 90, 8, 85, 9, 30], 20), ([5, 5, 5], 100),
+                                              ([3, 50, 4, 48, 60, 2], 0)])
+def test_length_groups_minimise_padded_tokens_plus_overhead(lengths, overhead):
+    from care_megatron.training.torch_backend import length_groups
+
+    def cost(groups):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(g == sorted(g) for g in groups)
+    assert cost(groups) == min(cost(p) for p in _all_partitions(list(range(len(lengths)))))
+    if lengths == [10, 10, 10, 40]:
+        assert groups == [[0, 1, 2], [3]]  # 3 x 10 + 1 x 40 + 2 x 5 = 80 < 4 x 40 + 5
+
+
+def test_grouped_forward_matches_one_padded_batch(tiny):
+    """group_by_length: sequences of very different lengths (one and two images each) run in separate
+    padded batches with their own images; log-probs, entropies, think embeddings and gradients equal
+    the single padded batch's (floating-point summation order aside) and the plain HF forward's."""
+    from care_megatron.training.torch_backend import length_groups
+
+    model, tok, ip = tiny
+    g = torch.Generator().manual_seed(3)
+    seqs = []
+    for i, r in enumerate(generate("count_shapes", 6, seed=4)):
+        prompt = build_prompt(r.question, r.images * (1 + i % 2), tok, ip)
+        length = 90 if i in (1, 4) else 4 + i  # two long responses (as RGR's reflections are)
+        seqs.append(build_sequence(prompt, torch.randint(10, 200, (length,), generator=g),
+                                   torch.randint(0, 3, (length,), generator=g), sequence_id=i))
+    mrope = MRopeSpec.from_hf_config(model.config)
+    packed = pack_sequences(seqs, token_budget=4096, mrope=mrope, pad_multiple=8)
+    assert len(packed) == 1
+    groups = length_groups(packed[0].sequence_lengths().tolist())
+    assert len(groups) >= 2 and any(len(grp) == 2 for grp in groups)
+    grouped = TorchBackend(copy.deepcopy(model), lr=1e-3, keep_reference=False, group_by_length=True)
+    single = TorchBackend(copy.deepcopy(model), lr=1e-3, keep_reference=False, group_by_length=False)
+    a = grouped.forward_logprobs(packed, with_think_embeddings=True, with_entropy=True)[0]
+    b = single.forward_logprobs(packed, with_think_embeddings=True, with_entropy=True)[0]
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.think_embeddings, b.think_embeddings, atol=1e-5, rtol=1e-5)
+    mb = packed[0]
+    for k, idx in enumerate(mb.sequence_indices.tolist()):
+        want, _ = _reference_logprobs(model, seqs[idx], mrope)
+        torch.testing.assert_close(a.logprobs[int(mb.cu_seqlens[k]):int(mb.cu_seqlens[k + 1])], want, atol=1e-5, rtol=1e-5)
+    n_tok = sum(int(s.loss_mask.sum()) for s in seqs)
+    r1, g1 = _grads(grouped, packed, n_tok)
+    r2, g2 = _grads(single, packed, n_tok)
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-5) and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-4, msg=name)
