@@ -23,7 +23,8 @@ prompts are the config's own (synthetic tasks need no download).
 
 ``--compare`` runs the same steps with a second configuration and prints both side by side: a YAML
 path and/or dotted overrides applied on top of the base, e.g. ``--compare algorithm.name=grpo``,
-``--compare rollout.engine=sglang``, ``--compare examples/configs/tiny_cpu_megatron.yaml``.
+``--compare rollout.engine=sglang``, ``--compare examples/configs/tiny_cpu_megatron.yaml``; a
+``kernels=NAME`` token also forces that variant's kernel backend (see below).
 ``--compare-decode-path reference`` is the same for the HF engine's reference decoding path (the one
 before the speed-up), to measure before / after in one invocation; ``--compare-kernel-backend reference``
 likewise for the fused ops' kernel backend (``reference``: the textbook torch chunk arithmetic of the
@@ -375,11 +376,20 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_compare(tokens: list[str]) -> tuple[str | None, list[str]]:
-    """``--compare`` tokens -> (config path or None, dotted overrides)."""
-    if tokens and tokens[0].endswith((".yaml", ".yml")):
-        return tokens[0], tokens[1:]
-    return None, tokens
+def parse_compare(tokens: list[str]) -> tuple[str | None, list[str], str | None]:
+    """``--compare`` tokens -> (config path or None, dotted overrides, kernel backend or None).
+
+    ``kernels=NAME`` among the tokens forces the fused-op kernel backend of that variant (so one
+    variant can switch a config field and the kernels at once: the whole "before")."""
+    path = tokens[0] if tokens and tokens[0].endswith((".yaml", ".yml")) else None
+    rest = tokens[1:] if path else tokens
+    kernels = [t.split("=", 1)[1] for t in rest if t.startswith("kernels=")]
+    if kernels and kernels[-1] not in KERNEL_BACKENDS:
+        raise SystemExit(f"--compare kernels={kernels[-1]}: expected one of {', '.join(KERNEL_BACKENDS)}")
+    return path, [t for t in rest if not t.startswith("kernels=")], (kernels[-1] if kernels else None)
+
+
+KERNEL_BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 def main(argv=None) -> dict:
@@ -395,9 +405,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--compare-decode-path", default=None, choices=["fast", "reference"],
                         help="second run: same config, HF engine decode path switched (before / after)")
     parser.add_argument("--decode-path", default=None, choices=["fast", "reference"], help="HF engine decode path")
-    parser.add_argument("--compare-kernel-backend", default=None, choices=["auto", "torch", "reference", "triton"],
+    parser.add_argument("--compare-kernel-backend", default=None, choices=KERNEL_BACKENDS,
                         help="second run: same config, fused-op kernel backend forced (before / after)")
-    parser.add_argument("--kernel-backend", default=None, choices=["auto", "torch", "reference", "triton"],
+    parser.add_argument("--kernel-backend", default=None, choices=KERNEL_BACKENDS,
                         help="fused-op kernel backend of the base run (default auto: triton on CUDA, else torch)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     parser.add_argument("--json", default=None, help="write the reports here")
@@ -409,9 +419,9 @@ def main(argv=None) -> dict:
             "kernel_backend": args.kernel_backend}
     variants = [base]
     if args.compare:
-        path, extra = parse_compare(args.compare)
+        path, extra, kernels = parse_compare(args.compare)
         variants.append({**base, "label": " ".join(args.compare), "config": path or args.config,
-                         "overrides": args.overrides + extra})
+                         "overrides": args.overrides + extra, "kernel_backend": kernels or args.kernel_backend})
     if args.compare_decode_path:
         variants.append({**base, "label": f"decode={args.compare_decode_path}", "decode_path": args.compare_decode_path})
     if args.compare_kernel_backend:

@@ -100,3 +100,11 @@ def test_weight_sync_bench_smoke(tmp_path):
     for row in report["results"].values():
         assert row["seconds"] > 0 and row["GB_per_s"] == pytest.approx(report["bytes"] / row["seconds"] / 1e9)
     assert json.loads((tmp_path / "sync.json").read_text())["bytes"] == report["bytes"]
+
+
+def test_parse_compare_takes_a_config_overrides_and_kernels(bench):
+    assert bench.parse_compare(["a.yaml", "x.y=1"]) == ("a.yaml", ["x.y=1"], None)
+    assert bench.parse_compare(["train.group_by_length=false", "kernels=reference"]) == (
+        None, ["train.group_by_length=false"], "reference")
+    with pytest.raises(SystemExit, match="kernels=fast"):
+        bench.parse_compare(["kernels=fast"])
