@@ -72,7 +72,7 @@ class MetricsLogger:
             for k, v in _finite_scalars(metrics).items():
                 self._tb.add_scalar(k, v, step)
         if advance:
-            shown = {k: f"{metrics[k]:.3f}" for k in ("reward/mean", "loss", "eval/accuracy") if isinstance(metrics.get(k), (int, float))}
+            shown = {k: f"{metrics[k]:.3f}" for k in ("reward/mean", "loss", "eval/accuracy", "eval_sampled/accuracy") if isinstance(metrics.get(k), (int, float))}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
 
