@@ -12,14 +12,16 @@ baselines ``dapo``, ``gspo``, ``dr_grpo``, ``rloo``.
 
 Outputs in ``<out>/``:
 
-* ``table.md`` / the ``table`` entry of ``summary.json``: final held-out accuracy per task and their
+* ``table.md`` / the ``table`` entry of ``summary.json``: final (greedy) held-out accuracy per task and their
   macro average, mean and 95% confidence interval over seeds (Student t, n - 1 degrees of freedom, on
   the per-seed values), and the difference to GRPO with its interval (paired by seed: run k of every
-  method shares seed k, so the interval is over the per-seed differences);
+  method shares seed k, so the interval is over the per-seed differences); ``table_sampled``: the same
+  for the mean@N held-out accuracy at the rollout's sampling settings, when the runs set ``eval.samples``;
 * the mechanism metrics, each averaged over the steps of a run, then mean and interval over seeds:
   failure-signal share, RGR trigger and success rate, rescue rate, mean ``<think>`` length;
 * ``accuracy_vs_tokens.png``: held-out accuracy against decoded tokens (mean and a 95% band per
-  method, seeds interpolated onto a shared token grid), ``kl.png``: KL to the reference per step;
+  method, seeds interpolated onto a shared token grid; ``sampled_accuracy_vs_tokens.png`` likewise for
+  the sampled one), ``kl.png``: KL to the reference per step;
 * ``summary.json``: all of it, with the curves' numbers.
 
 Decoded tokens of a step are rebuilt from what the trainer logs (``care_megatron.metrics``):
@@ -142,6 +144,8 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
     evals = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
     final = max(evals, key=lambda r: r["step"]) if evals else {}
     per_task = {k[len("eval/accuracy/"):]: v for k, v in final.items() if k.startswith("eval/accuracy/")}
+    sampled_evals = [r for r in rows if isinstance(r.get("eval_sampled/accuracy"), (int, float))]
+    sampled_final = max(sampled_evals, key=lambda r: r["step"]) if sampled_evals else {}
     train_rows = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
     mechanisms = {}
     for key, _ in MECHANISMS:
@@ -161,31 +165,50 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
         "macro": final.get("eval/macro_accuracy"),
         "mechanisms": mechanisms,
         "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval/accuracy"]) for r in evals],
+        # eval.samples > 0: the mean@N held-out accuracy at the rollout's sampling settings
+        "sampled": {"per_task": {k[len("eval_sampled/accuracy/"):]: v for k, v in sampled_final.items()
+                                 if k.startswith("eval_sampled/accuracy/")},
+                    "macro": sampled_final.get("eval_sampled/macro_accuracy"),
+                    "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval_sampled/accuracy"])
+                                       for r in sampled_evals]} if sampled_evals else None,
         "kl_curve": [(r["step"], r["kl"]) for r in train_rows if isinstance(r.get("kl"), (int, float))],
         "train_accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), sum(w) / len(w)) for r, w in zip(ordered, trailing)],
         "decoded_tokens": cumulative,
     }
 
 
-def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
-    """Table 2 numbers from ``{method: {seed: run_summary}}``."""
-    tasks = sorted({t for runs in summaries.values() for s in runs.values() for t in s["per_task"]})
+def heldout_table(summaries: dict[str, dict[int, dict]], tasks: list[str]) -> dict:
+    """Per method and column (each task, ``macro``): mean and interval over seeds, and the paired delta to
+    GRPO. ``summaries`` holds ``{"per_task", "macro"}`` per (method, seed)."""
     reference = summaries.get("grpo")
     table = {}
     for method, runs in summaries.items():
         seeds = sorted(runs)
         row = {}
         for column in [*tasks, "macro"]:
-            def value(s, c=column):
-                return runs[s]["macro"] if c == "macro" else runs[s]["per_task"].get(c)
+            def value(s, c=column, of=runs):
+                return of[s]["macro"] if c == "macro" else of[s]["per_task"].get(c)
 
             row[column] = mean_interval([value(s) for s in seeds])
             if reference is not None and method != "grpo":
                 paired = [s for s in seeds if s in reference and value(s) is not None]
-                ref_value = (lambda s, c=column: reference[s]["macro"] if c == "macro" else reference[s]["per_task"].get(c))
                 row[column]["delta_vs_grpo"] = mean_interval(
-                    [value(s) - ref_value(s) for s in paired if ref_value(s) is not None])
+                    [value(s) - value(s, of=reference) for s in paired if value(s, of=reference) is not None])
         table[method] = row
+    return table
+
+
+def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
+    """Table 2 numbers from ``{method: {seed: run_summary}}``: greedy held-out accuracy (``table``) and, when
+    every run logged it, the sampled one (``table_sampled``)."""
+    tasks = sorted({t for runs in summaries.values() for s in runs.values() for t in s["per_task"]})
+    reference = summaries.get("grpo")
+    table = heldout_table(summaries, tasks)
+    sampled = None
+    if summaries and all(r.get("sampled") for runs in summaries.values() for r in runs.values()):
+        sampled = heldout_table({m: {s: r["sampled"] for s, r in runs.items()} for m, runs in summaries.items()},
+                                sorted({t for runs in summaries.values() for r in runs.values()
+                                        for t in r["sampled"]["per_task"]}))
     mechanisms = {method: {key: mean_interval([runs[s]["mechanisms"][key] for s in sorted(runs)])
                            for key, _ in MECHANISMS} for method, runs in summaries.items()}
     training = {}
@@ -197,7 +220,8 @@ def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
             paired = [s for s in seeds if s in reference and "training_accuracy" in reference[s]]
             training[method]["last"]["delta_vs_grpo"] = mean_interval(
                 [runs[s]["training_accuracy"]["last"] - reference[s]["training_accuracy"]["last"] for s in paired])
-    return {"tasks": tasks, "table": table, "mechanisms": mechanisms, "training_accuracy": training}
+    return {"tasks": tasks, "table": table, "table_sampled": sampled, "mechanisms": mechanisms,
+            "training_accuracy": training}
 
 
 def _cell(stat: dict, delta: bool = False) -> str:
@@ -210,12 +234,17 @@ def _cell(stat: dict, delta: bool = False) -> str:
 
 def markdown_table(result: dict) -> str:
     tasks = result["tasks"]
-    head = ["method", *tasks, "macro avg", "Δ macro vs GRPO"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, row in result["table"].items():
-        delta = row["macro"].get("delta_vs_grpo")
-        cells = [method, *[_cell(row[t]) for t in tasks], _cell(row["macro"]), _cell(delta, True) if delta else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = []
+    for key, what in (("table", "greedy"), ("table_sampled", "sampled, mean@N")):
+        if not result.get(key):
+            continue
+        head = [f"method (held-out, {what})", *tasks, "macro avg", "Δ macro vs GRPO"]
+        lines += ([""] if lines else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, row in result[key].items():
+            delta = row["macro"].get("delta_vs_grpo")
+            cells = [method, *[_cell(row[t]) if t in row else "-" for t in tasks], _cell(row["macro"]),
+                     _cell(delta, True) if delta else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| method | " + " | ".join(label for _, label in MECHANISMS) + " |",
               "|" + "---|" * (len(MECHANISMS) + 1)]
     for method, stats in result["mechanisms"].items():
@@ -256,9 +285,13 @@ def plot_curves(result: dict, out: Path) -> list[Path]:
 
     written = []
     for key, xlabel, ylabel, name in (("accuracy_vs_tokens", "decoded tokens", "held-out accuracy", "accuracy_vs_tokens.png"),
+                                      ("sampled_accuracy_vs_tokens", "decoded tokens", "held-out accuracy (sampled, mean@N)",
+                                       "sampled_accuracy_vs_tokens.png"),
                                       ("train_accuracy_vs_tokens", "decoded tokens",
                                        f"training accuracy ({SMOOTH}-step mean)", "train_accuracy_vs_tokens.png"),
                                       ("kl_per_step", "step", "KL to reference", "kl.png")):
+        if not result["curves"].get(key):
+            continue
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for method, curve in result["curves"][key].items():
             if not curve["x"]:
@@ -329,6 +362,8 @@ def main(argv=None) -> dict:
     result["curves"] = {
         "accuracy_vs_tokens": {m: band([r["accuracy_curve"] for r in runs.values()]) for m, runs in summaries.items()},
         "kl_per_step": {m: band([r["kl_curve"] for r in runs.values()]) for m, runs in summaries.items()},
+        "sampled_accuracy_vs_tokens": {m: band([r["sampled"]["accuracy_curve"] for r in runs.values()])
+                                       for m, runs in summaries.items()} if result["table_sampled"] else {},
         "train_accuracy_vs_tokens": {m: band([r.get("train_accuracy_curve", []) for r in runs.values()])
                                      for m, runs in summaries.items()},
     }

@@ -33,6 +33,33 @@ def test_delta_to_grpo_is_paired_by_seed(tool):
     assert result["table"]["care"]["a"]["mean"] == pytest.approx(0.3)
     # GRPO macro 0.2 / 0.4 / 0.3: sd 0.1, half width 4.3026527 * 0.1 / sqrt(3) = 0.248
     assert "| grpo | 0.200 ± 0.248 | 0.300 ± 0.248 | - |" in tool.markdown_table(result)
+    assert result["table_sampled"] is None and "sampled" not in tool.markdown_table(result)
+
+
+def test_sampled_heldout_table_beside_the_greedy_one(tool):
+    def summary(macro, sampled_macro):
+        return {"macro": macro, "per_task": {"a": macro}, "mechanisms": {k: 0.1 for k, _ in tool.MECHANISMS},
+                "accuracy_curve": [], "kl_curve": [],
+                "sampled": {"macro": sampled_macro, "per_task": {"a": sampled_macro}, "accuracy_curve": []}}
+
+    runs = {"grpo": {0: summary(0.5, 0.2), 1: summary(0.5, 0.4)}, "care": {0: summary(0.5, 0.5), 1: summary(0.5, 0.5)}}
+    result = tool.aggregate(runs)
+    assert result["table"]["care"]["macro"]["delta_vs_grpo"]["mean"] == pytest.approx(0.0)
+    delta = result["table_sampled"]["care"]["macro"]["delta_vs_grpo"]  # per seed 0.3, 0.1
+    assert delta["mean"] == pytest.approx(0.2)
+    assert delta["half_width"] == pytest.approx(12.706204736174707 * math.sqrt(0.02) / math.sqrt(2), rel=1e-9)
+    table = tool.markdown_table(result)
+    assert "method (held-out, greedy)" in table and "method (held-out, sampled, mean@N)" in table
+    assert "| care | 0.500 ± 0.000 | 0.500 ± 0.000 | +0.200 ± 1.271 |" in table
+    # from logged rows: the last eval_sampled/* row
+    rows = [{"step": 0, "eval/accuracy": 0.5, "eval/macro_accuracy": 0.5, "eval_sampled/accuracy": 0.1,
+             "eval_sampled/macro_accuracy": 0.1, "eval_sampled/accuracy/a": 0.1},
+            {"step": 1, "reward/mean": 0.0, "accuracy/mean": 0.2, "length/response_mean": 3.0, "eval/accuracy": 0.6,
+             "eval/macro_accuracy": 0.6, "eval_sampled/accuracy": 0.3, "eval_sampled/macro_accuracy": 0.3,
+             "eval_sampled/accuracy/a": 0.3}]
+    sampled = tool.run_summary(rows, prompts_per_step=2, group_size=4)["sampled"]
+    assert sampled["macro"] == 0.3 and sampled["per_task"] == {"a": 0.3}
+    assert sampled["accuracy_curve"] == [(0.0, 0.1), (24.0, 0.3)]
 
 
 def test_training_accuracy_first_and_last_window_and_paired_delta(tool):
@@ -93,7 +120,8 @@ def test_tiny_comparison_writes_outputs_and_resumes(tool, tmp_path, capsys):
             "--seeds", "2", "--out", str(tmp_path)]
     first = tool.main(args)
     assert sorted(first["executed"]) == ["care/seed0", "care/seed1", "grpo/seed0", "grpo/seed1"]
-    for name in ("table.md", "summary.json", "accuracy_vs_tokens.png", "train_accuracy_vs_tokens.png", "kl.png"):
+    for name in ("table.md", "summary.json", "accuracy_vs_tokens.png", "train_accuracy_vs_tokens.png", "kl.png",
+                 "sampled_accuracy_vs_tokens.png"):  # the default config sets eval.samples
         assert (tmp_path / name).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tasks"] == ["compare_lengths", "count_shapes"]
@@ -105,6 +133,7 @@ def test_tiny_comparison_writes_outputs_and_resumes(tool, tmp_path, capsys):
             assert run["decoded_tokens"] > 0 and run["final_step"] == 1
             assert run["accuracy_curve"][0][0] == 0 and run["accuracy_curve"][-1][0] == run["decoded_tokens"]
     assert "delta_vs_grpo" in summary["table"]["care"]["macro"]
+    assert summary["table_sampled"]["care"]["macro"]["n"] == 2
     assert summary["mechanisms"]["care"]["signal/failure_share"]["n"] == 2
     assert "| care |" in capsys.readouterr().out
 
