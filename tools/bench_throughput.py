@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from care_megatron.kernels._dispatch import BACKENDS as KERNEL_BACKENDS  # noqa: E402
 from care_megatron.trainer import RL_PHASES  # noqa: E402
 
 PHASE_GROUPS = {
@@ -387,9 +388,6 @@ def parse_compare(tokens: list[str]) -> tuple[str | None, list[str], str | None]
     if kernels and kernels[-1] not in KERNEL_BACKENDS:
         raise SystemExit(f"--compare kernels={kernels[-1]}: expected one of {', '.join(KERNEL_BACKENDS)}")
     return path, [t for t in rest if not t.startswith("kernels=")], (kernels[-1] if kernels else None)
-
-
-KERNEL_BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 def main(argv=None) -> dict:
