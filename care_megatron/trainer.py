@@ -241,10 +241,7 @@ class RLTrainer:
         self.engine.wake(tags=("weights",))
         sync_weights(self.backend, self.engine, self.config.rollout.weight_bucket_mb << 20)
         self.engine.wake(tags=("kv_cache",))
-        report = evaluate(self.engine, self.data.eval, self.tokenizer, self.image_processor, self.reward_fn, greedy,
-                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
-                          system_prompt=self.system_prompt)
-        metrics = report.as_metrics()
+        metrics = self._score_heldout(self.data.eval, greedy).as_metrics()
         if self.config.eval.samples:
             metrics.update(self.evaluate_sampled(self.config.eval.samples))
         if self.benchmark_subset is not None:
@@ -257,10 +254,13 @@ class RLTrainer:
         fixed seed (common random numbers across evaluations); ``eval_sampled/*`` metrics."""
         sampling = SamplingParams(**self.sampling, seed=derive_seed(self.config.train.seed, 0, 0, "eval_sampled"))
         records = [record for record in self.data.eval for _ in range(n)]
-        report = evaluate(self.engine, records, self.tokenizer, self.image_processor, self.reward_fn, sampling,
-                          batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
-                          system_prompt=self.system_prompt, keep_samples=0)
-        return report.as_metrics(prefix="eval_sampled/")
+        return self._score_heldout(records, sampling, keep_samples=0).as_metrics(prefix="eval_sampled/")
+
+    def _score_heldout(self, records, sampling: SamplingParams, **kwargs):
+        """Decode ``records`` with the awake engine and score them with the run's verifier, prompts and images."""
+        return evaluate(self.engine, records, self.tokenizer, self.image_processor, self.reward_fn, sampling,
+                        batch_size=self.config.rollout.batch_size, image_pipeline=self.image_pipeline,
+                        system_prompt=self.system_prompt, **kwargs)
 
     def save(self, step: int) -> Path:
         state = {"data": self.prompts.state_dict(), "bad_steps": self.bad_steps}
