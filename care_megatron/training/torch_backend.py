@@ -108,7 +108,8 @@ class TorchBackend:
         if len(groups) == 1:
             hidden = self._padded_forward(model, mb, lengths, torch.arange(mb.num_sequences, device=self.device))[1]
         else:
-            sources, outputs = zip(*(self._padded_forward(model, mb, lengths, torch.tensor(g, device=self.device))
+            images = self._image_owners(model, mb) if mb.pixel_values is not None else None
+            sources, outputs = zip(*(self._padded_forward(model, mb, lengths, torch.tensor(g, device=self.device), images)
                                      for g in groups))
             order = torch.cat(sources)
             inverse = torch.empty_like(order)
@@ -119,9 +120,10 @@ class TorchBackend:
         return hidden
 
     def _padded_forward(self, model: torch.nn.Module, mb: PackedMicroBatch, lengths: torch.Tensor,
-                        sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        sequences: torch.Tensor, images=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder on ``sequences`` (ascending indices into ``mb``) as one right-padded batch with
-        their images; returns (packed token index of each output row, hidden states [tokens, D])."""
+        their images (``images``: :meth:`_image_owners` of ``mb``, needed when ``sequences`` is not all
+        of it); returns (packed token index of each output row, hidden states [tokens, D])."""
         group_lengths = lengths[sequences]
         n, width = sequences.numel(), int(group_lengths.max())
         starts = mb.cu_seqlens[:-1].long().to(self.device)[sequences]
@@ -137,13 +139,13 @@ class TorchBackend:
         position_ids[:, rows, cols] = mb.position_ids[:, source].long()
         pixel_values, image_grid_thw = mb.pixel_values, mb.image_grid_thw
         if pixel_values is not None and n < mb.num_sequences:
-            pixel_values, image_grid_thw = self._group_images(model, mb, sequences)
+            pixel_values, image_grid_thw = self._group_images(mb, sequences, *images)
         out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
         return source, out.last_hidden_state[rows, cols]
 
-    def _group_images(self, model: torch.nn.Module, mb: PackedMicroBatch, sequences: torch.Tensor):
-        """Pixel rows and grids of the images that belong to ``sequences`` (in packing order), or (None, None)."""
+    def _image_owners(self, model: torch.nn.Module, mb: PackedMicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's images (packing order): the sequence each belongs to, and its pixel-row count."""
         grid = mb.image_grid_thw.to(self.device)
         patches = grid.prod(-1)
         merge = int(model.config.vision_config.spatial_merge_size)
@@ -152,13 +154,17 @@ class TorchBackend:
         positions = torch.nonzero(mb.input_ids[:T] == model.config.image_token_id).flatten()
         first_token = positions[torch.cumsum(tokens, 0) - tokens]
         owner = torch.searchsorted(mb.cu_seqlens[1:].long().to(self.device), first_token, right=True)
+        return owner, patches
+
+    def _group_images(self, mb: PackedMicroBatch, sequences: torch.Tensor, owner: torch.Tensor, patches: torch.Tensor):
+        """Pixel rows and grids of the images that belong to ``sequences`` (in packing order), or (None, None)."""
         keep = torch.isin(owner, sequences)
         if not bool(keep.any()):
             return None, None
         offsets = torch.cumsum(patches, 0) - patches
         rows = torch.cat([torch.arange(int(o), int(o + p), device=self.device)
                           for o, p in zip(offsets[keep].tolist(), patches[keep].tolist())])
-        return mb.pixel_values[rows], grid[keep]
+        return mb.pixel_values[rows], mb.image_grid_thw.to(self.device)[keep]
 
     def _outputs(self, model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool,
                  with_think_embeddings: bool) -> ForwardOutputs:
