@@ -70,7 +70,7 @@ def care_advantages_loop(group_index, rewards, correct, think_lengths, answer_le
             if config.anchor_rule == "shortest_think":
                 lead = min(pos, key=lambda i: (tl[i], al[i], i))
             elif config.anchor_rule == "max_reward":
-                lead = min(pos, key=lambda i: (-r[i], al[i], i))
+                lead = min(pos, key=lambda i: (-r[i], tl[i], al[i], i))
             else:
                 lead = min(pos, key=lambda i: (key[i], i))
             d = {i: _cos_dist(emb[i], emb[lead]) for i in fails}

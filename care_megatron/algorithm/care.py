@@ -8,8 +8,11 @@ loops run over the K negatives picked farthest-first (K <= ~8), never over group
 Choices the spec leaves open, made here and relied on by the tests:
 
 * **Tie-breaks.** "Lower index" means earlier in the flat batch (the rollout order inside a
-  group). Anchor ``shortest_think``: fewest think tokens, then fewest answer tokens, then lowest
-  index. ``max_reward``: highest reward, then fewest answer tokens, then lowest index.
+  group). Anchor ``max_reward`` (the default, the paper's Eq. 2): highest reward r among the
+  positives, then fewest think tokens, then fewest answer tokens, then lowest index, so a correct
+  answer that dropped its rationale (lower r under a format term) never anchors while a formatted
+  correct one exists. ``shortest_think`` (the ablation, the reference code's rule): fewest think
+  tokens, then fewest answer tokens, then lowest index, ignoring r.
   ``random``: a uniform draw among the positives from a generator seeded with ``config.seed``.
   Rescue pseudo-anchor: highest reward, then highest ``sequence_logprobs``, then lowest index.
 * **Cosine selector** (default): candidates are the failures sorted by ascending
@@ -57,7 +60,7 @@ import torch
 
 from care_megatron.algorithm.groups import build_group_layout
 
-ANCHOR_RULES = ("shortest_think", "max_reward", "random")
+ANCHOR_RULES = ("max_reward", "shortest_think", "random")
 NEGATIVE_SELECTORS = ("cosine", "random", "farthest", "mixed")
 
 
@@ -102,8 +105,11 @@ class CareConfig:
     rescue_delta: float = 0.1
     """delta: magnitude of the rescue pseudo-rewards (only the z-scores matter, so any positive value
     gives the same advantages up to eps; 0.1 as in the paper)."""
-    anchor_rule: str = "shortest_think"
-    """Anchor among the positives: ``shortest_think`` (reference), ``max_reward`` or ``random``."""
+    anchor_rule: str = "max_reward"
+    """Anchor among the positives: ``max_reward`` (spec section 2.1, paper Eq. 2: highest r, ties ->
+    fewest think tokens, fewest answer tokens, lowest index), ``shortest_think`` (fewest think tokens
+    ignoring r; the reference code's rule, which anchors on rationale-free correct answers when the
+    reward has a format term, so the format collapses) or ``random``."""
     negative_selector: str = "cosine"
     """Hard-negative selector: ``cosine`` (nearest M, farthest-first), ``random``, ``farthest``, ``mixed``."""
     think_weight_pos: float = 0.005
@@ -369,7 +375,7 @@ def care_advantages(
     if config.anchor_rule == "shortest_think":
         anchor_col = _lexicographic_pick(is_pos, [(think_len, False), (answer_len, False)])
     elif config.anchor_rule == "max_reward":
-        anchor_col = _lexicographic_pick(is_pos, [(r, True), (answer_len, False)])
+        anchor_col = _lexicographic_pick(is_pos, [(r, True), (think_len, False), (answer_len, False)])
     else:
         anchor_col = _lexicographic_pick(is_pos, [(random_keys, False)])
     pseudo_col = _lexicographic_pick(valid, [(r, True), (logprob, True)])

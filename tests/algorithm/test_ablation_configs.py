@@ -22,7 +22,7 @@ EXPECTED = {
     "region_fail_think_unmasked": ("care", True, "repair", {"think_weight_neg": 0.005}),
     "rescue_off": ("care", True, "repair", {"rescue": False}),
     "anchor_random": ("care", True, "repair", {"anchor_rule": "random"}),
-    "anchor_max_reward": ("care", True, "repair", {"anchor_rule": "max_reward"}),
+    "anchor_shortest_think": ("care", True, "repair", {"anchor_rule": "shortest_think"}),
     "selector_random": ("care", True, "repair", {"negative_selector": "random"}),
     "selector_farthest": ("care", True, "repair", {"negative_selector": "farthest"}),
     "selector_mixed": ("care", True, "repair", {"negative_selector": "mixed"}),

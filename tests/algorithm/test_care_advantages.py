@@ -62,18 +62,40 @@ def test_saturated_group_is_skipped():
     assert info["anchor_index"].tolist() == [-1] and info["rgr_target"].tolist() == [-1]
 
 
+def test_anchor_prefers_formatted_correct_answer_over_dropped_rationale():
+    """Spec 2.1 / paper Eq. 2: a correct answer without <think> (format 0: r = 0.5 at w_fmt = 0.5)
+    never anchors while a correct formatted one (r = 1.0) exists. Closed form: S = {anchor, 2
+    failures}, rewards (1, 0, 0) -> z = (sqrt 2, -1/sqrt 2, -1/sqrt 2); negatives x s = 0.5;
+    equalisation sqrt(K / K') = sqrt(4 / 2). So anchor 2.0, negatives -0.5, the other positive 0."""
+    batch = group([0.5, 1.0, 0.0, 0.0], [True, True, False, False], think=[0, 6, 4, 5], answer=[3, 3, 3, 3],
+                  emb=torch.randn(4, 4))
+    adv, info = care_advantages(**batch, config=CareConfig())
+    assert info["anchor_index"].tolist() == [1]
+    assert torch.allclose(adv, torch.tensor([0.0, 2.0, -0.5, -0.5]), atol=1e-5)
+    # the old rule (now the shortest_think ablation) anchors on the rationale-free answer instead
+    adv_old, info_old = care_advantages(**batch, config=CareConfig(anchor_rule="shortest_think"))
+    assert info_old["anchor_index"].tolist() == [0]
+    assert torch.allclose(adv_old, torch.tensor([2.0, 0.0, -0.5, -0.5]), atol=1e-5)
+
+
 def test_anchor_tie_breaking():
-    # shortest_think: fewest think tokens, then fewest answer tokens, then lowest index
+    # max_reward (default): highest reward; ties -> fewest think tokens, then fewest answer tokens,
+    # then lowest index. Rows 1-3 share r = 1; rows 2 and 3 tie on think (3), row 3 has the shorter answer.
+    batch = group([0.9, 1.0, 1.0, 1.0, 0.1], [True] * 4 + [False], think=[1, 7, 3, 3, 1], answer=[1, 1, 4, 2, 1],
+                  emb=torch.randn(5, 4))
+    _, info = care_advantages(**batch, config=CareConfig())
+    assert info["anchor_index"].tolist() == [3]
+    # full tie on (r, think, answer): the lowest index
+    batch_tie = group([1.0, 1.0, 0.0], [True, True, False], think=[3, 3, 1], answer=[2, 2, 1], emb=torch.randn(3, 4))
+    assert care_advantages(**batch_tie, config=CareConfig())[1]["anchor_index"].tolist() == [0]
+    # shortest_think: fewest think tokens ignoring r, then fewest answer tokens, then lowest index
     batch = group([1, 1, 1, 1, 0, 0], [True] * 4 + [False] * 2, think=[9, 5, 5, 5, 1, 1], answer=[1, 4, 2, 2, 1, 1],
                   emb=torch.randn(6, 4))
-    _, info = care_advantages(**batch, config=CareConfig())
+    _, info = care_advantages(**batch, config=CareConfig(anchor_rule="shortest_think"))
     assert info["anchor_index"].tolist() == [2]
     # failures with shorter thinks never anchor
     assert info["role"][4].item() == SubgroupRole.NEGATIVE
-    # max_reward: highest reward, then shortest answer, then lowest index
     batch = group([0.9, 1.0, 1.0, 1.0, 0.1], [True] * 4 + [False], answer=[1, 3, 2, 2, 1], emb=torch.randn(5, 4))
-    _, info = care_advantages(**batch, config=CareConfig(anchor_rule="max_reward"))
-    assert info["anchor_index"].tolist() == [2]
     # random: a positive, reproducible for a seed
     picks = {care_advantages(**batch, config=CareConfig(anchor_rule="random", seed=s))[1]["anchor_index"].item()
              for s in range(20)}

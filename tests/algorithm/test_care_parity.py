@@ -35,7 +35,7 @@ CONFIGS = [
     CareConfig(k=2, preselect_m=3),
     CareConfig(k=6, preselect_m=4, equalize=False),
     CareConfig(k=3, robust_stats=True),
-    CareConfig(rescue=False, anchor_rule="max_reward"),
+    CareConfig(rescue=False, anchor_rule="shortest_think"),
     CareConfig(anchor_rule="random", seed=5),
     CareConfig(negative_selector="random", seed=2),
     CareConfig(negative_selector="farthest"),

@@ -7,7 +7,7 @@ the answer + 1):
 =====  ==========================================================  =====================
 slot   rollouts 0..3                                               RGR continuation
 =====  ==========================================================  =====================
-0      correct (short think), correct (long think), wrong, wrong   correct -> success
+0      correct, no <think> (format 0), correct (think), wrong x 2  correct -> success
 1      correct, wrong, wrong, wrong                                wrong   -> failure
 2      wrong (well formatted), malformed x 3 (no tags)             (all-negative: rescue)
 3      correct x 4                                                 (saturated)
@@ -31,7 +31,7 @@ from care_megatron.rollout.base import Completion
 
 SHORT, LONG, MID = "{a}", "I count them one at a time and get {a}", "so {a}"
 ROLLOUT_SCRIPT = {
-    0: [("ok", SHORT), ("ok", LONG), ("wrong", "count {w}"), ("wrong", "count {w}")],
+    0: [("bare", ""), ("ok", LONG), ("wrong", "count {w}"), ("wrong", "count {w}")],
     1: [("ok", MID), ("wrong", "count {w}"), ("wrong", "count {w}"), ("wrong", "count {w}")],
     2: [("wrong", "count {w}"), ("malformed", ""), ("malformed", ""), ("malformed", "")],
     3: [("ok", SHORT), ("ok", MID), ("ok", LONG), ("ok", SHORT)],
@@ -46,6 +46,8 @@ def rollout_text(kind: str, think: str, answer: str) -> str:
     wrong = str(int(answer) + 1)
     if kind == "malformed":
         return f"the answer is {wrong}"
+    if kind == "bare":  # a correct answer that dropped its rationale: accuracy 1, format 0
+        return f"<answer>{answer}</answer>"
     value = answer if kind == "ok" else wrong
     return f"<think>{think.format(a=value, w=value)}</think><answer>{value}</answer>"
 
