@@ -138,6 +138,22 @@ def merge_diagnostic_payloads(payloads: list[dict]) -> dict:
     return {"rows": rows, "info": info}
 
 
+def ppo_ratio_metrics(update_metrics: dict[str, float]) -> dict[str, float]:
+    """``ppo/ratio_mean`` / ``ppo/ratio_min`` / ``ppo/ratio_max`` (token importance ratios exp(logp -
+    logp_old) over every update's response tokens) and ``ppo/approx_kl`` (their mean logp_old - logp,
+    verl's ``ppo_kl``), from the losses' summed / min / max ratio statistics; empty without tokens."""
+    tokens = update_metrics.get("count/response_tokens", 0.0)
+    if not tokens or "count/ratio_sum" not in update_metrics:
+        return {}
+    out = {"ppo/ratio_mean": update_metrics["count/ratio_sum"] / tokens,
+           "ppo/approx_kl": -update_metrics["count/log_ratio_sum"] / tokens}
+    for bound in ("min", "max"):
+        value = update_metrics.get(f"{bound}/ratio")
+        if value is not None and math.isfinite(value):
+            out[f"ppo/ratio_{bound}"] = value
+    return out
+
+
 def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None) -> dict[str, float]:
     """One RL step's metrics: docs/algorithm.md section 9 diagnostics from the rollouts and advantages, plus the
     update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
@@ -158,10 +174,9 @@ def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None)
     rows = payload["rows"]
     metrics = advantage_diagnostics(rows["reward"], rows["accuracy"], rows["advantage"], rows["format"],
                                     rows["think_length"], rows["answer_length"], payload["info"])
-    metrics.update({k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "ratio_"))})
+    metrics.update({k: v for k, v in result.metrics.items() if not k.startswith(("count/", "clip_frac/", "min/", "max/"))})
     metrics.update(clip_fractions(result.metrics))
-    parts = max(result.metrics.get("micro_batches", 1.0), 1.0)
-    metrics.update({k: v / parts for k, v in result.metrics.items() if k.startswith("ratio_")})
+    metrics.update(ppo_ratio_metrics(result.metrics))
     metrics.update(loss=result.loss, grad_norm=result.grad_norm, lr=result.learning_rate, skipped=float(result.skipped))
     # over the original rollouts, like reward/* (RGR continuations are reported under rgr/*)
     original = rows["response_length"]

@@ -36,7 +36,7 @@ from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
 from care_megatron.runtime import check_preemption, is_main_process, policy_model_config, seed_everything
-from care_megatron.training import step_inputs
+from care_megatron.training import step_inputs, updates
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class RLTrainer:
         if cfg.data.prompts_per_step % self.dp_size:
             raise ValueError(f"config field 'data.prompts_per_step': {cfg.data.prompts_per_step} is not divisible by "
                              f"the data-parallel size {self.dp_size}")
+        per_update = cfg.train.prompts_per_update or cfg.data.prompts_per_step
+        if per_update % self.dp_size:
+            raise ValueError(f"config field 'train.prompts_per_update': {per_update} prompts per update do not split "
+                             f"evenly over the data-parallel size {self.dp_size}")
+        self.updates_per_epoch = cfg.data.prompts_per_step // per_update
 
     # ---------------------------------------------------------------- one RL step
     def step(self, step: int) -> dict[str, float]:
@@ -146,26 +151,30 @@ class RLTrainer:
             advantages, info = self.advantages(rollouts, embeddings, care_config)
         for seq, lp in zip(sequences, old):
             seq.token_fields["old_logprobs"] = lp.float()
-        packed = self.pack(sequences)
+        dp_group = getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None
+        groups = [r.group for r in rollouts]
+        runs = updates.minibatch_sequences(groups, updates.minibatch_count(len(set(groups)), self.updates_per_epoch, dp_group))
+        minibatches = [updates.pack_minibatch(sequences, run, self.pack) for run in runs]
+        packed = [mb for run in minibatches for mb in run]
         positive = torch.tensor([r.correct for r in rollouts])
-        normalisers, mismatch = step_inputs.attach_loss_inputs(
+        _, mismatch = step_inputs.attach_loss_inputs(
             packed, self.method, advantages, positive, self.care_config.think_weight_pos,
-            cfg.rollout.max_new_tokens, cfg.rollout.tis_cap,
-            group=getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None,
+            cfg.rollout.max_new_tokens, cfg.rollout.tis_cap, group=dp_group,
             think_weight_neg=self.care_config.think_weight_neg)
         if self.loss_config.kl_coef > 0:
             with s.phase("reference_logprobs"):
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
                     mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
-        normalisers = step_inputs.reduce_normalisers(normalisers, getattr(self.backend, "data_parallel_group", None))
+        normalisers = [step_inputs.reduce_normalisers(step_inputs.loss_normalisers(run, cfg.rollout.max_new_tokens),
+                                                      getattr(self.backend, "data_parallel_group", None))
+                       for run in minibatches]
         with s.phase("train"):
-            result = self.backend.train_step(packed, self.loss_fn, normalisers)
+            result = updates.run_updates(self.backend, minibatches, normalisers, self.loss_fn, cfg.train.ppo_epochs)
         with s.phase("sleep_trainer"):
             self.backend.sleep()
         timings = s.end_step()
         if self.main:
             write_samples(self.out / "samples.jsonl", step, rollouts)
-        dp_group = getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None
         metrics = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result, group=dp_group)
         return {**metrics, **extra, **mismatch, **timings, "data/skipped_records": float(self.skipped_records)}
 

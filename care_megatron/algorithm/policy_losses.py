@@ -20,7 +20,9 @@ packing or data-parallel layout, provided a sequence is never split across micro
 never splits one). Concretely:
 
 * ``care``: ``L_pg = -sum_{i,t} min(rho A_hat, clip(rho) A_hat) / N_seq`` with region-weighted,
-  per-sequence-normalised ``A_hat`` (section 6); ``N_seq = normalisers['num_sequences']``.
+  per-sequence-normalised ``A_hat`` (section 6); ``N_seq = normalisers['num_advantaged_sequences']``,
+  the sequences of the global mini-batch with a non-zero sequence-level advantage (the paper's
+  "indices with nonzero sequence-level advantages").
 * ``grpo`` / ``dapo`` / ``rloo`` ("token-mean"): ``-sum_{i,t} min(...) / N_tok`` with
   ``A_hat_{i,t} = A_i`` on every response token and ``N_tok = normalisers['num_tokens']``, the
   response tokens of the global batch. This is the DAPO token-level mean over the whole batch
@@ -46,14 +48,19 @@ inf * 0 = NaN.
 Metrics (``dict[str, float]``): ``loss``, ``pg_loss``, ``kl_loss``, ``entropy_loss``, ``kl``,
 ``entropy`` are globally normalised, so *summing* them over micro-batches gives the step's value.
 ``count/*`` are additive token (sequence, for gspo) counts: ``count/clipped/<part>`` and
-``count/tokens/<part>`` for part in ``all``, ``pos_adv``, ``neg_adv``, ``answer``, ``think``
-(``answer`` / ``think`` only when ``region_ids`` is given); ``clip_frac/<part>`` is this
-micro-batch's fraction (exact step fractions = summed counts). A token counts toward clipping when
-its advantage is non-zero and the clipped branch is the active one (``rho > 1 + eps_high`` with
-``A > 0``, ``rho < 1 - eps_low`` with ``A < 0``).
+``count/tokens/<part>`` for part in ``all``, ``pos_adv``, ``neg_adv``, ``answer``, ``think``,
+``neg_adv_answer`` (``answer`` / ``think`` / ``neg_adv_answer`` only when ``region_ids`` is given;
+``neg_adv_answer``, the clip rate on negative-advantage answer tokens, is the paper's Fig. 6
+quantity); ``clip_frac/<part>`` is this micro-batch's fraction (exact step fractions = summed
+counts). A token counts toward clipping when its advantage is non-zero and the clipped branch is the
+active one (``rho > 1 + eps_high`` with ``A > 0``, ``rho < 1 - eps_low`` with ``A < 0``).
+Importance-ratio statistics over the response tokens (:func:`ratio_statistics`, token ratios for
+every loss, gspo included): ``count/ratio_sum`` and ``count/log_ratio_sum`` (additive),
+``min/ratio`` and ``max/ratio`` (combined by min / max, :func:`combine_loss_metrics`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -227,36 +234,44 @@ def compute_normalisers(
     token_sequence_ids: torch.Tensor | Iterable[torch.Tensor],
     token_weights: torch.Tensor | Iterable[torch.Tensor] | None = None,
     max_response_length: int | None = None,
+    token_advantages: torch.Tensor | Iterable[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Global loss normalisers of one step, computed once over all its micro-batches.
+    """Global loss normalisers of one mini-batch (one optimizer update), computed once over all its micro-batches.
 
     Each argument is one [T] tensor (the whole batch flat) or one tensor per micro-batch.
     Returns ``num_sequences`` (sequences with any non-zero weight on a response token; with
     ``token_weights=None`` the weight is the response mask, i.e. sequences with a response),
-    ``num_tokens`` (response tokens) and ``max_response_length`` (the Dr.GRPO constant; defaults to
-    the longest response seen). Under data parallelism the trainer sums ``num_sequences`` and
-    ``num_tokens`` over ranks and takes the max of ``max_response_length`` (the generation cap).
-    Choice: ``num_sequences`` counts region weights, not advantages, so a CARE step and a baseline
-    step on the same rollouts share the denominator (rollouts outside the subgroup count too).
+    ``num_advantaged_sequences`` (CARE's N_seq, spec section 6: sequences with a non-zero advantage on
+    a response token, i.e. a non-zero sequence-level advantage; without ``token_advantages`` every
+    sequence counted by ``num_sequences``), ``num_tokens`` (response tokens) and
+    ``max_response_length`` (the Dr.GRPO constant; defaults to the longest response seen). Under data
+    parallelism the trainer sums the counts over ranks and takes the max of ``max_response_length``
+    (the generation cap). ``num_sequences`` is the denominator of gspo and dr_grpo (every sequence).
     """
     def as_list(x):
         return [x] if isinstance(x, torch.Tensor) else list(x)
 
     masks, seqs = as_list(response_masks), as_list(token_sequence_ids)
     weights = [None] * len(masks) if token_weights is None else as_list(token_weights)
-    if not (len(masks) == len(seqs) == len(weights)):
-        raise ValueError("compute_normalisers: response_masks, token_sequence_ids and token_weights differ in length")
-    num_sequences = num_tokens = longest = 0
-    for mask, seq, w in zip(masks, seqs, weights):
+    advantages = [None] * len(masks) if token_advantages is None else as_list(token_advantages)
+    if not (len(masks) == len(seqs) == len(weights) == len(advantages)):
+        raise ValueError("compute_normalisers: response_masks, token_sequence_ids, token_weights and "
+                         "token_advantages differ in length")
+    num_sequences = num_advantaged = num_tokens = longest = 0
+    for mask, seq, w, adv in zip(masks, seqs, weights, advantages):
         valid = mask.bool() & (seq >= 0)
         n = _num_sequences(seq)
         weighted = valid if w is None else valid & (w != 0)
-        num_sequences += int((_per_sequence_sum(weighted.float(), seq, n) > 0).sum())
+        counted = _per_sequence_sum(weighted.float(), seq, n) > 0
+        num_sequences += int(counted.sum())
+        num_advantaged += int(counted.sum()) if adv is None else int(
+            (_per_sequence_sum((valid & (adv != 0)).float(), seq, n) > 0).sum())
         num_tokens += int(valid.sum())
         if n:
             longest = max(longest, int(_per_sequence_sum(valid.float(), seq, n).max()))
     return {
         "num_sequences": float(num_sequences),
+        "num_advantaged_sequences": float(num_advantaged),
         "num_tokens": float(num_tokens),
         "max_response_length": float(max_response_length if max_response_length is not None else longest),
     }
@@ -307,12 +322,13 @@ def _check_shapes(**tensors) -> None:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(t)} like logprobs")
 
 
-def _clip_counts(clipped: torch.Tensor, considered: torch.Tensor, advantages: torch.Tensor,
+def clip_counts(clipped: torch.Tensor, considered: torch.Tensor, advantages: torch.Tensor,
                  region_ids: torch.Tensor | None) -> dict[str, float]:
     parts = {"all": considered, "pos_adv": considered & (advantages > 0), "neg_adv": considered & (advantages < 0)}
     if region_ids is not None:
         parts["answer"] = considered & (region_ids == int(Region.ANSWER))
         parts["think"] = considered & (region_ids == int(Region.THINK))
+        parts["neg_adv_answer"] = parts["neg_adv"] & parts["answer"]
     metrics = {}
     for part, mask in parts.items():
         total = int(mask.sum())
@@ -321,6 +337,46 @@ def _clip_counts(clipped: torch.Tensor, considered: torch.Tensor, advantages: to
         metrics[f"count/clipped/{part}"] = float(hit)
         metrics[f"clip_frac/{part}"] = hit / total if total else 0.0
     return metrics
+
+
+def clipped_tokens(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """BoolTensor[T]: tokens whose clipped branch is active (``rho > 1 + eps_high`` with ``A > 0``,
+    ``rho < 1 - eps_low`` with ``A < 0``); ``ratio`` and ``advantages`` detached."""
+    return mask & (((advantages > 0) & (ratio > 1.0 + config.clip_high)) | ((advantages < 0) & (ratio < 1.0 - config.clip_low)))
+
+
+def token_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logp - logp_old`` on ``mask`` (0 elsewhere, so padding never reaches an ``exp``), float32."""
+    return torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
+
+
+def ratio_statistics(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Token importance-ratio statistics over ``mask`` from a (detached) log-ratio [T]:
+    ``count/ratio_sum``, ``count/log_ratio_sum`` (additive over micro-batches, ranks and updates: the
+    step's ``ppo/ratio_mean`` and ``ppo/approx_kl``, verl's ``ppo_kl`` = mean of logp_old - logp, are
+    these over ``count/response_tokens``) and ``min/ratio`` / ``max/ratio`` (+inf / -inf without
+    tokens, the identities of min / max, so every micro-batch and rank reports the same keys)."""
+    log_ratio = log_ratio.detach().float()[mask]
+    if not log_ratio.numel():
+        return {"count/ratio_sum": 0.0, "count/log_ratio_sum": 0.0, "min/ratio": math.inf, "max/ratio": -math.inf}
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return {"count/ratio_sum": float(ratio.sum()), "count/log_ratio_sum": float(log_ratio.sum()),
+            "min/ratio": float(ratio.min()), "max/ratio": float(ratio.max())}
+
+
+def combine_loss_metrics(total: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """Fold one micro-batch's loss metrics into ``total`` (in place, returned): ``min/*`` by minimum,
+    ``max/*`` by maximum, everything else (globally normalised losses, ``count/*``) by sum. The
+    backends use it over micro-batches and data-parallel ranks, the trainer over updates."""
+    for key, value in metrics.items():
+        value = float(value)
+        if key in total and key.startswith("min/"):
+            total[key] = min(total[key], value)
+        elif key in total and key.startswith("max/"):
+            total[key] = max(total[key], value)
+        else:
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy):
@@ -348,8 +404,8 @@ def _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy):
 
 def _token_clipped_surrogate(logprobs, old_logprobs, token_advantages, mask, config):
     """Per-token ``-min(rho A, clip(rho) A)`` (0 off the mask), dual-clipped for ``A < 0``, the
-    clipped-branch indicator and the dual-clip indicator."""
-    log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
+    clipped-branch indicator, the detached log-ratio and the dual-clip indicator."""
+    log_ratio = token_log_ratio(logprobs, old_logprobs, mask)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = token_advantages.detach().float()
     unclipped = ratio * adv
@@ -364,8 +420,7 @@ def _token_clipped_surrogate(logprobs, old_logprobs, token_advantages, mask, con
         dual_clipped = mask & (adv < 0) & (per_token > cap)
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     per_token = torch.where(mask, per_token, 0.0)
-    is_clipped = mask & (((adv > 0) & (ratio_d > 1.0 + config.clip_high)) | ((adv < 0) & (ratio_d < 1.0 - config.clip_low)))
-    return per_token, is_clipped, ratio_d, dual_clipped
+    return per_token, clipped_tokens(ratio_d, adv, mask, config), log_ratio.detach(), dual_clipped
 
 
 def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, response_mask, token_sequence_ids,
@@ -374,8 +429,8 @@ def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, re
                   response_mask=response_mask, token_sequence_ids=token_sequence_ids, ref_logprobs=ref_logprobs,
                   entropy=entropy, region_ids=region_ids)
     mask = response_mask.bool() & (token_sequence_ids >= 0)
-    per_token, is_clipped, ratio, dual_clipped = _token_clipped_surrogate(logprobs, old_logprobs, token_advantages,
-                                                                          mask, config)
+    per_token, is_clipped, log_ratio, dual_clipped = _token_clipped_surrogate(logprobs, old_logprobs,
+                                                                              token_advantages, mask, config)
     divisor = 1.0
     for key in divisor_keys:
         divisor *= _normaliser(normalisers, key)
@@ -383,15 +438,14 @@ def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, re
     kl_loss, entropy_loss, metrics = _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy)
     loss = pg_loss + kl_loss + entropy_loss
     adv = token_advantages.detach().float()
-    metrics.update(_clip_counts(is_clipped, mask & (adv != 0), adv, region_ids))
-    n_tok = int(mask.sum())
+    metrics.update(clip_counts(is_clipped, mask & (adv != 0), adv, region_ids))
+    metrics.update(ratio_statistics(log_ratio, mask))
     metrics.update({
         "loss": float(loss.detach()),
         "pg_loss": float(pg_loss.detach()),
         "kl_loss": float(kl_loss.detach()),
         "entropy_loss": float(entropy_loss.detach()),
-        "ratio_mean": float(ratio[mask].mean()) if n_tok else 1.0,
-        "count/response_tokens": float(n_tok),
+        "count/response_tokens": float(mask.sum()),
         "count/dual_clipped": float(dual_clipped.sum()),
     })
     return loss, metrics
@@ -400,8 +454,9 @@ def _token_level_loss(divisor_keys, logprobs, old_logprobs, token_advantages, re
 @register_policy_loss("care")
 def care_policy_loss(logprobs, old_logprobs, token_advantages, response_mask, token_sequence_ids, normalisers,
                      config: PolicyLossConfig, ref_logprobs=None, entropy=None, region_ids=None):
-    """CARE (section 6): region-weighted clipped surrogate summed over tokens / N_seq, + KL + entropy."""
-    return _token_level_loss(("num_sequences",), logprobs, old_logprobs, token_advantages, response_mask,
+    """CARE (section 6): region-weighted clipped surrogate summed over tokens / N_seq (sequences with a
+    non-zero advantage), + KL + entropy."""
+    return _token_level_loss(("num_advantaged_sequences",), logprobs, old_logprobs, token_advantages, response_mask,
                              token_sequence_ids, normalisers, config, ref_logprobs, entropy, region_ids)
 
 
@@ -439,7 +494,7 @@ def gspo_policy_loss(logprobs, old_logprobs, token_advantages, response_mask, to
     n = _num_sequences(token_sequence_ids)
     lengths = _per_sequence_sum(mask.float(), token_sequence_ids, n)
     has_tokens = lengths > 0
-    log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
+    log_ratio = token_log_ratio(logprobs, old_logprobs, mask)
     mean_log_ratio = _per_sequence_sum(log_ratio, token_sequence_ids, n) / lengths.clamp(min=1)
     seq_ratio = torch.exp(mean_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv_tok = torch.where(mask, token_advantages.detach().float(), 0.0)
@@ -451,14 +506,14 @@ def gspo_policy_loss(logprobs, old_logprobs, token_advantages, response_mask, to
     kl_loss, entropy_loss, metrics = _regularisers(logprobs, mask, normalisers, config, ref_logprobs, entropy)
     loss = pg_loss + kl_loss + entropy_loss
     r = seq_ratio.detach()
-    is_clipped = has_tokens & (((seq_adv > 0) & (r > 1 + config.clip_high)) | ((seq_adv < 0) & (r < 1 - config.clip_low)))
-    metrics.update(_clip_counts(is_clipped, has_tokens & (seq_adv != 0), seq_adv, None))
+    is_clipped = clipped_tokens(r, seq_adv, has_tokens, config)
+    metrics.update(clip_counts(is_clipped, has_tokens & (seq_adv != 0), seq_adv, None))
+    metrics.update(ratio_statistics(log_ratio, mask))
     metrics.update({
         "loss": float(loss.detach()),
         "pg_loss": float(pg_loss.detach()),
         "kl_loss": float(kl_loss.detach()),
         "entropy_loss": float(entropy_loss.detach()),
-        "ratio_mean": float(r[has_tokens].mean()) if bool(has_tokens.any()) else 1.0,
         "count/response_tokens": float(mask.sum()),
     })
     return loss, metrics

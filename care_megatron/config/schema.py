@@ -249,7 +249,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then constant."""
+    """Linear warm-up, in optimizer updates (``prompts_per_step / prompts_per_update x ppo_epochs`` per
+    RL step), then constant."""
+    prompts_per_update: Optional[int] = None
+    """Prompts per optimizer update (mini-batch), counted over all data-parallel ranks; None = all of
+    ``data.prompts_per_step`` (one update per RL step). Each RL step computes advantages, behaviour
+    (old) and reference log-probs once, then splits its prompt groups, in order, into
+    ``prompts_per_step / prompts_per_update`` mini-batches of whole groups (RGR samples and DAPO
+    refills travel with their group) and takes one optimizer step per mini-batch, so from the second
+    update on the importance ratio differs from 1 and the clips act (verl ``ppo_mini_batch_size``,
+    EasyR1: 512 prompts per rollout step, 128 per update). Must divide ``data.prompts_per_step``
+    and be divisible by the data-parallel size."""
+    ppo_epochs: int = 1
+    """Passes over the step's mini-batches (verl ``ppo_epochs``); updates per RL step =
+    ``prompts_per_step / prompts_per_update x ppo_epochs``."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     micro_batch_tokens: int = 4096
@@ -289,6 +302,9 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 1, "train.save_every", "must be >= 1")
         _check(self.max_consecutive_bad_steps >= 1, "train.max_consecutive_bad_steps", "must be >= 1")
+        _check(self.prompts_per_update is None or self.prompts_per_update >= 1, "train.prompts_per_update",
+               "must be >= 1 or null")
+        _check(self.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
 
 
 @dataclass
@@ -340,6 +356,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        per_update = self.train.prompts_per_update
+        _check(per_update is None or self.data.prompts_per_step % per_update == 0, "train.prompts_per_update",
+               f"{per_update} does not divide data.prompts_per_step ({self.data.prompts_per_step}) into whole updates")
         if self.algorithm.name == "dapo":
             _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
                    f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from care_megatron.algorithm.policy_losses import PolicyLossConfig, build_token_advantages, compute_normalisers
+from care_megatron.algorithm.kl import LOG_RATIO_CLAMP
+from care_megatron.algorithm.policy_losses import (PolicyLossConfig, build_token_advantages, clip_counts, clipped_tokens,
+                                                   compute_normalisers, ratio_statistics, token_log_ratio)
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.data.packing import restore_order, unpack
 from care_megatron.training.base import ForwardOutputs
@@ -74,10 +76,17 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
         metrics["rollout/mismatch_abs_mean"] = gap / tokens
     if tis_tokens:
         metrics["rollout/tis_weight_mean"] = tis_sum / tis_tokens
-    normalisers = compute_normalisers([mb.loss_mask for mb in packed], [mb.token_sequence_ids() for mb in packed],
-                                      [mb.token_fields["token_weights"] for mb in packed],
-                                      max_response_length=max_response_length)
-    return normalisers, metrics
+    return loss_normalisers(packed, max_response_length), metrics
+
+
+def loss_normalisers(packed: list[PackedMicroBatch], max_response_length: int) -> dict[str, float]:
+    """This rank's loss normalisers over ``packed`` (one mini-batch: the micro-batches of one optimizer
+    update), after :func:`attach_loss_inputs` filled the token weights and advantages; sum them over
+    data-parallel ranks with :func:`reduce_normalisers`."""
+    return compute_normalisers([mb.loss_mask for mb in packed], [mb.token_sequence_ids() for mb in packed],
+                               [mb.token_fields["token_weights"] for mb in packed],
+                               max_response_length=max_response_length,
+                               token_advantages=[mb.token_fields["token_advantages"] for mb in packed])
 
 
 def add_fused_region_fields(mb: PackedMicroBatch, seq_ids: torch.Tensor, sequence_advantages: torch.Tensor,
@@ -111,8 +120,10 @@ def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: 
                     think_weight_pos: float, think_weight_neg: float = 0.0):
     """CARE's spec-section-6 loss through ``kernels.region_loss`` (one Triton kernel each way on CUDA).
 
-    Same value and gradient as the ``care`` policy loss (tested); its clip statistics are bucketed by
-    correctness x region (``count/{clipped,tokens}/{positive,negative}_{answer,think}``).
+    Same value and gradient as the ``care`` policy loss (tested); the kernel's clip statistics are
+    bucketed by correctness x region (``count/{clipped,tokens}/{positive,negative}_{answer,think}``);
+    the advantage-sign buckets the other losses report (``all``, ``pos_adv``, ``neg_adv``, ``answer``,
+    ``think``, ``neg_adv_answer``) and the ratio statistics are a few element-wise torch ops beside it.
     """
     from care_megatron.kernels.region_loss import RegionLossConfig, region_policy_loss
 
@@ -123,7 +134,7 @@ def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: 
     ref = f.get("ref_logprobs") if loss_config.kl_coef > 0 else None
     loss, stats = region_policy_loss(
         outputs.logprobs, f["old_logprobs"], f["sequence_advantages"], mb.region_ids, f["is_positive"],
-        f["has_answer"], mb.loss_mask, f["weight_sums"], max(float(normalisers["num_sequences"]), 1.0),
+        f["has_answer"], mb.loss_mask, f["weight_sums"], max(float(normalisers["num_advantaged_sequences"]), 1.0),
         max(float(normalisers["num_tokens"]), 1.0), ref_logprobs=ref, config=config)
     raw = stats.to_metrics()
     metrics = {"loss": float(loss.detach()), "pg_loss": raw["pg_loss"], "kl": raw["kl"],
@@ -136,7 +147,20 @@ def fused_care_loss(outputs: ForwardOutputs, mb: PackedMicroBatch, normalisers: 
             metrics[f"count/tokens/{key.split('/', 1)[1]}"] = value
         elif key.startswith("dual_clipped/"):
             metrics["count/dual_clipped"] = metrics.get("count/dual_clipped", 0.0) + value
+    metrics.update(_sign_bucket_metrics(outputs.logprobs, mb, loss_config))
     return loss, metrics
+
+
+def _sign_bucket_metrics(logprobs: torch.Tensor, mb: PackedMicroBatch, loss_config: PolicyLossConfig) -> dict:
+    """Clip counts by advantage sign and region, and the ratio statistics, for the fused path (the
+    same keys and definitions as the policy losses' :func:`~care_megatron.algorithm.policy_losses.clip_counts`)."""
+    mask = mb.loss_mask.to(logprobs.device).bool() & (mb.token_sequence_ids().to(logprobs.device) >= 0)
+    log_ratio = token_log_ratio(logprobs.detach(), mb.token_fields["old_logprobs"].to(logprobs.device), mask)
+    adv = mb.token_fields["token_advantages"].to(logprobs.device).float()
+    clipped = clipped_tokens(torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), adv, mask, loss_config)
+    counts = {k: v for k, v in clip_counts(clipped, mask & (adv != 0), adv, mb.region_ids.to(logprobs.device)).items()
+              if k.startswith("count/")}
+    return {**counts, **ratio_statistics(log_ratio, mask), "count/response_tokens": float(mask.sum())}
 
 
 def make_loss_fn(policy_loss, loss_config: PolicyLossConfig, method: str = "", think_weight_pos: float = 0.005,
@@ -164,7 +188,8 @@ def reduce_normalisers(normalisers: dict[str, float], group=None) -> dict[str, f
     if group is None or not (dist.is_available() and dist.is_initialized()):
         return normalisers
     # on the group's device: NCCL rejects host tensors (the DP group is NCCL on GPU, DP=1 included)
-    counts = all_reduce_host_values([normalisers["num_sequences"], normalisers["num_tokens"]], group)
+    summed = ("num_sequences", "num_advantaged_sequences", "num_tokens")
+    counts = all_reduce_host_values([normalisers[key] for key in summed], group)
     longest = all_reduce_host_values([normalisers["max_response_length"]], group, op=dist.ReduceOp.MAX)
-    return {**normalisers, "num_sequences": float(counts[0]), "num_tokens": float(counts[1]),
+    return {**normalisers, **{key: float(value) for key, value in zip(summed, counts.tolist())},
             "max_response_length": float(longest[0])}

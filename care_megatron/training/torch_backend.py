@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from care_megatron.algorithm.policy_losses import combine_loss_metrics
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.models.weight_mapping.architectures import mapping_for_config
 from care_megatron.rollout.base import bucket_named_tensors
@@ -210,9 +211,7 @@ class TorchBackend:
                 break
             loss.backward()
             total_loss += float(loss.detach())
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v)
-            metrics["micro_batches"] = metrics.get("micro_batches", 0.0) + 1.0
+            combine_loss_metrics(metrics, {**m, "micro_batches": 1.0})
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)) if params and finite else float("nan")
         lr = self.optimizer.param_groups[0]["lr"]

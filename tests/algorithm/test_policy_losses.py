@@ -136,10 +136,28 @@ def test_normalisers_flat_equals_micro_batches_and_counts_weights():
     seq = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, -1])  # sequence 2 has no response token
     weights = torch.tensor([0, 0.0, 0.0, 0, 1, 0.005, 1, 0, 0])
     n = compute_normalisers(mask, seq)
-    assert n == {"num_sequences": 2.0, "num_tokens": 5.0, "max_response_length": 3.0}
+    assert n == {"num_sequences": 2.0, "num_advantaged_sequences": 2.0, "num_tokens": 5.0, "max_response_length": 3.0}
     assert compute_normalisers(mask, seq, weights, max_response_length=64)["num_sequences"] == 1.0
     split = compute_normalisers([mask[:3], mask[3:]], [seq[:3], torch.tensor([0, 0, 0, 0, 1, -1])])
     assert split == n
+
+
+def test_care_sequence_normaliser_counts_non_zero_advantages():
+    """Spec section 6: CARE's N_seq counts the sequences with a non-zero sequence-level advantage
+    (a non-zero token advantage on a response token), not every sequence with a weight."""
+    mask = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    seq = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, -1])
+    # sequence 0: A = 0 (outside the subgroup); 1: A > 0; 2: A < 0 only on its answer token
+    adv = torch.tensor([0, 0.0, 0.0, 0, 0.5, 0.5, 0, 0.0, -0.25, 0])
+    n = compute_normalisers(mask, seq, token_advantages=adv)
+    assert n["num_advantaged_sequences"] == 2.0 and n["num_sequences"] == 3.0
+    split = compute_normalisers([mask[:3], mask[3:]], [seq[:3], seq[3:] - 1 + (seq[3:] < 0).long()],
+                                token_advantages=[adv[:3], adv[3:]])
+    assert split["num_advantaged_sequences"] == 2.0
+    # the care loss divides by it; grpo's token mean does not read it
+    logp = torch.zeros(10, requires_grad=True)
+    loss, _ = get_policy_loss("care")(logp, logp.detach(), adv, mask, seq, n, PolicyLossConfig.for_method("care", kl_coef=0.0))
+    assert loss.item() == pytest.approx(-(0.5 + 0.5 - 0.25) / 2.0)
 
 
 def test_token_mean_hand_value_and_gradient_at_ratio_one():
@@ -147,7 +165,7 @@ def test_token_mean_hand_value_and_gradient_at_ratio_one():
     mask = torch.tensor([False, True, True, True, True])
     seq = torch.tensor([0, 0, 0, 1, 1])
     adv = torch.tensor([0.0, 2.0, 2.0, -1.0, -1.0])
-    normalisers = {"num_sequences": 2.0, "num_tokens": 8.0, "max_response_length": 10.0}
+    normalisers = {"num_sequences": 2.0, "num_advantaged_sequences": 2.0, "num_tokens": 8.0, "max_response_length": 10.0}
     for name, divisor in (("grpo", 8.0), ("rloo", 8.0), ("dapo", 8.0), ("care", 2.0), ("dr_grpo", 20.0)):
         logp.grad = None
         cfg = PolicyLossConfig.for_method(name, kl_coef=0.0)
@@ -155,7 +173,8 @@ def test_token_mean_hand_value_and_gradient_at_ratio_one():
         loss.backward()
         assert loss.item() == pytest.approx(-(2 + 2 - 1 - 1) / divisor)
         assert torch.allclose(logp.grad, -adv * mask / divisor)
-        assert metrics["clip_frac/all"] == 0.0 and metrics["ratio_mean"] == pytest.approx(1.0)
+        assert metrics["clip_frac/all"] == 0.0 and metrics["count/ratio_sum"] == pytest.approx(4.0)
+        assert metrics["min/ratio"] == metrics["max/ratio"] == 1.0 and metrics["count/log_ratio_sum"] == 0.0
 
 
 def test_asymmetric_clipping_and_clip_metrics():
@@ -167,7 +186,7 @@ def test_asymmetric_clipping_and_clip_metrics():
     mask = torch.ones(5, dtype=torch.bool)
     seq = torch.tensor([0, 0, 0, 1, 1])
     regions = torch.tensor([A, T, A, A, T])
-    normalisers = {"num_sequences": 2.0, "num_tokens": 5.0, "max_response_length": 3.0}
+    normalisers = {"num_sequences": 2.0, "num_advantaged_sequences": 2.0, "num_tokens": 5.0, "max_response_length": 3.0}
     care_cfg = PolicyLossConfig.for_method("care", kl_coef=0.0)  # 0.2 / 0.28
     loss, metrics = get_policy_loss("care")(logp, old, adv, mask, seq, normalisers, care_cfg, region_ids=regions)
     loss.backward()
@@ -179,6 +198,11 @@ def test_asymmetric_clipping_and_clip_metrics():
     assert metrics["count/clipped/all"] == 2 and metrics["clip_frac/all"] == pytest.approx(0.4)
     assert metrics["clip_frac/pos_adv"] == pytest.approx(1 / 3) and metrics["clip_frac/neg_adv"] == pytest.approx(0.5)
     assert metrics["clip_frac/think"] == pytest.approx(0.5) and metrics["clip_frac/answer"] == pytest.approx(1 / 3)
+    # the paper's Fig. 6 quantity: the one negative-advantage answer token (0.7) is clipped
+    assert metrics["count/tokens/neg_adv_answer"] == 1 and metrics["clip_frac/neg_adv_answer"] == 1.0
+    assert metrics["min/ratio"] == pytest.approx(0.5) and metrics["max/ratio"] == pytest.approx(1.5)
+    assert metrics["count/ratio_sum"] == pytest.approx(1.25 + 1.5 + 0.5 + 0.7 + 0.9, rel=1e-6)
+    assert metrics["count/log_ratio_sum"] == pytest.approx(float(ratios.log().sum()), rel=1e-5)
     # symmetric GRPO clip (0.2 / 0.2) clips the 1.25 token too
     _, grpo_metrics = get_policy_loss("grpo")(logp, old, adv, mask, seq, normalisers,
                                               PolicyLossConfig.for_method("grpo", kl_coef=0.0))
@@ -205,7 +229,9 @@ def test_gspo_sequence_ratio():
     assert torch.allclose(logp.grad[:2], torch.zeros(2))
     assert torch.allclose(logp.grad[2:5], torch.full((3,), 1.0 * s1 / (3 * 2)), rtol=1e-5)
     assert metrics["count/clipped/all"] == 1 and metrics["count/tokens/all"] == 2
-    assert metrics["ratio_mean"] == pytest.approx((s0 + s1) / 2, rel=1e-6)
+    # ratio statistics are per token for every loss (ppo/ratio_*), not the sequence ratio
+    assert metrics["count/ratio_sum"] == pytest.approx(sum(math.exp(x) for x in log_ratios[:5].tolist()), rel=1e-6)
+    assert metrics["max/ratio"] == pytest.approx(math.exp(0.3), rel=1e-6)
 
 
 def test_kl_estimators_closed_form():
@@ -294,8 +320,8 @@ def test_empty_micro_batch_and_errors():
     logp = torch.zeros(3)
     with pytest.raises(ValueError, match="ref_logprobs"):
         get_policy_loss("care")(logp, logp, logp, torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
-                                {"num_sequences": 1, "num_tokens": 3}, PolicyLossConfig(kl_coef=0.1))
-    with pytest.raises(ValueError, match="num_sequences"):
+                                {"num_advantaged_sequences": 1, "num_tokens": 3}, PolicyLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="num_advantaged_sequences"):
         get_policy_loss("care")(logp, logp, logp, torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
                                 {"num_tokens": 3}, PolicyLossConfig(kl_coef=0.0))
     with pytest.raises(ValueError, match="shape"):
@@ -324,7 +350,7 @@ def test_dual_clip_and_kl_clamp_hand_values(name):
     """Ratio 50 on a negative-advantage token costs c|A| = 3 (not 50) with no gradient; a token 25 nats
     below the reference adds k3 = 10 (not e^20 - 21) with no KL gradient; the other tokens are untouched."""
     logprobs, old, ref, adv, mask, seq = _three_token_case()
-    normalisers = {"num_tokens": 3.0, "num_sequences": 3.0, "max_response_length": 2.0}
+    normalisers = {"num_tokens": 3.0, "num_sequences": 3.0, "num_advantaged_sequences": 3.0, "max_response_length": 2.0}
     config = PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, dual_clip=3.0, kl_clamp=10.0)
     loss, metrics = get_policy_loss(name)(logprobs, old, adv, mask, seq, normalisers, config, ref_logprobs=ref)
     loss.backward()

@@ -12,7 +12,8 @@ closed forms of docs/algorithm.md, written out here, never from a file the code 
 * equalisation sqrt(K / K') for K' < K (K = 4);
 * region weights: answer 1, think 0.005 (positive) / 0 (failure), no answer span -> 1 everywhere;
 * at the first step the policy is the behaviour and the reference policy (rho = 1, k3 = 0), so
-  loss = -sum_i A_i W_i / (W_i + eps) / N_seq, W_i the weight sum of sequence i.
+  loss = -sum_i A_i W_i / (W_i + eps) / N_seq, W_i the weight sum of sequence i, N_seq the number of
+  sequences with a non-zero advantage.
 """
 import math
 import sys
@@ -55,10 +56,12 @@ def equalise(kprime: int) -> float:
 def expected_advantages() -> dict[int, float]:
     """Row -> A for the 16 rollouts (row = 4 * slot + index) and the reflected rows 16 (slot 0) and 17 (slot 1)."""
     adv = {row: 0.0 for row in range(18)}
-    # slot 0: anchor row 0 (shortest think), negatives rows 2, 3 (K' = 2); RGR target row 2 (tie -> lower
+    # slot 0: anchor row 1 (max_reward: r = 1.0 beats row 0's 0.9, a correct answer without <think>,
+    # which the shortest_think ablation would anchor on); row 0 is outside the subgroup (0).
+    # Negatives rows 2, 3 (K' = 2); RGR target row 2 (tie -> lower
     # index) reflected successfully: subgroup {anchor 1.0, reflected 1.0, row 3 0.1}: p = 2 of n = 3
     z_pos, z_neg = two_value_z(3, 2, 0.9)
-    adv[0] = adv[16] = z_pos * equalise(2)
+    adv[1] = adv[16] = z_pos * equalise(2)
     adv[3] = -0.5 * abs(z_neg) * equalise(2)
     # slot 1: anchor row 4, negatives rows 5, 6, 7 (K' = 3); target row 5, reflection fails (reward 0.1)
     z_a, z_n = two_value_z(4, 1, 0.9)
@@ -74,7 +77,7 @@ def expected_advantages() -> dict[int, float]:
     return adv
 
 
-EXPECTED_REWARDS = [1.0, 1.0, 0.1, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1]
+EXPECTED_REWARDS = [0.9, 1.0, 0.1, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1]
 
 
 def closed_form_weights(regions: torch.Tensor, response: torch.Tensor, positive: bool) -> torch.Tensor:
@@ -122,7 +125,7 @@ def test_script_gives_the_intended_groups(scripted_run):
     assert info["anchored"].tolist() == [True, True, False, False]
     assert info["rescue"].tolist() == [False, False, True, False]
     assert info["saturated"].tolist() == [False, False, False, True]
-    assert info["anchor_index"].tolist() == [0, 4, 8, -1]
+    assert info["anchor_index"].tolist() == [1, 4, 8, -1]
     assert info["num_negatives"].tolist() == [2, 3, 3, 0]
     # the reflection request continues row 2's / row 5's rationale with the repair cue
     engine_requests = [r for r in scripted_run[0].engine.requests if "/rgr" in r.request_id]
@@ -137,7 +140,7 @@ def test_advantages_follow_the_closed_forms(scripted_run):
     for row, value in expected.items():
         assert got[row] == pytest.approx(value, rel=1e-5, abs=1e-6), row
     # spelled out once (eps -> 0): slot 0 -> +1, +1, -1 ; slot 1 -> 2, -1/6, -1/3, -1/3 ; rescue -> 2, -1/3 x 3
-    assert [got[0], got[16], got[3]] == pytest.approx([1.0, 1.0, -1.0], rel=1e-4)
+    assert [got[1], got[16], got[3], got[0]] == pytest.approx([1.0, 1.0, -1.0, 0.0], rel=1e-4)
     assert [got[4], got[17], got[6], got[8], got[9]] == pytest.approx([2.0, -1 / 6, -1 / 3, 2.0, -1 / 3], rel=1e-4)
 
 
@@ -147,6 +150,9 @@ def test_token_weights_advantages_and_loss(scripted_run):
     packed, normalisers = captured["packed"][0]
     expected = expected_advantages()
     assert normalisers["num_sequences"] == 18.0  # every sequence has an answer span or weighs 1 everywhere
+    # CARE's N_seq (spec section 6): the sequences with a non-zero advantage, rows 1, 16, 3 (slot 0),
+    # 4, 17, 6, 7 (slot 1) and 8-11 (rescue): 11; rows 2 and 5 were replaced by their reflections
+    assert normalisers["num_advantaged_sequences"] == 11.0
     loss = 0.0
     seen = set()
     for mb in packed:
@@ -162,8 +168,8 @@ def test_token_weights_advantages_and_loss(scripted_run):
             loss -= expected[row] * total / (total + EPS)
             seen.add(row)
     assert seen == set(range(18))
-    # the failed think of row 3 weighs 0, the positive think of row 0 0.005, a malformed row 1 everywhere
-    assert metrics[0]["loss"] == pytest.approx(loss / 18.0, rel=1e-5, abs=1e-7)
+    # the failed think of row 3 weighs 0, the positive think of row 1 0.005, a malformed row 9 everywhere
+    assert metrics[0]["loss"] == pytest.approx(loss / 11.0, rel=1e-5, abs=1e-7)
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert metrics[0]["skipped"] == 0.0 and metrics[0]["grad_norm"] > 0
 
@@ -174,7 +180,7 @@ def test_metrics_cover_the_original_rollouts_and_rgr_apart(scripted_run):
     original = EXPECTED_REWARDS[:16]
     assert m["reward/mean"] == pytest.approx(sum(original) / 16)
     assert m["accuracy/mean"] == pytest.approx(7 / 16)
-    assert m["format/mean"] == pytest.approx(13 / 16)
+    assert m["format/mean"] == pytest.approx(12 / 16)
     assert m["rgr/trigger_rate"] == 0.5 and m["rgr/success_rate"] == 0.5
     assert m["rgr/reward_mean"] == pytest.approx((1.0 + 0.1) / 2)
     assert m["rescue/rate"] == 0.25 and m["groups/anchored_rate"] == 0.5 and m["groups/saturated_rate"] == 0.25
@@ -237,7 +243,7 @@ def test_switches_rescue_equalisation_k_and_reflect_scale_reach_the_step(tmp_pat
     _, (adv, info) = captured["advantages"][1]
     expected = {row: 0.0 for row in range(18)}
     z_pos, z_neg = two_value_z(3, 2, 0.9)  # slot 0: K' = 2, reflected success
-    expected[0] = expected[16] = z_pos
+    expected[1] = expected[16] = z_pos
     expected[3] = -0.5 * abs(z_neg)
     z_a, z_n = two_value_z(4, 1, 0.9)  # slot 1: K' = min(3, 3) = 3, failed reflection at scale 0.5
     expected[4] = z_a

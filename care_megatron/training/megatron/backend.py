@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from care_megatron.algorithm.policy_losses import combine_loss_metrics
 from care_megatron.config.schema import ParallelConfig, TrainConfig
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.training.base import ForwardOutputs, LossFn, StepResult
@@ -614,19 +615,22 @@ def _detach_to_cpu(out: ForwardOutputs) -> ForwardOutputs:
 
 
 def _sum_metrics(metric_list: list[dict], dp_group=None) -> dict[str, float]:
-    """Loss metrics summed over micro-batches and data-parallel ranks, plus ``micro_batches``.
+    """Loss metrics combined over micro-batches and data-parallel ranks, plus ``micro_batches``.
 
-    Same contract as the plain-PyTorch backend: the losses' metrics are globally normalised (so
-    their sum is the step's value) or additive counts; per-micro-batch means are divided by
-    ``micro_batches`` by the caller.
+    Same contract as the plain-PyTorch backend (:func:`~care_megatron.algorithm.policy_losses.combine_loss_metrics`):
+    the losses' metrics are globally normalised (so their sum is the update's value) or additive
+    counts; ``min/*`` / ``max/*`` are reduced by minimum / maximum.
     """
-    sums: dict[str, float] = {}
+    combined: dict[str, float] = {}
     for metrics in metric_list:
-        for k, v in (metrics or {}).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    sums["micro_batches"] = float(len(metric_list))
+        combine_loss_metrics(combined, metrics or {})
+    combined["micro_batches"] = float(len(metric_list))
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        keys = sorted(sums)
-        values = all_reduce_host_values([sums[k] for k in keys], dp_group)  # on the group's device
-        sums = dict(zip(keys, values.tolist()))
-    return sums
+        # every rank reduces the same keys: every rank runs the same loss, whose metric keys do not
+        # depend on the data (a micro-batch without response tokens reports min/max as +-inf)
+        for prefix, op in (("min/", dist.ReduceOp.MIN), ("max/", dist.ReduceOp.MAX), ("", dist.ReduceOp.SUM)):
+            keys = sorted(k for k in combined if k.startswith(prefix) and (prefix or not k.startswith(("min/", "max/"))))
+            if keys:
+                values = all_reduce_host_values([combined[k] for k in keys], dp_group, op=op)  # on the group's device
+                combined.update(zip(keys, values.tolist()))
+    return combined
