@@ -1,6 +1,7 @@
-"""The run's curves as one PNG: reward, training and held-out accuracy (overall and per task),
-failure-signal share, K', RGR success, loss; with a frozen-policy baseline, also the RL run's training
-accuracy minus the baseline's on the same prompt sequence."""
+"""The run's curves as one PNG: reward, training and held-out accuracy (overall and per task), format
+and ``<think>`` length (training and held-out: a policy can keep its accuracy while it drops its
+rationale), failure-signal share, K', RGR success, loss; with a frozen-policy baseline, also the RL
+run's training accuracy minus the baseline's on the same prompt sequence."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +9,22 @@ from pathlib import Path
 from care_megatron.metrics import read_metrics
 
 PANELS = (
-    ("reward/mean", "mean reward"),
-    ("accuracy/mean", "training accuracy (rollouts)"),
-    ("eval/accuracy", "held-out accuracy (greedy)"),
-    ("eval_sampled/accuracy", "held-out accuracy (sampled, mean@N)"),
-    ("signal/failure_share", "failure-signal share"),
-    ("kprime/mean", "mean K'"),
-    ("rgr/success_rate", "RGR success rate"),
-    ("loss", "loss"),
+    ("mean reward", (("reward/mean", ""),)),
+    ("training accuracy (rollouts)", (("accuracy/mean", ""),)),
+    ("held-out accuracy (greedy)", (("eval/accuracy", ""),)),
+    ("held-out accuracy (sampled, mean@N)", (("eval_sampled/accuracy", ""),)),
+    ("format rate", (("format/mean", "training"), ("eval/format", "held-out, greedy"),
+                     ("eval_sampled/format", "held-out, sampled"))),
+    ("mean <think> length (tokens)", (("length/think_mean", "training"), ("eval/think_length", "held-out, greedy"),
+                                      ("eval_sampled/think_length", "held-out, sampled"))),
+    ("failure-signal share", (("signal/failure_share", ""),)),
+    ("mean K'", (("kprime/mean", ""),)),
+    ("RGR success rate", (("rgr/success_rate", ""),)),
+    ("loss", (("loss", ""),)),
 )
+"""Panel title -> the metric keys it draws, each with the curve's label inside the panel (empty for a
+panel of one key). A panel is drawn when any run has any of its keys; runs from before a key was
+logged simply lack that curve."""
 
 
 def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = None,
@@ -38,7 +46,8 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     baseline_rows = read_metrics(baseline) if baseline is not None else None
     if baseline_rows is not None:
         runs[BASELINE_LABEL] = baseline_rows
-    panels = [(k, t) for k, t in PANELS if any(k in row for rows in runs.values() for row in rows)]
+    panels = [(title, keys) for title, keys in PANELS
+              if any(k in row for k, _ in keys for rows in runs.values() for row in rows)]
     if not panels:
         return None
     extra = []  # (draw function, its arguments) of the panels beyond PANELS
@@ -46,29 +55,23 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
         extra.append((draw_gain_over_baseline, (main_rows, baseline_rows)))
     if task_accuracy_keys(main_rows):
         extra.append((draw_task_accuracy, (main_rows,)))
-    panels += [("", "")] * len(extra)
+    panels += [("", ())] * len(extra)
     cols = 3
     rows_n = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
     for ax, (draw, args) in zip(list(axes.flat)[len(panels) - len(extra):], extra):
         draw(ax, *args)
-    for ax, (key, label) in zip(axes.flat, panels[:len(panels) - len(extra)]):
-        for name, rows in runs.items():
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            if key.startswith(("eval/", "eval_sampled/")) or len(ys) < 8:
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
-            else:  # per-step values are noisy: faint raw curve, bold trailing mean over ~10% of the run
-                line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
-                window = max(3, len(ys) // 10)
-                smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                          for i in range(len(ys))]
-                ax.plot(xs, smooth, color=line.get_color(), linewidth=2, label=name)
-        ax.set_title(label)
+    for ax, (title, keys) in zip(axes.flat, panels[:len(panels) - len(extra)]):
+        for key, curve in keys:
+            for name, rows in runs.items():
+                label = f"{name}: {curve}" if curve and len(runs) > 1 else (curve or name)
+                draw_curve(ax, [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))],
+                           label, evaluation=key.startswith(("eval/", "eval_sampled/")))
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:  # which curve is training, which held-out
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if len(runs) > 1:
@@ -78,6 +81,21 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, title: str | None = 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def draw_curve(ax, pts: list[tuple[float, float]], label: str, evaluation: bool) -> None:
+    """One metric against the step: evaluations (and short runs) as markers; per-step training values
+    are noisy, so a faint raw curve under a bold trailing mean over ~10% of the run."""
+    if not pts:
+        return
+    xs, ys = zip(*pts)
+    if evaluation or len(ys) < 8:
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        return
+    line, = ax.plot(xs, ys, alpha=0.3, linewidth=1)
+    window = max(3, len(ys) // 10)
+    smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+    ax.plot(xs, smooth, color=line.get_color(), linewidth=2, label=label)
 
 
 BASELINE_LABEL = "frozen policy"

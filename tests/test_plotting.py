@@ -58,3 +58,49 @@ def test_curves_png_has_frozen_and_per_task_panels(tmp_path, monkeypatch):
     plot_run(metrics, tmp_path / "plain.png")  # without a baseline: no difference panel
     assert "training accuracy: RL - frozen policy" not in titles[-1]
     assert "held-out accuracy per task" in titles[-1]
+
+
+def _record_panels(monkeypatch):
+    """Patch savefig to keep, per drawn panel title, its curves as (label, x, y)."""
+    import matplotlib.figure
+
+    panels = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        panels.append({ax.get_title(): [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+                                        for line in ax.get_lines() if not line.get_label().startswith("_")]
+                       for ax in fig.axes if ax.axison})
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return panels
+
+
+def test_format_and_think_length_panels_draw_training_and_heldout(tmp_path, monkeypatch):
+    rows = [{"step": 0, "eval/accuracy": 0.4, "eval/format": 0.9, "eval/think_length": 40.0}]
+    rows += [{"step": s, "accuracy/mean": 0.5, "format/mean": 1.0 - 0.1 * s, "length/think_mean": 30.0 - s}
+             for s in (1, 2, 3)]
+    rows.append({"step": 3, "eval/accuracy": 0.6, "eval/format": 0.5, "eval/think_length": 12.5})
+    panels = _record_panels(monkeypatch)
+    plot_run(_write(tmp_path / "run" / "metrics.jsonl", rows), tmp_path / "curves.png")
+    drawn = panels[-1]
+    assert drawn["format rate"] == [("training", [1, 2, 3], pytest.approx([0.9, 0.8, 0.7])),
+                                    ("held-out, greedy", [0, 3], [0.9, 0.5])]
+    assert drawn["mean <think> length (tokens)"] == [("training", [1, 2, 3], [29.0, 28.0, 27.0]),
+                                                     ("held-out, greedy", [0, 3], [40.0, 12.5])]
+
+
+def test_format_panels_tolerate_runs_from_before_the_keys(tmp_path, monkeypatch):
+    # an older run: training format and think length, but no held-out format or think length
+    old = [{"step": 0, "eval/accuracy": 0.4}]
+    old += [{"step": s, "accuracy/mean": 0.5, "format/mean": 0.5, "length/think_mean": 20.0} for s in (1, 2)]
+    new = [{"step": 0, "eval/accuracy": 0.4, "eval/format": 1.0, "eval/think_length": 8.0}]
+    panels = _record_panels(monkeypatch)
+    plot_run(_write(tmp_path / "old" / "metrics.jsonl", old), tmp_path / "old.png", title="old")
+    assert [c[0] for c in panels[-1]["mean <think> length (tokens)"]] == ["training"]
+    plot_run(_write(tmp_path / "old" / "metrics.jsonl", old), tmp_path / "both.png", title="old",
+             others={"new": _write(tmp_path / "new" / "metrics.jsonl", new)})
+    assert [c[0] for c in panels[-1]["format rate"]] == ["old: training", "new: held-out, greedy"]
+    plot_run(_write(tmp_path / "bare" / "metrics.jsonl", [{"step": 1, "loss": 1.0}]), tmp_path / "bare.png")
+    assert list(panels[-1]) == ["loss"]

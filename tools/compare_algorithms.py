@@ -17,8 +17,13 @@ Outputs in ``<out>/``:
   the per-seed values), and the difference to GRPO with its interval (paired by seed: run k of every
   method shares seed k, so the interval is over the per-seed differences); ``table_sampled``: the same
   for the mean@N held-out accuracy at the rollout's sampling settings, when the runs set ``eval.samples``;
+* held-out format rate and mean ``<think>`` length at the final evaluation (greedy, and sampled when the
+  runs set ``eval.samples``), mean and interval over seeds: accuracy kept by dropping the rationale is
+  not what CARE is after;
 * the mechanism metrics, each averaged over the steps of a run, then mean and interval over seeds:
   failure-signal share, RGR trigger and success rate, rescue rate, mean ``<think>`` length;
+* the PPO update, likewise averaged over steps: the clip fractions (``clip_frac/*``; ``neg_adv_answer``
+  is the paper's Fig. 6 rate on negative-advantage answer tokens) and ``ppo/approx_kl``;
 * ``accuracy_vs_tokens.png``: held-out accuracy against decoded tokens (mean and a 95% band per
   method, seeds interpolated onto a shared token grid; ``sampled_accuracy_vs_tokens.png`` likewise for
   the sampled one), ``kl.png``: KL to the reference per step;
@@ -73,6 +78,14 @@ DEFAULT_METHODS = ("grpo", "care_no_rgr", "care")
 MECHANISMS = (("signal/failure_share", "failure-signal share"), ("rgr/trigger_rate", "RGR trigger rate"),
               ("rgr/success_rate", "RGR success rate"), ("rescue/rate", "rescue rate"),
               ("length/think_mean", "mean think length"))
+PPO_UPDATE = (("clip_frac/all", "clip frac, all"), ("clip_frac/pos_adv", "A > 0"), ("clip_frac/neg_adv", "A < 0"),
+              ("clip_frac/answer", "answer"), ("clip_frac/think", "think"), ("clip_frac/dual", "dual clip"),
+              ("clip_frac/neg_adv_answer", "A < 0, answer (Fig. 6)"), ("ppo/approx_kl", "approx. KL"))
+"""Per-step metrics of the trainer's PPO update that the comparison averages over steps, like MECHANISMS."""
+HELDOUT_RATIONALE = (("eval/format", "format (greedy)"), ("eval/think_length", "think length (greedy)"),
+                     ("eval_sampled/format", "format (sampled)"),
+                     ("eval_sampled/think_length", "think length (sampled)"))
+"""Held-out format rate and mean ``<think>`` tokens, read at a run's final evaluation like its accuracy."""
 
 TRAIN_WINDOW = 10
 """Training accuracy (``accuracy/mean`` of the G original rollouts per prompt) is averaged over the first and
@@ -147,10 +160,6 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
     sampled_evals = [r for r in rows if isinstance(r.get("eval_sampled/accuracy"), (int, float))]
     sampled_final = max(sampled_evals, key=lambda r: r["step"]) if sampled_evals else {}
     train_rows = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
-    mechanisms = {}
-    for key, _ in MECHANISMS:
-        values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
-        mechanisms[key] = sum(values) / len(values) if values else None
     ordered = [r for r in sorted(train_rows, key=lambda r: r["step"]) if isinstance(r.get("accuracy/mean"), (int, float))]
     accuracy = [r["accuracy/mean"] for r in ordered]
     window = min(TRAIN_WINDOW, len(accuracy))
@@ -163,7 +172,10 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
         "final_step": final.get("step"),
         "per_task": per_task,
         "macro": final.get("eval/macro_accuracy"),
-        "mechanisms": mechanisms,
+        "mechanisms": step_means(train_rows, MECHANISMS),
+        "ppo_update": step_means(train_rows, PPO_UPDATE),
+        "heldout_rationale": {key: (final if key.startswith("eval/") else sampled_final).get(key)
+                              for key, _ in HELDOUT_RATIONALE},
         "accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), r["eval/accuracy"]) for r in evals],
         # eval.samples > 0: the mean@N held-out accuracy at the rollout's sampling settings
         "sampled": {"per_task": {k[len("eval_sampled/accuracy/"):]: v for k, v in sampled_final.items()
@@ -175,6 +187,16 @@ def run_summary(rows: list[dict], prompts_per_step: int, group_size: int) -> dic
         "train_accuracy_curve": [(tokens_at_step.get(r["step"], cumulative), sum(w) / len(w)) for r, w in zip(ordered, trailing)],
         "decoded_tokens": cumulative,
     }
+
+
+def step_means(rows: list[dict], metrics: tuple[tuple[str, str], ...]) -> dict[str, float | None]:
+    """Per metric key, its mean over the ``rows`` (steps) that logged a finite value; None where none did
+    (an older run, or a method that does not log it)."""
+    out = {}
+    for key, _ in metrics:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 def heldout_table(summaries: dict[str, dict[int, dict]], tasks: list[str]) -> dict:
@@ -209,8 +231,11 @@ def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
         sampled = heldout_table({m: {s: r["sampled"] for s, r in runs.items()} for m, runs in summaries.items()},
                                 sorted({t for runs in summaries.values() for r in runs.values()
                                         for t in r["sampled"]["per_task"]}))
-    mechanisms = {method: {key: mean_interval([runs[s]["mechanisms"][key] for s in sorted(runs)])
-                           for key, _ in MECHANISMS} for method, runs in summaries.items()}
+    def over_seeds(field: str, metrics: tuple[tuple[str, str], ...]) -> dict:
+        """Per method and metric: mean and interval over seeds of the per-run ``field`` values (missing: skipped)."""
+        return {method: {key: mean_interval([runs[s].get(field, {}).get(key) for s in sorted(runs)])
+                         for key, _ in metrics} for method, runs in summaries.items()}
+
     training = {}
     for method, runs in summaries.items():
         seeds = [s for s in sorted(runs) if "training_accuracy" in runs[s]]
@@ -220,8 +245,9 @@ def aggregate(summaries: dict[str, dict[int, dict]]) -> dict:
             paired = [s for s in seeds if s in reference and "training_accuracy" in reference[s]]
             training[method]["last"]["delta_vs_grpo"] = mean_interval(
                 [runs[s]["training_accuracy"]["last"] - reference[s]["training_accuracy"]["last"] for s in paired])
-    return {"tasks": tasks, "table": table, "table_sampled": sampled, "mechanisms": mechanisms,
-            "training_accuracy": training}
+    return {"tasks": tasks, "table": table, "table_sampled": sampled, "mechanisms": over_seeds("mechanisms", MECHANISMS),
+            "heldout_rationale": over_seeds("heldout_rationale", HELDOUT_RATIONALE),
+            "ppo_update": over_seeds("ppo_update", PPO_UPDATE), "training_accuracy": training}
 
 
 def _cell(stat: dict, delta: bool = False) -> str:
@@ -230,6 +256,22 @@ def _cell(stat: dict, delta: bool = False) -> str:
     sign = "+" if delta else ""
     text = f"{stat['mean']:{sign}.3f}"
     return text + (f" ± {stat['half_width']:.3f}" if stat.get("half_width") is not None else "")
+
+
+def metric_table(stats: dict | None, metrics: tuple[tuple[str, str], ...], head: str, keep_empty: bool = False) -> list[str]:
+    """Markdown lines (after a blank one) of ``{method: {key: stat}}`` with a column per metric; unless
+    ``keep_empty``, a column no method has a value for is left out (runs from before the key was logged,
+    ``eval_sampled/*`` without ``eval.samples``) and a table without columns is not written."""
+    if not stats:
+        return []
+    columns = [(key, label) for key, label in metrics
+               if keep_empty or any(row.get(key, {}).get("mean") is not None for row in stats.values())]
+    if not columns:
+        return []
+    lines = ["", f"| {head} | " + " | ".join(label for _, label in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for method, row in stats.items():
+        lines.append("| " + " | ".join([method, *[_cell(row.get(key, {})) for key, _ in columns]]) + " |")
+    return lines
 
 
 def markdown_table(result: dict) -> str:
@@ -245,10 +287,9 @@ def markdown_table(result: dict) -> str:
             cells = [method, *[_cell(row[t]) if t in row else "-" for t in tasks], _cell(row["macro"]),
                      _cell(delta, True) if delta else "-"]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | " + " | ".join(label for _, label in MECHANISMS) + " |",
-              "|" + "---|" * (len(MECHANISMS) + 1)]
-    for method, stats in result["mechanisms"].items():
-        lines.append("| " + " | ".join([method, *[_cell(stats[k]) for k, _ in MECHANISMS]]) + " |")
+    lines += metric_table(result.get("heldout_rationale"), HELDOUT_RATIONALE, "method (held-out, final)")
+    lines += metric_table(result["mechanisms"], MECHANISMS, "method", keep_empty=True)
+    lines += metric_table(result.get("ppo_update"), PPO_UPDATE, "method (PPO update, mean over steps)")
     if result.get("training_accuracy"):
         lines += ["", f"| method | training accuracy, first {TRAIN_WINDOW} steps | last {TRAIN_WINDOW} steps | "
                       f"last - first | Δ last vs GRPO |", "|---|---|---|---|---|"]

@@ -16,8 +16,10 @@ freedom):
 
 * held-out accuracy of the SFT policy (the RL run's step-0 evaluation) and after RL (its last
   evaluation), their difference, and the same per task;
+* held-out (greedy) format rate and mean ``<think>`` length of the SFT policy and after RL: a policy
+  that keeps its accuracy while it drops its rationale has not learned what CARE is after;
 * the mean training (rollout) accuracy of the last ``--last`` steps of the RL run and of the frozen
-  run, and their difference;
+  run, and their difference; the RL run's training format rate and ``<think>`` length over the same steps;
 * wall time of the two user commands (``care-sft`` + ``care-train``).
 
 It writes ``<out>/summary.json``, ``<out>/table.txt`` and, per seed, redraws ``<out>/seed<k>/curves.png``
@@ -109,6 +111,16 @@ HELDOUT = (("eval/", "heldout", "held-out accuracy (greedy)"),
 runs set ``eval.samples``."""
 
 
+RATIONALE = (("format", "format/mean", "format"), ("think_length", "length/think_mean", "think length"))
+"""Format and rationale beside accuracy: held-out metric ``eval/<name>`` (greedy), the training metric of
+the same quantity (think length: ``<think>`` tokens, tags included), and the label. Runs from before
+``eval/think_length`` was logged lack those rows."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def heldout_summary(rows: list[dict], prefix: str, key: str) -> dict:
     """SFT (first evaluation) and final held-out accuracy of one metric family, overall and per task."""
     evals = [r for r in rows if f"{prefix}accuracy" in r]
@@ -134,13 +146,21 @@ def seed_summary(directory: Path, last: int) -> dict:
     # compared over the steps both runs have reached (an unfinished run is summarised as far as it got)
     common = sorted({r["step"] for r in steps} & {r["step"] for r in frozen_steps})[-last:]
 
-    def tail_mean(seq: list[dict]) -> float:
-        values = [r["accuracy/mean"] for r in seq if r["step"] in common]
-        return sum(values) / len(values)
+    def tail_mean(seq: list[dict], key: str = "accuracy/mean") -> float | None:
+        values = [r[key] for r in seq if r["step"] in common and _number(r.get(key))]
+        return sum(values) / len(values) if values else None
 
     summary = {"train_last": tail_mean(steps), "frozen_last": tail_mean(frozen_steps), "train_steps": [common[0], common[-1]]}
     for prefix, key, _ in HELDOUT:
         summary.update(heldout_summary(rows, prefix, key))
+    evals = [r for r in rows if "eval/accuracy" in r]
+    for name, training_key, _ in RATIONALE:
+        for end, row in (("sft", evals[0]), ("final", evals[-1])):
+            if _number(row.get(f"eval/{name}")):
+                summary[f"heldout_{name}_{end}"] = row[f"eval/{name}"]
+        value = tail_mean(steps, training_key)
+        if value is not None:
+            summary[f"train_{name}_last"] = value
     summary["per_task"] = summary["heldout_per_task"]
     summary["train_gain_over_frozen"] = summary["train_last"] - summary["frozen_last"]
     timings_path = directory / "timings.json"
@@ -162,12 +182,17 @@ def report(per_seed: dict[int, dict], last: int) -> tuple[dict, str]:
     seeds = sorted(per_seed)
     keys = []
     for _, key, label in HELDOUT:
-        if all(f"{key}_sft" in per_seed[s] for s in seeds):
-            keys += [(f"{key}_sft", f"{label}, SFT policy"), (f"{key}_final", f"{label}, after RL"),
-                     (f"{key}_gain", f"{label}: gain (RL - SFT)")]
+        keys += [(f"{key}_sft", f"{label}, SFT policy"), (f"{key}_final", f"{label}, after RL"),
+                 (f"{key}_gain", f"{label}: gain (RL - SFT)")]
+    for name, _, label in RATIONALE:
+        keys += [(f"heldout_{name}_sft", f"held-out {label} (greedy), SFT policy"),
+                 (f"heldout_{name}_final", f"held-out {label} (greedy), after RL")]
     keys += [("train_last", f"training accuracy, last {last} steps, RL"),
              ("frozen_last", f"training accuracy, last {last} steps, frozen policy"),
              ("train_gain_over_frozen", "training-accuracy gain over frozen")]
+    keys += [(f"train_{name}_last", f"training {label}, last {last} steps, RL") for name, _, label in RATIONALE]
+    # a row only where every seed has its number (no eval.samples: no sampled rows; older runs: no think length)
+    keys = [(key, label) for key, label in keys if all(per_seed[s].get(key) is not None for s in seeds)]
     aggregate = {key: mean_interval([per_seed[s][key] for s in seeds]) for key, _ in keys}
     times = [per_seed[s]["user_commands_s"] for s in seeds if "user_commands_s" in per_seed[s]]
     if times:

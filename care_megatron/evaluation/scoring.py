@@ -1,4 +1,8 @@
-"""Single-decode evaluation: one response per question, exact match on the answer span, per-source report."""
+"""Single-decode evaluation: one response per question, exact match on the answer span, per-source report.
+
+Beside accuracy it reports format validity and the mean number of ``<think>`` tokens, counted as training
+counts them (``Rollout.think_length``: response tokens in ``Region.THINK``), so a policy that keeps its
+accuracy by dropping its rationale shows up in the held-out numbers too."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -8,32 +12,36 @@ from tqdm.auto import tqdm
 
 from care_megatron.data.prompting import SYSTEM_PROMPT, build_prompt
 from care_megatron.rewards.parsing import regions_from_token_ids
+from care_megatron.rewards.regions import Region
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, strip_stop_token
 
 
 @dataclass
 class EvalReport:
-    """Accuracy and format rate overall, per source and macro-averaged over sources, plus samples."""
+    """Accuracy, format rate and mean think length overall and per source, accuracy macro-averaged over
+    sources, plus samples."""
 
     accuracy: float
     format_rate: float
     macro_accuracy: float
     per_source: dict[str, dict[str, float]]
     num_examples: int
+    think_length: float
+    """Mean number of response tokens in the ``<think>`` span (tags included), over all examples."""
     samples: list[dict] = field(default_factory=list)
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}accuracy": self.accuracy, f"{prefix}format": self.format_rate,
-               f"{prefix}macro_accuracy": self.macro_accuracy}
+               f"{prefix}macro_accuracy": self.macro_accuracy, f"{prefix}think_length": self.think_length}
         for source, stats in self.per_source.items():
             out[f"{prefix}accuracy/{source}"] = stats["accuracy"]
         return out
 
     def to_table(self) -> str:
-        rows = [f"{'source':<20} {'n':>6} {'accuracy':>9} {'format':>7}"]
+        rows = [f"{'source':<20} {'n':>6} {'accuracy':>9} {'format':>7} {'think':>7}"]
         for source, s in sorted(self.per_source.items()):
-            rows.append(f"{source:<20} {int(s['n']):>6} {s['accuracy']:>9.3f} {s['format']:>7.3f}")
-        rows.append(f"{'all':<20} {self.num_examples:>6} {self.accuracy:>9.3f} {self.format_rate:>7.3f}")
+            rows.append(f"{source:<20} {int(s['n']):>6} {s['accuracy']:>9.3f} {s['format']:>7.3f} {s['think_length']:>7.1f}")
+        rows.append(f"{'all':<20} {self.num_examples:>6} {self.accuracy:>9.3f} {self.format_rate:>7.3f} {self.think_length:>7.1f}")
         rows.append(f"{'macro average':<20} {'':>6} {self.macro_accuracy:>9.3f}")
         return "\n".join(rows)
 
@@ -46,7 +54,7 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
     Never used with RGR (spec section 5: reflection is training-only).
     """
     stop_ids = set(sampling.stop_token_ids)
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # n, accuracy, format, think tokens
     samples: list[dict] = []
     bar = tqdm(total=len(records), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(records), batch_size):
@@ -60,21 +68,25 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
         completions = engine.generate(requests, sampling)
         for record, prompt, completion in zip(chunk, prompts, completions):
             # The response text as the trainer reads it (stop token dropped, byte-exact decode).
-            text = regions_from_token_ids(strip_stop_token(list(completion.token_ids), stop_ids), tokenizer)[1].text
+            regions, parsed = regions_from_token_ids(strip_stop_token(list(completion.token_ids), stop_ids), tokenizer)
+            text = parsed.text
             score = reward_fn(text, record.answer, answer_type=record.answer_type, choices=record.choices)
             t = totals[record.source]
             t[0] += 1
             t[1] += float(score.accuracy)
             t[2] += float(score.format)
+            t[3] += int((regions == int(Region.THINK)).sum())
             if len(samples) < keep_samples:
                 samples.append({"id": record.id, "question": record.question, "answer": record.answer,
                                 "response": text, "accuracy": float(score.accuracy), "reason": score.reason or ""})
         bar.update(len(chunk))
     bar.close()
     n = sum(t[0] for t in totals.values())
-    per_source = {s: {"n": t[0], "accuracy": t[1] / t[0], "format": t[2] / t[0]} for s, t in totals.items()}
+    per_source = {s: {"n": t[0], "accuracy": t[1] / t[0], "format": t[2] / t[0], "think_length": t[3] / t[0]}
+                  for s, t in totals.items()}
     acc = sum(t[1] for t in totals.values()) / max(n, 1)
     fmt = sum(t[2] for t in totals.values()) / max(n, 1)
+    think = sum(t[3] for t in totals.values()) / max(n, 1)
     macro = sum(s["accuracy"] for s in per_source.values()) / max(len(per_source), 1)
     return EvalReport(accuracy=acc, format_rate=fmt, macro_accuracy=macro, per_source=per_source,
-                      num_examples=int(n), samples=samples)
+                      num_examples=int(n), think_length=think, samples=samples)

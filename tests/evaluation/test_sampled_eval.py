@@ -29,8 +29,8 @@ def test_sampled_eval_at_temperature_zero_is_the_greedy_eval(tmp_path):
     metrics = _trainer(tmp_path, "rollout.temperature=0").evaluate()
     sampled = {k[len("eval_sampled/"):]: v for k, v in metrics.items() if k.startswith("eval_sampled/")}
     greedy = {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
-    assert set(sampled) == set(greedy) == {"accuracy", "format", "macro_accuracy", "accuracy/count_shapes",
-                                           "accuracy/tallest_bar"}
+    assert set(sampled) == set(greedy) == {"accuracy", "format", "macro_accuracy", "think_length",
+                                           "accuracy/count_shapes", "accuracy/tallest_bar"}
     for key, value in greedy.items():
         assert sampled[key] == pytest.approx(value, abs=1e-12), key
 

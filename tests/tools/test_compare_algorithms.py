@@ -109,6 +109,81 @@ def test_band_interpolates_onto_a_shared_grid(tool):
     assert result["low"][-1] < 0.6 < result["high"][-1]
 
 
+def _write_run(directory, clip_neg_answer, approx_kl, think_final, with_new_keys=True):
+    """A fabricated metrics.jsonl: evaluation at step 0, steps 1..3, the final evaluation merged into step 3
+    (as the trainer logs it). Step 2 logs clip_frac/neg_adv_answer as NaN (no such token that step)."""
+    rows = [{"step": 0, "eval/accuracy": 0.5, "eval/macro_accuracy": 0.5, "eval/format": 1.0, "eval/think_length": 40.0}]
+    for step in (1, 2, 3):
+        row = {"step": step, "reward/mean": 0.5, "accuracy/mean": 0.5, "length/think_mean": 30.0}
+        if with_new_keys:
+            row.update({"clip_frac/all": 0.1 * step, "clip_frac/neg_adv_answer": clip_neg_answer[step - 1],
+                        "ppo/approx_kl": approx_kl[step - 1], "ppo/updates": 4.0})
+        rows.append(row)
+    rows[-1].update({"eval/accuracy": 0.6, "eval/macro_accuracy": 0.6, "eval/format": 0.75})
+    if with_new_keys:  # an older run logged eval/format but no think length and no PPO-update metrics
+        rows[-1]["eval/think_length"] = think_final
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def test_ppo_update_and_heldout_rationale_per_method(tool, tmp_path):
+    nan = float("nan")
+    runs = {"grpo": {0: _write_run(tmp_path / "g0", [0.2, nan, 0.4], [0.01, 0.02, 0.03], 20.0),
+                     1: _write_run(tmp_path / "g1", [0.0, 0.1, 0.2], [0.03, 0.04, 0.05], 10.0)},
+            "care": {0: _write_run(tmp_path / "c0", [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], 30.0, with_new_keys=False)}}
+    summaries = {m: {s: tool.run_summary(tool.read_rows(d), prompts_per_step=2, group_size=4) for s, d in seeds.items()}
+                 for m, seeds in runs.items()}
+    g0 = summaries["grpo"][0]
+    # mean over the steps that logged a finite value: (0.2 + 0.4) / 2; clip_frac/all (0.1 + 0.2 + 0.3) / 3
+    assert g0["ppo_update"]["clip_frac/neg_adv_answer"] == pytest.approx(0.3)
+    assert g0["ppo_update"]["clip_frac/all"] == pytest.approx(0.2)
+    assert g0["ppo_update"]["ppo/approx_kl"] == pytest.approx(0.02)
+    assert g0["ppo_update"]["clip_frac/dual"] is None  # never logged
+    assert g0["heldout_rationale"] == {"eval/format": 0.75, "eval/think_length": 20.0, "eval_sampled/format": None,
+                                       "eval_sampled/think_length": None}
+    assert summaries["care"][0]["ppo_update"]["clip_frac/neg_adv_answer"] is None  # an older run
+    assert summaries["care"][0]["heldout_rationale"]["eval/think_length"] is None  # final evaluation lacks it
+
+    result = tool.aggregate(summaries)
+    # grpo over seeds: neg_adv_answer {0.3, 0.1}: mean 0.2, sd sqrt(0.02), half width t(0.975, 1) * sd / sqrt(2) = 1.2706
+    stat = result["ppo_update"]["grpo"]["clip_frac/neg_adv_answer"]
+    assert stat["mean"] == pytest.approx(0.2) and stat["n"] == 2
+    assert stat["half_width"] == pytest.approx(12.706204736174707 * math.sqrt(0.02) / math.sqrt(2), rel=1e-9)
+    assert result["ppo_update"]["grpo"]["ppo/approx_kl"]["mean"] == pytest.approx(0.03)  # {0.02, 0.04}
+    think = result["heldout_rationale"]["grpo"]["eval/think_length"]  # {20, 10}: half width 12.7062 * 5
+    assert think["mean"] == pytest.approx(15.0) and think["half_width"] == pytest.approx(12.706204736174707 * 5.0)
+    assert result["ppo_update"]["care"]["clip_frac/neg_adv_answer"]["n"] == 0
+    table = tool.markdown_table(result)
+    assert "| method (held-out, final) | format (greedy) | think length (greedy) |" in table  # no sampled columns
+    assert "| grpo | 0.750 ± 0.000 | 15.000 ± 63.531 |" in table
+    assert "| care | 0.750 | - |" in table  # one seed: no interval; no think length logged
+    head = next(l for l in table.splitlines() if l.startswith("| method (PPO update"))
+    assert head == "| method (PPO update, mean over steps) | clip frac, all | A < 0, answer (Fig. 6) | approx. KL |"
+    assert "| grpo | 0.200 ± 0.000 | 0.200 ± 1.271 | 0.030 ± 0.127 |" in table
+    assert "| care | - | - | - |" in table
+    json.dumps(result)  # the JSON summary carries them
+
+
+def test_older_runs_without_the_new_keys_keep_the_old_tables(tool, tmp_path):
+    rows = tool.read_rows(_write_run(tmp_path / "old", [0.0] * 3, [0.0] * 3, 0.0, with_new_keys=False))
+    result = tool.aggregate({"grpo": {0: tool.run_summary(rows, prompts_per_step=2, group_size=4)}})
+    table = tool.markdown_table(result)
+    assert "PPO update" not in table and "format (greedy)" in table and "think length (greedy)" not in table
+    assert "failure-signal share" in table  # the mechanism table keeps all its columns
+
+
+def test_methods_offer_the_baselines_and_select_them(tool):
+    from care_megatron.config.loader import load_config
+
+    for method in ("grpo", "dapo", "gspo", "care_no_rgr", "care"):
+        assert method in tool.METHODS
+        config = load_config(None, tool.METHODS[method])
+        assert config.algorithm.name == method.replace("_no_rgr", "")
+    assert load_config(None, tool.METHODS["care_no_rgr"]).algorithm.rgr is False
+    assert load_config(None, tool.METHODS["care"]).algorithm.rgr is True
+
+
 TINY = ["train.init_from=null", "train.steps=1", "train.eval_every=1", "train.save_every=1",
         "data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data.eval_size=4",
         "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6"]

@@ -127,3 +127,43 @@ def test_unfinished_runs_are_compared_over_common_steps(sweep, tmp_path):
     assert summary["train_steps"] == [3, 6]
     assert summary["train_last"] == pytest.approx((0.3 + 0.4 + 0.5 + 0.6) / 4)
     assert summary["frozen_last"] == 0.25
+
+
+def test_format_and_think_length_beside_accuracy(sweep, tmp_path):
+    """Held-out format / think length of the SFT policy and after RL, and the RL run's training format /
+    think length over the same last steps as its training accuracy, per seed and over seeds."""
+    for seed, (think_sft, think_final, drop) in enumerate([(40.0, 10.0, 0.0), (30.0, 20.0, 0.5)]):
+        directory = tmp_path / f"seed{seed}"
+        _fake_seed(directory, 0.3, 0.5, lambda s: 0.5, 0.25)
+        rows = [json.loads(l) for l in (directory / "metrics.jsonl").read_text().splitlines()]
+        rows[0].update({"eval/format": 1.0, "eval/think_length": think_sft})
+        rows[-1].update({"eval/format": 0.75 - drop, "eval/think_length": think_final})
+        for row in rows[1:]:  # steps 1..12: format 1 - step / 100, think length 50 - step
+            row.update({"format/mean": 1.0 - row["step"] / 100, "length/think_mean": 50.0 - row["step"]})
+        _write(directory / "metrics.jsonl", rows)
+    s0 = sweep.seed_summary(tmp_path / "seed0", last=10)
+    assert (s0["heldout_format_sft"], s0["heldout_format_final"]) == (1.0, 0.75)
+    assert (s0["heldout_think_length_sft"], s0["heldout_think_length_final"]) == (40.0, 10.0)
+    # last 10 steps are 3..12: mean step 7.5
+    assert s0["train_format_last"] == pytest.approx(1.0 - 0.075)
+    assert s0["train_think_length_last"] == pytest.approx(50.0 - 7.5)
+    s1 = sweep.seed_summary(tmp_path / "seed1", last=10)
+    aggregate, table = sweep.report({0: s0, 1: s1}, last=10)
+    assert aggregate["heldout_think_length_final"]["mean"] == pytest.approx(15.0)
+    # two seeds {10, 20}: sd = 7.071, half-width = t(0.975, 1) * sd / sqrt(2) = 12.7062 * 5
+    assert aggregate["heldout_think_length_final"]["high"] == pytest.approx(15.0 + 12.706204736174707 * 5.0, rel=1e-9)
+    assert aggregate["heldout_format_final"]["mean"] == pytest.approx(0.5)
+    assert aggregate["train_think_length_last"]["mean"] == pytest.approx(42.5)
+    line = next(l for l in table.splitlines() if l.startswith("held-out think length (greedy), after RL"))
+    assert line[52:].split()[:2] == ["10.000", "20.000"]  # cells after the 52-wide label
+    line = next(l for l in table.splitlines() if l.startswith("held-out format (greedy), after RL"))
+    assert line[52:].split()[:2] == ["0.750", "0.250"]
+    assert "training format, last 10 steps, RL" in table and "training think length, last 10 steps, RL" in table
+
+
+def test_runs_without_rationale_metrics_have_no_such_rows(sweep, tmp_path):
+    _fake_seed(tmp_path / "seed0", 0.3, 0.5, lambda s: 0.5, 0.25)
+    s0 = sweep.seed_summary(tmp_path / "seed0", last=10)
+    assert not any("format" in k or "think" in k for k in s0)
+    aggregate, table = sweep.report({0: s0}, last=10)
+    assert "format" not in table and "think" not in table and "heldout_format_final" not in aggregate
