@@ -131,16 +131,18 @@ def advantage_diagnostics(
 
 
 def clip_fractions(summed_loss_metrics: dict[str, float]) -> dict[str, float]:
-    """Exact step clip fractions from the policy-loss ``count/*`` metrics summed over micro-batches."""
+    """Exact step clip fractions from the policy-loss ``count/*`` metrics summed over micro-batches (and
+    updates); a part with no tokens in the step has no fraction, so means over steps are not pulled to 0."""
     out = {}
     for key, total in summed_loss_metrics.items():
-        if key.startswith("count/tokens/"):
+        if key.startswith("count/tokens/") and total:  # no tokens of that kind: no fraction (not 0)
             part = key[len("count/tokens/"):]
             clipped = summed_loss_metrics.get(f"count/clipped/{part}", 0.0)
-            out[f"clip_frac/{part}"] = clipped / total if total else 0.0
+            out[f"clip_frac/{part}"] = clipped / total
     # share of negative-advantage tokens the dual clip capped (the fused CARE kernel buckets its counts by
     # correctness, not advantage sign, so its steps omit this fraction)
     if "count/dual_clipped" in summed_loss_metrics and "count/tokens/neg_adv" in summed_loss_metrics:
         total = summed_loss_metrics["count/tokens/neg_adv"]
-        out["clip_frac/dual"] = summed_loss_metrics["count/dual_clipped"] / total if total else 0.0
+        if total:
+            out["clip_frac/dual"] = summed_loss_metrics["count/dual_clipped"] / total
     return out

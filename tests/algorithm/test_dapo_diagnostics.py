@@ -94,7 +94,10 @@ def test_rgr_rates_and_baseline_diagnostics():
 def test_clip_fractions_from_summed_counts():
     summed = {"count/tokens/all": 10.0, "count/clipped/all": 3.0, "count/tokens/think": 0.0,
               "count/clipped/think": 0.0, "kl": 0.1}
-    assert clip_fractions(summed) == {"clip_frac/all": 0.3, "clip_frac/think": 0.0}
+    # a part with no tokens this step has no fraction (a 0 would pull means over steps down)
+    assert clip_fractions(summed) == {"clip_frac/all": 0.3}
+    summed.update({"count/tokens/neg_adv": 4.0, "count/dual_clipped": 1.0})
+    assert clip_fractions(summed) == {"clip_frac/all": 0.3, "clip_frac/neg_adv": 0.0, "clip_frac/dual": 0.25}
 
 
 def test_step_metrics_over_data_parallel_ranks_equal_one_batch():
