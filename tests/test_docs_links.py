@@ -75,16 +75,18 @@ def github_slug(heading: str) -> str:
 def anchors(text: str) -> set[str]:
     """Every fragment a link into this Markdown text may name: heading slugs (a repeated slug gets
     ``-1``, ``-2``, ... as on GitHub) and explicit HTML anchors."""
-    found, seen = set(), {}
+    found, repeats = set(), {}  # repeats: slug -> how many times it has been numbered
     for line, in_code in fenced(text):
         if in_code:
             continue
         heading = _ATX_HEADING.match(line)
         if heading:
-            slug = github_slug(heading.group(1))
-            count = seen.get(slug, 0)
-            seen[slug] = count + 1
-            found.add(slug if count == 0 else f"{slug}-{count}")
+            base = slug = github_slug(heading.group(1))
+            while slug in repeats:  # taken, also by an earlier heading whose own text ended in "-1"
+                repeats[base] += 1
+                slug = f"{base}-{repeats[base]}"
+            repeats[slug] = 0
+            found.add(slug)
         for match in _HTML_ANCHOR.finditer(_CODE_SPAN.sub("code", line)):
             found.add(match.group(1) or match.group(2))
     return found
@@ -171,6 +173,8 @@ def test_github_slugs_of_headings():
     assert github_slug("See [the docs](docs/x.md) now") == "see-the-docs-now"
     text = "# Setup\n\n## Setup\n\n```\n# not a heading\n```\n<a name=\"custom\"></a>\n"
     assert anchors(text) == {"setup", "setup-1", "custom"}
+    # a heading that already slugs to "a-1" pushes the second "a" on to "a-2"
+    assert anchors("# a\n# a-1\n# a\n") == {"a", "a-1", "a-2"}
 
 
 def test_broken_links_are_reported(tmp_path):
