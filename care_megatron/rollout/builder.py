@@ -8,20 +8,16 @@ from care_megatron.config.schema import RunConfig
 from care_megatron.rollout.registry import get_rollout_engine
 
 
-def build_rollout_engine(config: RunConfig, model, tokenizer, backend=None):
+def build_rollout_engine(config: RunConfig, model, tokenizer):
     """``rollout.engine=hf``: an HFRolloutEngine on its own copy of ``model`` (the trainer updates the
     original; weights reach the engine only through ``update_weights``, as on a cluster).
     ``rollout.engine=sglang``: an SGLang engine started from the run's HF-format model directory on this
-    rank's GPUs (see ``sglang_engine.rollout_placement``), with ``backend`` (the trainer, when given)
-    asleep: SGLang sizes its KV pool from the GPU memory free at start-up
-    (``mem_cache/kv_cache_configurator.py``), and the trainer stays asleep until its first wake, where
-    the step's colocated order expects it."""
+    rank's GPUs (see ``sglang_engine.rollout_placement``). SGLang sizes its KV pool from the GPU memory
+    free at start-up (``mem_cache/kv_cache_configurator.py``): put the trainer to sleep first."""
     name = config.rollout.engine
     if name == "hf":
         return get_rollout_engine("hf", copy.deepcopy(model).eval(), tokenizer, batch_size=config.rollout.batch_size)
     if name == "sglang":
-        if backend is not None:
-            backend.sleep()
         return _build_sglang(config, model, tokenizer)
     raise ValueError(f"unknown rollout engine {name!r}")
 

@@ -8,7 +8,6 @@ here fails with the adapter as it was before the issue.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -100,12 +99,14 @@ def test_check_tool_starts_sglang_in_bfloat16():
 
 
 # --------------------------------------------------------------------------- 6. trainer asleep at start-up
-def test_sglang_engine_starts_while_the_trainer_sleeps(model, tokenizer, tmp_path, monkeypatch):
-    from care_megatron.config.schema import RunConfig
+def test_sglang_engine_starts_while_the_trainer_sleeps(tmp_path, monkeypatch):
+    import care_megatron.training.registry as backends
+    from care_megatron.config.loader import load_config
     from care_megatron.rollout import builder
+    from care_megatron.trainer import RLTrainer
 
-    config = RunConfig()
-    config.rollout.engine, config.model.dtype, config.train.output_dir = "sglang", "bfloat16", str(tmp_path)
+    config = load_config(None, ["rollout.engine=sglang", "model.dtype=bfloat16", f"train.output_dir={tmp_path}",
+                                "data.train_size=8", "data.eval_size=0", "data.prompts_per_step=2"])
     events = []
 
     class Backend:
@@ -115,17 +116,29 @@ def test_sglang_engine_starts_while_the_trainer_sleeps(model, tokenizer, tmp_pat
         def wake(self):
             events.append("trainer wakes")
 
-    api = fake_api()
-    started = api.Engine
+    class Engine:
+        stop_token_ids = [1]
 
-    def engine_class(**kwargs):
+    def start_engine(config, model, tokenizer):
         events.append("engine sizes its KV pool")
-        return started(**kwargs)
+        return Engine()
 
-    monkeypatch.setattr(se, "load_sglang_api", lambda: dataclasses.replace(api, Engine=engine_class))
-    engine = builder.build_rollout_engine(config, model, tokenizer, backend=Backend())
+    monkeypatch.setattr(backends, "build_backend", lambda config, model: Backend())
+    monkeypatch.setattr(builder, "build_rollout_engine", start_engine)
+    RLTrainer(config, progress=False)
     assert events == ["trainer sleeps", "engine sizes its KV pool"]  # and it stays asleep for the first step
+
+
+def test_builder_gives_the_engine_the_policy_context_length(model, tokenizer, tmp_path, monkeypatch):
+    from care_megatron.config.schema import RunConfig
+    from care_megatron.rollout import builder
+
+    config = RunConfig()
+    config.rollout.engine, config.model.dtype, config.train.output_dir = "sglang", "bfloat16", str(tmp_path)
+    monkeypatch.setattr(se, "load_sglang_api", fake_api)
+    engine = builder.build_rollout_engine(config, model, tokenizer)
     assert engine.context_length == model.config.get_text_config().max_position_embeddings
+    assert engine.engine.kwargs["context_length"] == engine.context_length
 
 
 # --------------------------------------------------------------------------- 7. context length
