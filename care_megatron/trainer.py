@@ -77,6 +77,8 @@ class RLTrainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if cfg.rollout.engine == "sglang":  # SGLang sizes its KV pool from the memory the trainer leaves free;
+            self.backend.sleep()             # the first step's rollout phase expects the trainer asleep anyway
         self.engine = build_rollout_engine(cfg, self.model, self.tokenizer)
         self.data = build_records(cfg.data)
         self.benchmark_subset = TrainingBenchmarkSubset.from_config(cfg)  # eval.train_subset; None = off

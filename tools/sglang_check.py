@@ -75,7 +75,9 @@ def main() -> int:
     from care_megatron.rollout.sglang_engine import SGLangEngineConfig, SGLangRolloutEngine, pick_nccl_port
     from care_megatron.sft import save_policy
 
-    model, tok, ip = build_model_and_processor(ModelConfig(), device="cuda", min_pixels=56 * 56, max_pixels=56 * 56)
+    # bfloat16 on both sides: SGLang 0.5.23's default attention on Hopper (FlashAttention-3) has no float32 path
+    model, tok, ip = build_model_and_processor(ModelConfig(dtype="bfloat16"), device="cuda", min_pixels=56 * 56,
+                                               max_pixels=56 * 56)
     model = model.eval()
     hf_dir = Path(tempfile.mkdtemp()) / "tiny"
     save_policy(model, tok, hf_dir)
@@ -90,8 +92,9 @@ def main() -> int:
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
 
     vision = model.config.vision_config
-    sgl = SGLangRolloutEngine(SGLangEngineConfig(model_path=str(hf_dir), mem_fraction_static=0.3, dtype="float32",
+    sgl = SGLangRolloutEngine(SGLangEngineConfig(model_path=str(hf_dir), mem_fraction_static=0.3, dtype="bfloat16",
                                                  nccl_port=pick_nccl_port(0), image_patch_size=vision.patch_size,
+                                                 image_merge_size=vision.spatial_merge_size,
                                                  image_min_pixels=56 * 56, image_max_pixels=56 * 56),
                               tokenizer=tok)
     hf = HFRolloutEngine(model, tok, device="cuda")

@@ -363,3 +363,7 @@ class RunConfig:
             _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
                    f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         _check(self.algorithm.dapo_overlong_buffer >= 0, "algorithm.dapo_overlong_buffer", "must be >= 0")
+        # SGLang 0.5.23 picks FlashAttention-3 on Hopper (model_override_base.py), which has no fp32 kernels
+        _check(not (self.rollout.engine == "sglang" and self.model.dtype == "float32"), "model.dtype",
+               "float32 cannot run on rollout.engine=sglang (its default attention kernels take bfloat16 / "
+               "float16 only); use model.dtype=bfloat16")

@@ -12,7 +12,8 @@ def build_rollout_engine(config: RunConfig, model, tokenizer):
     """``rollout.engine=hf``: an HFRolloutEngine on its own copy of ``model`` (the trainer updates the
     original; weights reach the engine only through ``update_weights``, as on a cluster).
     ``rollout.engine=sglang``: an SGLang engine started from the run's HF-format model directory on this
-    rank's GPUs (see ``sglang_engine.rollout_placement``)."""
+    rank's GPUs (see ``sglang_engine.rollout_placement``). SGLang sizes its KV pool from the GPU memory
+    free at start-up (``mem_cache/kv_cache_configurator.py``): put the trainer to sleep first."""
     name = config.rollout.engine
     if name == "hf":
         return get_rollout_engine("hf", copy.deepcopy(model).eval(), tokenizer, batch_size=config.rollout.batch_size)
@@ -96,17 +97,22 @@ def _build_sglang(config: RunConfig, model, tokenizer):
 def sglang_engine_config(config: RunConfig, placement, model_dir: str, model):
     """The start-up settings of the engine of ``placement`` (a ``rollout_placement``): its GPUs, its
     own NCCL rendezvous port (one range per engine slot of the node, so the node's engines never
-    draw the same one), and the trainer's image geometry (patch size, pixel bounds)."""
+    draw the same one), the trainer's image geometry (patch and merge sizes, pixel bounds), and the
+    policy's context length (the trainer cannot score longer sequences either)."""
     from care_megatron.rollout.sglang_engine import SGLangEngineConfig, pick_nccl_port
 
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    hf_config = getattr(model, "config", None)
+    vision = getattr(hf_config, "vision_config", None)
+    text = hf_config.get_text_config() if hf_config is not None else None
     return SGLangEngineConfig(
         model_path=model_dir, tp_size=config.rollout.tensor_parallel_size, base_gpu_id=placement.base_gpu_id,
         mem_fraction_static=config.rollout.mem_fraction_static, dtype=config.model.dtype,
         random_seed=config.train.seed, weight_bucket_mb=config.rollout.weight_bucket_mb,
         nccl_port=pick_nccl_port(placement.engine_index),
         image_patch_size=int(getattr(vision, "patch_size", 14)),
-        image_min_pixels=config.data.min_pixels, image_max_pixels=config.data.max_pixels)
+        image_merge_size=int(getattr(vision, "spatial_merge_size", 2)),
+        image_min_pixels=config.data.min_pixels, image_max_pixels=config.data.max_pixels,
+        context_length=getattr(text, "max_position_embeddings", None))
 
 
 def _sglang_api():

@@ -12,14 +12,24 @@ mismatch). The calls used, all on ``sglang.Engine``:
   engine slot of a node its own range;
 * ``generate(prompt=... | input_ids=..., image_data=..., sampling_params=..., return_logprob=True,
   logprob_start_len=-1)``: images go already resized to the trainer's size (``image_grid_thw`` times
-  the patch size; see :func:`trainer_sized_image`), so SGLang's own resizing is the identity and its
-  image token counts equal the trainer's. One dict per request with ``output_ids`` / ``text`` and ``meta_info``
+  the patch size; see :func:`trainer_sized_image`). 0.5.3 resizes them itself with fixed bounds before
+  the processor; 0.5.23 leaves the size to the Hugging Face processor it loads from the model
+  directory (``multimodal/processors/qwen_vl.py``), to which the engine passes the trainer's bounds
+  (``mm_process_config``). Either way the resizing is the identity and its image token counts equal
+  the trainer's (:func:`check_image_geometry`). A request longer than the context fails the whole
+  call in SGLang (``TokenizerManager._validate_one_request``), so lengths are checked before sending
+  (:meth:`SGLangRolloutEngine.fit_to_context`). One dict per request with ``output_ids`` / ``text`` and ``meta_info``
   holding ``output_token_logprobs`` = ``[(logprob, token_id, text|None), ...]`` and ``finish_reason``
   = ``{"type": "stop" | "length" | "abort", ...}``;
+* ``begin_weight_update()`` / ``end_weight_update()`` (0.5.23; absent from 0.5.3) around the buckets
+  of one sync: 0.5.23's scheduler answers ``update_weights_from_tensor`` with success=False outside
+  such a session (``managers/scheduler_components/weight_updater.py``);
 * ``update_weights_from_tensor(named_tensors, load_format="flattened_bucket", flush_cache=False)``:
   colocated weight sync. Each bucket is one flat tensor plus ``FlattenedTensorMetadata`` entries,
   serialised with ``MultiprocessingSerializer`` (CUDA tensors travel as CUDA-IPC handles: no copy
-  through host memory), one payload per rollout-TP rank;
+  through host memory), one payload per rollout-TP rank, each serialised separately (SGLang rank i
+  deserialises only entry i, ``TpModelWorker.deserialize_own_rank``; one payload deserialised by
+  several ranks breaks the producer's CUDA-IPC reference counting);
 * ``flush_cache()`` once after the last bucket (the radix cache holds KV of the old weights);
 * ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` for sleep / wake, always
   with explicit tags: ``"weights"``, ``"kv_cache"`` and, where SGLang has it (``GPU_MEMORY_TYPE_CUDA_GRAPH``
@@ -40,6 +50,16 @@ read ``RETURN_ORIGINAL_LOGPROB``) is set, and treats
 ``mismatch.logprob_temperature``. :func:`check_logprob_convention` refuses to start when that
 environment variable would change the meaning.
 
+Start-up environment (:func:`engine_start_environment`): SGLang's scheduler processes inherit this
+process's environment. torchrun's ``TORCHELASTIC_USE_AGENT_STORE=True`` would turn their
+``init_process_group("tcp://...")`` into a TCPStore client with no server (torch
+``distributed/rendezvous.py``, ``_create_c10d_store``), so it is removed while the engine starts;
+``SGLANG_VLM_CACHE_SIZE_MB=0`` turns off the vision-embedding cache (``MultiModalStaticCache``, keyed
+by image content and cleared by neither ``flush_cache`` nor a weight update: a repeated image would
+be embedded by old vision weights); and the NCCL / CUDA variables ``Engine`` rewrites in this process
+(``_set_envs_and_config``) are restored afterwards, so the trainer's communicators see the same
+values on every rank.
+
 GPU placement rule (``rollout_placement``): the launcher's local ranks on a node are cut into
 consecutive groups of ``rollout_tp`` ranks; group ``g`` runs one engine on GPUs
 ``g * rollout_tp ... g * rollout_tp + rollout_tp - 1``, so ``base_gpu_id = g * rollout_tp`` (an
@@ -48,11 +68,12 @@ the engine; an engine never spans nodes, so ``rollout_tp`` must divide the GPUs 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 
@@ -86,6 +107,15 @@ class SGLangAPI:
     cuda_graph_memory_tag: bool = False
     """True when SGLang releases CUDA-graph memory under its own ``"cuda_graph"`` tag (after 0.5.3;
     ``sglang.srt.constants.GPU_MEMORY_TYPE_CUDA_GRAPH``); it is then released and resumed with the KV cache."""
+    weight_update_session: bool = False
+    """True when ``Engine`` has ``begin_weight_update`` / ``end_weight_update`` (0.5.23), whose scheduler
+    refuses ``update_weights_from_tensor`` outside such a session."""
+    server_args: frozenset[str] = frozenset()
+    """The ``ServerArgs`` field names ``Engine(**kwargs)`` accepts (``mm_process_config`` from 0.5.23 on)."""
+    own_image_resize: tuple[int, int, int] | None = None
+    """``(factor, min_pixels, max_pixels)`` when SGLang resizes Qwen-VL images itself before its
+    processor (0.5.3: ``multimodal/processors/qwen_vl.py`` ``resize_image`` with ``IMAGE_FACTOR``,
+    ``MIN_PIXELS``, ``MAX_PIXELS``); None when the processor alone decides (0.5.23)."""
 
 
 def load_sglang_api() -> SGLangAPI:
@@ -93,6 +123,8 @@ def load_sglang_api() -> SGLangAPI:
     try:
         import sglang
         from sglang.srt import constants as sglang_constants
+        from sglang.srt.multimodal.processors import qwen_vl
+        from sglang.srt.server_args import ServerArgs
         from sglang.srt.utils import MultiprocessingSerializer
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
     except ImportError as exc:
@@ -106,9 +138,24 @@ def load_sglang_api() -> SGLangAPI:
         MultiprocessingSerializer=MultiprocessingSerializer,
         FlattenedTensorMetadata=FlattenedTensorMetadata,
         cuda_graph_memory_tag=hasattr(sglang_constants, "GPU_MEMORY_TYPE_CUDA_GRAPH"),
+        weight_update_session=hasattr(sglang.Engine, "begin_weight_update"),
+        server_args=server_arg_names(ServerArgs),
+        own_image_resize=((qwen_vl.IMAGE_FACTOR, qwen_vl.MIN_PIXELS, qwen_vl.MAX_PIXELS)
+                          if hasattr(qwen_vl, "resize_image") else None),
     )
     check_sglang_version(api.version)
     return api
+
+
+def server_arg_names(server_args_class: Any) -> frozenset[str]:
+    """Field names of SGLang's ``ServerArgs``: a dataclass up to 0.5.x, a ``msgspec.Struct`` (its
+    ``__struct_fields__``) in 0.5.23."""
+    import dataclasses
+
+    fields = getattr(server_args_class, "__struct_fields__", None)
+    if fields is None:
+        fields = [f.name for f in dataclasses.fields(server_args_class)]
+    return frozenset(fields)
 
 
 def check_sglang_version(version: str) -> None:
@@ -244,10 +291,18 @@ class SGLangEngineConfig:
     image_patch_size: int = 14
     """Vision patch size of the policy (``vision_config.patch_size``): images are sent at
     ``image_grid_thw * image_patch_size`` pixels, the size the trainer's processor resized them to."""
+    image_merge_size: int = 2
+    """Spatial merge size of the policy (``vision_config.spatial_merge_size``): image sides are
+    multiples of ``image_patch_size * image_merge_size`` (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
     image_min_pixels: int | None = None
-    """The trainer's ``data.min_pixels`` (checked against SGLang's own resize bounds at start-up)."""
+    """The trainer's ``data.min_pixels``: passed to SGLang's processor where it takes resize bounds
+    (``mm_process_config``), else checked against the bounds SGLang will use (:func:`check_image_geometry`)."""
     image_max_pixels: int | None = None
     """The trainer's ``data.max_pixels`` (ditto)."""
+    context_length: int | None = None
+    """Tokens of prompt + response the engine accepts (SGLang ``context_length``), passed explicitly so
+    that SGLang's length check and the adapter's agree; None reads the model directory's
+    ``max_position_embeddings``, the value SGLang derives itself for the Qwen-VL models."""
     forward_sampling_seed: bool = False
     """Forward ``SamplingParams.seed`` as SGLang's per-request ``sampling_seed`` (request i of a
     call gets ``seed + i``, so the G copies of one prompt still differ). Off by default: not every
@@ -271,19 +326,20 @@ class SGLangEngineConfig:
             raise ValueError(f"SGLangEngineConfig.weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
         if self.nccl_port is not None and not 0 < self.nccl_port < 65536:
             raise ValueError(f"SGLangEngineConfig.nccl_port must be a TCP port, got {self.nccl_port}")
-        if self.image_patch_size < 1:
-            raise ValueError(f"SGLangEngineConfig.image_patch_size must be >= 1, got {self.image_patch_size}")
-        # SGLang 0.5.3 resizes every image into [SGLANG_MIN_IMAGE_PIXELS, SGLANG_MAX_IMAGE_PIXELS]
-        # before its processor; a trainer size outside that range would be changed there.
-        if self.image_min_pixels is not None and self.image_min_pixels < SGLANG_MIN_IMAGE_PIXELS:
-            raise ValueError(f"config field 'data.min_pixels' is {self.image_min_pixels}, below SGLang's fixed "
-                             f"minimum {SGLANG_MIN_IMAGE_PIXELS}: SGLang would enlarge smaller images and its "
-                             "image tokens would differ from the trainer's; raise data.min_pixels")
-        if self.image_max_pixels is not None and self.image_max_pixels > SGLANG_MAX_IMAGE_PIXELS:
-            raise ValueError(f"config field 'data.max_pixels' is {self.image_max_pixels}, above SGLang's default "
-                             f"maximum {SGLANG_MAX_IMAGE_PIXELS}: SGLang would shrink larger images; lower it")
+        if self.image_patch_size < 1 or self.image_merge_size < 1:
+            raise ValueError(f"SGLangEngineConfig.image_patch_size / image_merge_size must be >= 1, got "
+                             f"{self.image_patch_size} / {self.image_merge_size}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"SGLangEngineConfig.context_length must be >= 2, got {self.context_length}")
 
-    def engine_args(self) -> dict[str, Any]:
+    @property
+    def image_factor(self) -> int:
+        """Side multiple of the trainer's resized images (patch size times merge size)."""
+        return self.image_patch_size * self.image_merge_size
+
+    def engine_args(self, api: SGLangAPI | None = None) -> dict[str, Any]:
+        """``sglang.Engine`` keyword arguments; with ``api``, also what that version accepts beyond
+        0.5.3's (the trainer's image resize bounds as ``mm_process_config``)."""
         args = dict(
             model_path=self.model_path,
             tp_size=self.tp_size,
@@ -295,16 +351,97 @@ class SGLangEngineConfig:
         )
         if self.nccl_port is not None:
             args["nccl_port"] = self.nccl_port
+        if self.context_length is not None:
+            args["context_length"] = self.context_length
+        if api is not None and passes_image_bounds(api, self):
+            # images_kwargs of the processor call (base_processor.process_mm_data) and kwargs of the
+            # image processor (qwen_vl.prepare_artifact_batch); transformers' Qwen2VLImageProcessor
+            # reads the bounds from ``size`` (its min_pixels / max_pixels kwargs are deprecated).
+            args["mm_process_config"] = {"image": {"size": {"shortest_edge": self.image_min_pixels,
+                                                            "longest_edge": self.image_max_pixels}}}
         args.update(self.engine_kwargs)
         return args
 
 
+def passes_image_bounds(api: SGLangAPI, config: SGLangEngineConfig) -> bool:
+    """Whether the engine hands the trainer's resize bounds to SGLang's processor (``mm_process_config``,
+    0.5.23) instead of relying on the bounds of the processor saved in the model directory."""
+    return ("mm_process_config" in api.server_args and "mm_process_config" not in config.engine_kwargs
+            and config.image_min_pixels is not None and config.image_max_pixels is not None)
+
+
+def check_image_geometry(api: SGLangAPI, config: SGLangEngineConfig) -> None:
+    """Refuse to start when SGLang would resize the trainer-sized images (:func:`trainer_sized_image`)
+    and so count other image tokens than the trainer: ``ValueError`` naming the config field.
+
+    Two resizes can change them. 0.5.3 first applies its own rule (``api.own_image_resize``: sides
+    rounded to multiples of 28, area clamped to fixed bounds); every SGLang version then runs the
+    processor of the model directory, whose bounds are the trainer's where they are passed through
+    (:func:`passes_image_bounds`) and those of ``preprocessor_config.json`` otherwise (a real Qwen3-VL
+    directory: at least 65,536 pixels).
+    """
+    low, high = config.image_min_pixels, config.image_max_pixels
+    if api.own_image_resize is not None:
+        factor, own_low, own_high = api.own_image_resize
+        if config.image_factor % factor:
+            raise ValueError(f"config field 'model.arch': SGLang {api.version} resizes images to multiples of {factor} "
+                             f"pixels itself, but this model's images are multiples of {config.image_factor} "
+                             "(patch size x merge size); its image tokens would differ from the trainer's")
+        _check_bounds_within(low, high, own_low, own_high, f"SGLang {api.version}'s own resize bounds")
+    if not passes_image_bounds(api, config):
+        from care_megatron.models.registry import _saved_preprocessor_settings
+
+        saved = _saved_preprocessor_settings(config.model_path) if os.path.isdir(config.model_path) else {}
+        _check_bounds_within(low, high, saved.get("min_pixels"), saved.get("max_pixels"),
+                             f"the processor SGLang loads from {config.model_path}/preprocessor_config.json")
+
+
+def _check_bounds_within(low: int | None, high: int | None, sglang_low: int | None, sglang_high: int | None,
+                         whose: str) -> None:
+    if low is not None and sglang_low is not None and low < sglang_low:
+        raise ValueError(f"config field 'data.min_pixels' is {low}, below the minimum {sglang_low} of {whose}: "
+                         "SGLang would enlarge smaller images and count more image tokens than the trainer; "
+                         f"raise data.min_pixels to {sglang_low}")
+    if high is not None and sglang_high is not None and high > sglang_high:
+        raise ValueError(f"config field 'data.max_pixels' is {high}, above the maximum {sglang_high} of {whose}: "
+                         f"SGLang would shrink larger images; lower data.max_pixels to {sglang_high}")
+
+
+# --------------------------------------------------------------------------- start-up environment
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+"""Set to ``True`` by torchrun in every worker; inherited by SGLang's schedulers it makes their tcp://
+rendezvous a client-only TCPStore (torch ``distributed/rendezvous.py``), which waits for a server forever."""
+VLM_CACHE_ENV = "SGLANG_VLM_CACHE_SIZE_MB"
+"""Size of SGLang's vision-embedding cache (default 100; 0.5.23 ``environ.py``, 0.5.3 ``scheduler.py``)."""
+ENGINE_REWRITTEN_ENV = ("NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE", "NCCL_GRAPH_MIXING_SUPPORT", "NCCL_MNNVL_ENABLE",
+                        "CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_MODULE_LOADING")
+"""NCCL / CUDA variables ``Engine.__init__`` writes into this process (``entrypoints/engine.py``
+``_set_envs_and_config``); set on the owner rank only, they would make its later NCCL communicators
+differ from the other ranks'."""
+
+
+@contextlib.contextmanager
+def engine_start_environment(environ: MutableMapping[str, str] | None = None) -> Iterator[None]:
+    """The environment SGLang's processes must start with (see the module docstring), restored after."""
+    environ = os.environ if environ is None else environ
+    names = (AGENT_STORE_ENV, VLM_CACHE_ENV, *ENGINE_REWRITTEN_ENV)
+    saved = {name: environ.get(name) for name in names}
+    if saved[VLM_CACHE_ENV] not in (None, "0"):
+        logger.warning("%s=%s ignored: a training engine must not reuse vision embeddings of older weights",
+                       VLM_CACHE_ENV, saved[VLM_CACHE_ENV])
+    environ.pop(AGENT_STORE_ENV, None)
+    environ[VLM_CACHE_ENV] = "0"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
+
+
 # --------------------------------------------------------------------------- pure helpers
-SGLANG_IMAGE_FACTOR = 28
-SGLANG_MIN_IMAGE_PIXELS = 4 * 28 * 28
-SGLANG_MAX_IMAGE_PIXELS = 16384 * 28 * 28
-"""SGLang's Qwen-VL image resize: factor 28 and pixel bounds ``MIN_PIXELS`` / ``MAX_PIXELS`` of
-``multimodal/processors/qwen_vl.py`` (0.5.3 fixed; 0.5.23 the default of ``SGLANG_IMAGE_MAX_PIXELS``)."""
 
 
 def trainer_sized_image(image: Any, grid_thw: Sequence[int], patch_size: int) -> Any:
@@ -382,8 +519,9 @@ def completion_from_sglang_output(request_id: str, output: dict, stop_token_ids:
 
     Token ids are taken from ``meta_info["output_token_logprobs"]`` (each entry pairs a log-prob with
     its token), cross-checked against ``output_ids`` when present. ``finish_reason`` "stop" /
-    "length" map over; "abort" (e.g. a prompt longer than the context) becomes "length" with a
-    warning, so one bad prompt does not stop the run.
+    "length" map over; "abort" (e.g. a multimodal prompt that SGLang's scheduler finds over its
+    ``max_req_input_len`` once the images are expanded) becomes "length" with a warning, so one bad
+    prompt does not stop the run (prompts over the context never reach SGLang: ``fit_to_context``).
     """
     meta = output.get("meta_info") or {}
     entries = meta.get("output_token_logprobs")
@@ -411,11 +549,14 @@ def completion_from_sglang_output(request_id: str, output: dict, stop_token_ids:
                       logprobs=logprobs, finish_reason=finish)
 
 
-def serialize_bucket(api: SGLangAPI, bucket: list[tuple[str, torch.Tensor]]) -> Any:
-    """``MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`` of one bucket: the
-    payload ``update_weights_from_tensor(load_format="flattened_bucket")`` takes for one TP rank."""
+def serialize_bucket(api: SGLangAPI, bucket: list[tuple[str, torch.Tensor]], ranks: int = 1) -> list[Any]:
+    """``MultiprocessingSerializer.serialize({"flattened_tensor", "metadata"})`` of one bucket, once per
+    receiving TP rank (``ranks``): the payloads ``update_weights_from_tensor(load_format="flattened_bucket")``
+    takes. The bucket is flattened once; each rank gets its own serialisation of it, because each
+    CUDA-IPC serialisation is released by the one rank that deserialises it."""
     flat, metadata = flatten_bucket(bucket, api.FlattenedTensorMetadata)
-    return api.MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+    return [api.MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+            for _ in range(ranks)]
 
 
 def update_weights_colocated_group(
@@ -444,16 +585,17 @@ def update_weights_colocated_group(
     if (tp_rank == 0) != (engine is not None):
         raise ValueError("update_weights_colocated_group: exactly the owner (tp_rank 0) passes the engine")
     sent = 0
-    for bucket in buckets:
-        if not bucket:
-            continue
-        payload = serialize_bucket(api, bucket)
-        gathered = [None] * tp_size if tp_rank == 0 else None
-        dist.gather_object(payload, gathered, dst=owner_rank, group=group)
-        if engine is not None:
-            engine.update_weights_from_payloads(gathered)
-        dist.barrier(group=group)
-        sent += 1
+    with engine.weight_update_session() if engine is not None else contextlib.nullcontext():
+        for bucket in buckets:
+            if not bucket:
+                continue
+            payload, = serialize_bucket(api, bucket)
+            gathered = [None] * tp_size if tp_rank == 0 else None
+            dist.gather_object(payload, gathered, dst=owner_rank, group=group)
+            if engine is not None:
+                engine.update_weights_from_payloads(gathered)
+            dist.barrier(group=group)
+            sent += 1
     if engine is not None:
         engine.flush_cache()
     return sent
@@ -494,6 +636,19 @@ def cut_at_placeholder(completion: Completion, placeholder_ids: set[int]) -> boo
     return False
 
 
+def model_context_length(model_path: str) -> int:
+    """``max_position_embeddings`` of the text model in ``model_path``'s ``config.json``: the context
+    SGLang derives for the Qwen-VL models (``get_context_length``, no rope scaling factor there)."""
+    from transformers import AutoConfig
+
+    try:
+        text_config = AutoConfig.from_pretrained(model_path).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"SGLangEngineConfig.context_length is unset and {model_path!r} has no readable config.json "
+                         f"to take max_position_embeddings from: {exc}") from exc
+    return int(text_config.max_position_embeddings)
+
+
 # --------------------------------------------------------------------------- the engine
 class SGLangRolloutEngine:
     """``RolloutEngine`` on one SGLang offline engine (one per rollout-TP group; only the group's
@@ -526,7 +681,15 @@ class SGLangRolloutEngine:
         self.placeholder_token_ids = vision_placeholder_ids(tokenizer)
         self.placeholder_truncations = 0
         """Completions cut at a sampled vision placeholder (see ``cut_at_placeholder``)."""
-        self.engine = self.api.Engine(**config.engine_args())
+        self.unsent_requests = 0
+        """Requests answered without SGLang: too long for the context, or an RGR prefix SGLang would
+        tokenise differently (see :meth:`fit_to_context`, :meth:`prefix_survives_retokenisation`)."""
+        check_image_geometry(self.api, config)
+        if config.context_length is None:
+            config.context_length = model_context_length(config.model_path)
+        self.context_length = config.context_length
+        with engine_start_environment():
+            self.engine = self.api.Engine(**config.engine_args(self.api))
         self.released: set[str] = set()
         """Protocol memory tags (``MEMORY_TAGS``) released and not yet resumed."""
         self.weights_lost = False
@@ -536,23 +699,61 @@ class SGLangRolloutEngine:
         """Buckets sent since start-up (for logs and tests)."""
 
     # ------------------------------------------------------------------ requests
+    def fit_to_context(self, request: GenerationRequest, max_new_tokens: int) -> int:
+        """The response budget ``request`` can be sent with: ``max_new_tokens`` cut so that prompt +
+        response stays below ``context_length``; 0 when the prompt leaves no room (then it is not sent).
+
+        SGLang raises ``ValueError`` for the whole ``generate`` call when one request has
+        ``prompt >= context`` or ``prompt + max_new_tokens`` above the context (0.5.23; 0.5.3 already at
+        equal), ``TokenizerManager._validate_one_request``; a response cut here ends as "length", like
+        one cut by the budget.
+        """
+        prompt = len(request.prompt_ids) + len(request.prefix_ids)
+        return max(0, min(int(max_new_tokens), self.context_length - 1 - prompt))
+
+    def prefix_survives_retokenisation(self, request: GenerationRequest, prefix_text: str) -> bool:
+        """Whether SGLang, tokenising ``prompt_text + prefix_text`` (an image request goes as text),
+        gets the trainer's ``prompt_ids + prefix_ids``, the image placeholder runs aside (it expands
+        each ``<|image_pad|>`` to the image's token count). A merge across the prompt / prefix border
+        would make the behaviour log-probs condition on other tokens than the trainer scores."""
+        def collapsed(ids):
+            out = []
+            for token in ids:
+                if not (out and token == out[-1] and token in self.placeholder_token_ids):
+                    out.append(int(token))
+            return out
+
+        sent = self.tokenizer(request.prompt_text + prefix_text)["input_ids"]
+        return collapsed(sent) == collapsed(list(request.prompt_ids) + list(request.prefix_ids))
+
     def build_generate_calls(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[tuple[list[int], dict]]:
         """The ``Engine.generate`` calls for ``requests``: ``[(request indices, kwargs), ...]``.
 
         Text-only requests go as ``input_ids`` (prompt + prefix tokens, exactly what the trainer
         sees). Requests with images go as ``prompt`` text + ``image_data`` (SGLang expands the image
-        placeholders itself), the RGR prefix decoded and appended to the text. ``prompt`` and
-        ``input_ids`` cannot share a call, hence up to two calls.
+        placeholders itself), the RGR prefix decoded and appended to the text when SGLang re-tokenises
+        that text to the same ids. ``prompt`` and ``input_ids`` cannot share a call, hence up to two
+        calls. Requests left out of every call (no room in the context, a prefix that would
+        re-tokenise differently) get an empty "length" completion from :meth:`generate`.
         """
         params = sglang_sampling_params(sampling, self.stop_token_ids)
+        budgets = [self.fit_to_context(r, sampling.max_new_tokens) for r in requests]
+
+        seeded = self.config.forward_sampling_seed and sampling.seed is not None
 
         def per_request(indices: list[int]):
-            if not (self.config.forward_sampling_seed and sampling.seed is not None):
+            if not seeded and all(budgets[i] == params["max_new_tokens"] for i in indices):
                 return params
-            return [dict(params, sampling_seed=int(sampling.seed) + i) for i in indices]
+            return [dict(params, max_new_tokens=budgets[i], **({"sampling_seed": int(sampling.seed) + i} if seeded else {}))
+                    for i in indices]
 
-        text_only = [i for i, r in enumerate(requests) if not r.images]
-        with_images = [i for i, r in enumerate(requests) if r.images]
+        sendable = [i for i, budget in enumerate(budgets) if budget > 0]
+        for i in sorted(set(range(len(requests))) - set(sendable)):
+            logger.warning("request %s: prompt of %d tokens leaves no room in SGLang's context of %d; not sent",
+                           requests[i].request_id, len(requests[i].prompt_ids) + len(requests[i].prefix_ids),
+                           self.context_length)
+        text_only = [i for i in sendable if not requests[i].images]
+        with_images = [i for i in sendable if requests[i].images]
         calls = []
         if text_only:
             calls.append((text_only, dict(
@@ -560,7 +761,7 @@ class SGLangRolloutEngine:
                 sampling_params=per_request(text_only), return_logprob=True, logprob_start_len=-1,
             )))
         if with_images:
-            prompts = []
+            prompts, kept = [], []
             for i in with_images:
                 r = requests[i]
                 if not r.prompt_text:
@@ -570,7 +771,14 @@ class SGLangRolloutEngine:
                     if self.tokenizer is None:
                         raise ValueError(f"request {r.request_id!r}: a multimodal RGR prefix needs the engine's tokenizer")
                     prefix = self.tokenizer.decode(r.prefix_ids, skip_special_tokens=False)
+                    if not self.prefix_survives_retokenisation(r, prefix):
+                        logger.warning("request %s: SGLang would tokenise prompt + RGR prefix differently from the "
+                                       "trainer's ids; not sent", r.request_id)
+                        continue
                 prompts.append(r.prompt_text + prefix)
+                kept.append(i)
+            with_images = kept
+        if with_images:
             calls.append((with_images, dict(
                 prompt=prompts, image_data=[self.images_for_engine(requests[i]) for i in with_images],
                 sampling_params=per_request(with_images), return_logprob=True, logprob_start_len=-1,
@@ -598,7 +806,14 @@ class SGLangRolloutEngine:
             return []
         results: list[Completion | None] = [None] * len(requests)
         stop = set(self.stop_token_ids) | set(sampling.stop_token_ids)
-        for indices, kwargs in self.build_generate_calls(requests, sampling):
+        calls = self.build_generate_calls(requests, sampling)
+        sent = {i for indices, _ in calls for i in indices}
+        for i, request in enumerate(requests):
+            if i not in sent:
+                results[i] = Completion(request_id=request.request_id, token_ids=[], text="", logprobs=[],
+                                        finish_reason="length")
+                self.unsent_requests += 1
+        for indices, kwargs in calls:
             outputs = self.engine.generate(**kwargs)
             if isinstance(outputs, dict):
                 outputs = [outputs]
@@ -615,13 +830,23 @@ class SGLangRolloutEngine:
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ weights
-    def serialize_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> Any:
-        """One flattened bucket serialised for SGLang (CUDA tensors become CUDA-IPC handles)."""
-        return serialize_bucket(self.api, bucket)
+    @contextlib.contextmanager
+    def weight_update_session(self) -> Iterator[None]:
+        """``begin_weight_update()`` ... ``end_weight_update()`` around one sync's buckets where SGLang
+        has them (0.5.23 refuses tensor updates outside); closed even when a bucket fails, so the
+        next sync can open its own."""
+        if not self.api.weight_update_session:
+            yield
+            return
+        self._check(self.engine.begin_weight_update(), "begin_weight_update")
+        try:
+            yield
+        finally:
+            self._check(self.engine.end_weight_update(), "end_weight_update")
 
     def update_weights_from_payloads(self, payloads: list[Any]) -> None:
-        """Load one bucket given as one serialised payload per rollout-TP rank (rank order). Does
-        not flush the cache: call ``flush_cache`` after the last bucket."""
+        """Load one bucket given as one serialised payload per rollout-TP rank (rank order), inside a
+        :meth:`weight_update_session`. Does not flush the cache: call ``flush_cache`` after the last bucket."""
         if len(payloads) != self.config.tp_size:
             raise ValueError(f"update_weights_from_payloads: {len(payloads)} payloads for tp_size {self.config.tp_size}")
         if "weights" in self.released:
@@ -641,16 +866,15 @@ class SGLangRolloutEngine:
     def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """Send buckets as they come (e.g. ``TrainingBackend.export_weights``), then flush the cache.
 
-        Single-process form: this rank serialises each bucket once per rollout-TP rank, so every
-        SGLang rank reads this rank's GPU memory over IPC. When every rank of the group holds the
+        Single-process form: this rank flattens each bucket once and serialises it once per rollout-TP
+        rank, so every SGLang rank reads this rank's GPU memory over IPC through its own handle. When every rank of the group holds the
         bucket on its own GPU, use :func:`update_weights_colocated_group` instead. Peak extra memory
         is one flattened copy of the current bucket (the call is synchronous, then it is released).
         """
-        for bucket in buckets:
-            if not bucket:
-                continue
-            payload = self.serialize_bucket(bucket)
-            self.update_weights_from_payloads([payload] * self.config.tp_size)
+        with self.weight_update_session():
+            for bucket in buckets:
+                if bucket:
+                    self.update_weights_from_payloads(serialize_bucket(self.api, bucket, self.config.tp_size))
         self.flush_cache()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

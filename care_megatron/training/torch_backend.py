@@ -229,7 +229,13 @@ class TorchBackend:
     def export_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """The policy's tensors under their on-disk Hugging Face names (what ``save_pretrained``
         writes and SGLang's loaders map: ``model.layers.*`` / ``visual.*`` for Qwen2.5-VL, not the
-        in-memory ``model.language_model.*``), bucketed: the same contract as the Megatron export."""
+        in-memory ``model.language_model.*``), bucketed: the same contract as the Megatron export.
+
+        Always from the training device: while asleep (weights in host memory) each tensor is copied
+        back as its bucket is built and dropped with it, so only the weights wake, one bucket at a
+        time (as the Megatron backend restores only its parameters). Host tensors would reach SGLang
+        through shared-memory file descriptors instead of CUDA IPC, and a rollout-TP rank other than
+        the owner could not open them (they need the sending process's authkey)."""
         try:
             spec = mapping_for_config(self.model.config)
         except ValueError:  # an architecture the mapping does not know keeps its module names
@@ -238,7 +244,7 @@ class TorchBackend:
         def on_disk(name: str) -> str:
             return (spec.canonical_hf_name(name) if spec is not None else None) or name
 
-        named = ((on_disk(name), t.detach()) for name, t in self.model.state_dict().items())
+        named = ((on_disk(name), t.detach().to(self.device)) for name, t in self.model.state_dict().items())
         return bucket_named_tensors(named, bucket_bytes)
 
     def state_dict_for_checkpoint(self) -> dict:
@@ -265,18 +271,20 @@ class TorchBackend:
         self.load_state_dict_from_checkpoint(torch.load(path, map_location=self.device, weights_only=False))
 
     def sleep(self) -> None:
+        """Policy (weights, gradients), optimizer state and the reference model to host memory."""
         if self.device.type == "cuda":
-            self.model.to("cpu")
-            for state in self.optimizer.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        state[k] = v.to("cpu")
+            self._move_state(torch.device("cpu"))
             torch.cuda.empty_cache()
 
     def wake(self) -> None:
         if self.device.type == "cuda":
-            self.model.to(self.device)
-            for state in self.optimizer.state.values():
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        state[k] = v.to(self.device)
+            self._move_state(self.device)
+
+    def _move_state(self, device: torch.device) -> None:
+        for net in (self.model, self.reference):
+            if net is not None:
+                net.to(device)
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    state[k] = v.to(device)

@@ -1,7 +1,6 @@
 """One rank of the 2-process gloo check of ``update_weights_colocated_group`` (run by test_sglang_engine)."""
 import json
 import os
-import pickle
 import sys
 
 import torch
@@ -10,7 +9,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 from care_megatron.rollout import sglang_engine as se  # noqa: E402
-from sglang_fakes import FakeMetadata, fake_api  # noqa: E402
+from sglang_fakes import FakeSerializer, fake_api  # noqa: E402
 
 
 class RankTaggingSerializer:
@@ -18,7 +17,7 @@ class RankTaggingSerializer:
 
     @staticmethod
     def serialize(obj):
-        return pickle.dumps({**obj, "origin_rank": dist.get_rank()})
+        return FakeSerializer.serialize({**obj, "origin_rank": dist.get_rank()})
 
 
 def main(out_path: str) -> None:
@@ -31,7 +30,7 @@ def main(out_path: str) -> None:
     state.append(("lm_head.weight", torch.randn(16, 64).bfloat16()))
     engine = None
     if rank == 0:
-        engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m", tp_size=2), api=api)
+        engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m", tp_size=2, context_length=512), api=api)
         origins = []
         original = engine.engine.update_weights_from_tensor
 

@@ -45,7 +45,7 @@ def test_weights_are_sent_under_the_names_sglangs_loader_maps(model, tokenizer, 
 
 
 def test_sleep_wake_cycle_resends_the_weights(tokenizer, image_processor):
-    engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m"), tokenizer, api=fake_api())
+    engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m", context_length=512), tokenizer, api=fake_api())
     weights = {"lm_head.weight": torch.randn(4, 4)}
     engine.update_weights(iter(weights.items()))
     request = [make_request(tokenizer, image_processor, "a", "count")]

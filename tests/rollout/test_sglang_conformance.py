@@ -17,13 +17,13 @@ import pytest
 
 from care_megatron.rollout import sglang_engine as se
 from care_megatron.rollout.base import MEMORY_TAGS, SamplingParams
-from sglang_fakes import FAKED_VERSIONS, SIGNATURES, FakeEngine, fake_api
+from sglang_fakes import FAKED_VERSIONS, SIGNATURES, fake_api, fake_engine_class
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fake_methods():
-    return {name: fn for name, fn in inspect.getmembers(FakeEngine, inspect.isfunction)
+def fake_methods(version):
+    return {name: fn for name, fn in inspect.getmembers(fake_engine_class(version), inspect.isfunction)
             if not name.startswith("_") or name == "__init__"}
 
 
@@ -40,7 +40,7 @@ def test_table_covers_the_supported_range():
 @pytest.mark.parametrize("version", FAKED_VERSIONS)
 def test_fake_methods_and_keywords_are_a_subset_of_the_real_engine(version):
     real = SIGNATURES[version]["engine_methods"]
-    for name, fn in fake_methods().items():
+    for name, fn in fake_methods(version).items():
         if name == "__init__":
             continue  # Engine(**kwargs) -> ServerArgs: checked field by field below
         assert name in real, f"FakeEngine.{name} does not exist on sglang {version}'s Engine"
@@ -59,9 +59,12 @@ def test_fake_methods_and_keywords_are_a_subset_of_the_real_engine(version):
 
 @pytest.mark.parametrize("version", FAKED_VERSIONS)
 def test_start_arguments_are_server_args_fields(version):
-    config = se.SGLangEngineConfig(model_path="m", tp_size=2, base_gpu_id=2, nccl_port=21100)
+    config = se.SGLangEngineConfig(model_path="m", tp_size=2, base_gpu_id=2, nccl_port=21100, context_length=512,
+                                   image_min_pixels=3136, image_max_pixels=12845056)
     fields = set(SIGNATURES[version]["server_args"])
-    assert set(config.engine_args()) <= fields
+    args = config.engine_args(fake_api(version))
+    assert set(args) <= fields
+    assert ("mm_process_config" in args) == (version != "0.5.3")  # 0.5.3 has no such field
     assert {"enable_weights_cpu_backup", "enable_memory_saver"} <= fields  # what the memory plan relies on
 
 
@@ -73,7 +76,7 @@ def test_sampling_keys_are_read_by_sglang(version):
 
 @pytest.mark.parametrize("version", FAKED_VERSIONS)
 def test_memory_tags_are_sglangs(version):
-    engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m"), api=fake_api(version))
+    engine = se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m", context_length=512), api=fake_api(version))
     sent = set(engine.sglang_memory_tags(MEMORY_TAGS))
     assert sent == set(SIGNATURES[version]["memory_tags"].values())  # every tag of the version, no other
 

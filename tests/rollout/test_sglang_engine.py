@@ -23,7 +23,7 @@ from sglang_fakes import FAKED_VERSIONS, FakeMetadata, fake_api
 
 
 def make_engine(tokenizer=None, version=FAKED_VERSIONS[-1], **cfg):
-    config = se.SGLangEngineConfig(model_path="/runs/x/hf", **cfg)
+    config = se.SGLangEngineConfig(**{"model_path": "/runs/x/hf", "context_length": 512, **cfg})
     return se.SGLangRolloutEngine(config, tokenizer, api=fake_api(version))
 
 
@@ -51,7 +51,7 @@ def test_version_check(version, ok):
             se.check_sglang_version(version)
     if not ok:
         with pytest.raises(RuntimeError):
-            se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m"), api=fake_api(version))
+            se.SGLangRolloutEngine(se.SGLangEngineConfig(model_path="m", context_length=512), api=fake_api(version))
 
 
 def test_original_logprob_env_is_refused():
@@ -70,7 +70,7 @@ def test_engine_start_arguments(tokenizer):
     assert isinstance(engine, RolloutEngine)
     assert engine.engine.kwargs == dict(model_path="/runs/x/hf", tp_size=2, base_gpu_id=4, mem_fraction_static=0.4,
                                         enable_memory_saver=True, dtype="bfloat16", random_seed=0, nccl_port=21007,
-                                        disable_cuda_graph=True)
+                                        context_length=512, disable_cuda_graph=True)
     assert "nccl_port" not in se.SGLangEngineConfig(model_path="m").engine_args()  # SGLang's own choice
     with pytest.raises(TypeError, match="no_such_server_arg"):  # the fake takes only real ServerArgs fields
         make_engine(tokenizer, engine_kwargs={"no_such_server_arg": 1})
@@ -275,7 +275,7 @@ def test_registry_lazy_and_unknown_names():
     assert get_rollout_engine_class("sglang") is se.SGLangRolloutEngine
     with pytest.raises(ValueError, match="valid: hf, sglang"):
         get_rollout_engine("vllm")
-    engine = get_rollout_engine("sglang", se.SGLangEngineConfig(model_path="m"), api=fake_api())
+    engine = get_rollout_engine("sglang", se.SGLangEngineConfig(model_path="m", context_length=512), api=fake_api())
     assert isinstance(engine, se.SGLangRolloutEngine)
 
 
@@ -336,38 +336,93 @@ def test_nccl_port_skips_ports_in_use():
         se.pick_nccl_port(1, is_free=lambda port: False)
 
 
-# --------------------------------------------------------------------------- images (issue 12.7)
-def test_engine_receives_the_trainers_image_token_count(tokenizer):
-    from PIL import Image
-    from transformers import Qwen2VLImageProcessorPil
+# --------------------------------------------------------------------------- images (issue 12.7, 22.4)
+TRAINER_PIXELS = dict(min_pixels=64 * 64, max_pixels=128 * 128)
+"""The trainer's data.min_pixels / data.max_pixels in the image tests: below a real Qwen3-VL
+directory's minimum (65,536 pixels), inside a real Qwen2.5-VL directory's bounds."""
 
-    # the trainer caps images at 112 x 112 pixels; SGLang's own bounds would keep them far larger
-    trainer_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+
+def model_directory(path: Path, arch: str) -> str:
+    """A model directory holding the released ``preprocessor_config.json`` of ``arch`` (Qwen2.5-VL:
+    patch 14, 3,136..12,845,056 pixels; Qwen3-VL: patch 16, 65,536..16,777,216 pixels), which is
+    what SGLang loads its processor from."""
+    from care_megatron.data.prompting import build_image_processor
+
+    build_image_processor(arch).save_pretrained(path)
+    return str(path)
+
+
+def image_requests(tokenizer, arch):
+    from PIL import Image
+
+    from care_megatron.data.prompting import build_image_processor
+
+    trainer_processor = build_image_processor(arch, **TRAINER_PIXELS)
     images = [Image.new("RGB", (300, 170), "red"), Image.new("RGB", (90, 250), "blue"), make_image(3, size=56)]
-    requests = [make_request(tokenizer, trainer_processor, f"r{i}", "count", [im]) for i, im in enumerate(images)]
-    engine = make_engine(tokenizer, image_min_pixels=56 * 56, image_max_pixels=112 * 112)
+    return [make_request(tokenizer, trainer_processor, f"r{i}", "count", [im]) for i, im in enumerate(images)]
+
+
+@pytest.mark.parametrize("version", FAKED_VERSIONS)
+@pytest.mark.parametrize("arch,patch", [("qwen2_5_vl", 14), ("qwen3_vl", 16)])
+def test_engine_counts_the_trainers_image_tokens(tokenizer, tmp_path, version, arch, patch):
+    """SGLang counts image tokens with the processor of the model directory (0.5.23, after 0.5.3's
+    own resize); the engine sends trainer-sized images and, where SGLang takes them, the trainer's
+    bounds, so the counts are the trainer's, or it refuses to start where they could not be."""
+    requests = image_requests(tokenizer, arch)
+    config = dict(model_path=model_directory(tmp_path, arch), image_patch_size=patch,
+                  image_min_pixels=TRAINER_PIXELS["min_pixels"], image_max_pixels=TRAINER_PIXELS["max_pixels"])
+    if version == "0.5.3" and arch == "qwen3_vl":  # 0.5.3 rounds every image to multiples of 28 first
+        with pytest.raises(ValueError, match="'model.arch'.*multiples of 28.*multiples of 32"):
+            make_engine(tokenizer, version=version, **config)
+        return
+    engine = make_engine(tokenizer, version=version, **config)
     engine.engine.script = [[sglang_output([30], [-0.1]) for _ in requests]]
     engine.generate(requests, SamplingParams())
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    trainer_counts = [[sum(t == pad for t in r.prompt_ids)] for r in requests]
-    assert engine.engine.image_token_counts == trainer_counts
-    # sent raw (the old behaviour), SGLang would have counted other tokens for the first two images
-    from sglang_fakes import sglang_image_tokens
-
-    assert [sglang_image_tokens(*im.size) for im in images[:2]] != [c[0] for c in trainer_counts[:2]]
+    assert engine.engine.image_token_counts == [[sum(t == pad for t in r.prompt_ids)] for r in requests]
 
 
-def test_trainer_pixel_bounds_outside_sglangs_are_refused_at_start():
-    with pytest.raises(ValueError, match="data.min_pixels"):
-        se.SGLangEngineConfig(model_path="m", image_min_pixels=28 * 28)
-    with pytest.raises(ValueError, match="data.max_pixels"):
-        se.SGLangEngineConfig(model_path="m", image_max_pixels=se.SGLANG_MAX_IMAGE_PIXELS + 1)
+def test_pixel_bounds_sglang_would_change_are_refused_at_start(tmp_path):
+    from care_megatron.data.prompting import build_image_processor
+
+    build_image_processor("qwen2_5_vl", min_pixels=96 * 96).save_pretrained(tmp_path)
+    config = se.SGLangEngineConfig(model_path=str(tmp_path), context_length=512, **{
+        f"image_{k}": v for k, v in TRAINER_PIXELS.items()})
+    with pytest.raises(ValueError, match="'data.min_pixels' is 4096, below the minimum 9216 of the processor"):
+        se.check_image_geometry(fake_api("0.5.3"), config)  # the directory's processor decides, and enlarges
+    se.check_image_geometry(fake_api("0.5.23"), config)  # the trainer's bounds are passed through
+    with pytest.raises(ValueError, match="'data.max_pixels'.* above the maximum 12845056 of SGLang 0.5.3"):
+        se.check_image_geometry(fake_api("0.5.3"), se.SGLangEngineConfig(model_path="m", image_max_pixels=4 << 22))
     bad = GenerationRequest(request_id="x", prompt_ids=[1], prompt_text="t", images=[make_image(0)])
     with pytest.raises(ValueError, match="image_grid_thw"):
         make_engine().build_generate_calls([bad], SamplingParams())
 
 
 # --------------------------------------------------------------------------- the trainer's wake order (12.5, 13.6)
+WEIGHT_UPDATE_CALLS = ("begin_weight_update", "update_weights_from_tensor", "end_weight_update")
+
+
+def assert_updates_in_sessions(calls, version):
+    """On 0.5.23 every tensor update sits between begin_weight_update and end_weight_update, and the
+    cache is flushed after the session closes; 0.5.3 has no sessions."""
+    names = [n for n, _ in calls if n in WEIGHT_UPDATE_CALLS + ("flush_cache",)]
+    if version == "0.5.3":
+        assert "begin_weight_update" not in names
+        return
+    inside = False
+    for name in names:
+        if name == "begin_weight_update":
+            assert not inside
+        elif name == "end_weight_update":
+            assert inside
+        elif name == "update_weights_from_tensor":
+            assert inside, names
+        elif name == "flush_cache":
+            assert not inside, names
+        inside = {"begin_weight_update": True, "end_weight_update": False}.get(name, inside)
+    assert not inside
+
+
 class ExportingBackend:
     """The trainer side of a colocated step: exports fixed weights, records sleep / wake."""
 
@@ -417,7 +472,8 @@ def test_trainer_rgr_round_trip_resends_the_weights_sglang_freed(tokenizer, imag
     assert reflected[0].token_ids == [31]
     s.end_step()
     kv = ["kv_cache"] + (["cuda_graph"] if version != "0.5.3" else [])
-    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n != "update_weights_from_tensor"]
+    assert_updates_in_sessions(fake.calls, version)
+    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n not in WEIGHT_UPDATE_CALLS]
     one_trip = [("resume_memory_occupation", ["weights"]), ("flush_cache", None), ("resume_memory_occupation", kv),
                 ("generate", None), ("release_memory_occupation", ["weights"] + kv)]
     assert sequence == [("release_memory_occupation", ["weights"] + kv)] + one_trip + one_trip
@@ -458,7 +514,9 @@ def test_trainer_evaluation_wakes_weights_syncs_then_wakes_the_kv_cache(tokenize
     fake.calls.clear()
     assert trainer.evaluate() == {"eval/accuracy": 0.0}
     kv = ["kv_cache"] + (["cuda_graph"] if version != "0.5.3" else [])
-    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n not in ("flush_cache",)]
+    assert_updates_in_sessions(fake.calls, version)
+    sequence = [(n, kw.get("tags")) for n, kw in fake.calls if n not in ("flush_cache", "begin_weight_update",
+                                                                          "end_weight_update")]
     assert sequence[0] == ("resume_memory_occupation", ["weights"])
     assert [n for n, _ in sequence[1:-2]] == ["update_weights_from_tensor"] * (len(sequence) - 3)
     assert sequence[-2:] == [("resume_memory_occupation", kv), ("release_memory_occupation", ["weights"] + kv)]
