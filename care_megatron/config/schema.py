@@ -13,9 +13,23 @@ ALGORITHMS = ("care", "grpo", "dapo", "gspo", "dr_grpo", "rloo")
 RGR_MODES = ("repair", "resample", "fresh")
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found at load time or later in the run (an unknown
+    task, a path that does not exist, a checkpoint folder with nothing usable). It carries the field
+    so the command line can end the run with one line naming the field and the fix (exit status 2)
+    instead of a traceback; a ValueError, so callers that catch those keep working."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config field '{field}': {message}")
+        self.field, self.problem = field, message
+
+    def __reduce__(self):  # rebuilt from both arguments when pickled (multiprocessing, collectives)
+        return type(self), (self.field, self.problem)
+
+
 def _check(cond: bool, name: str, message: str) -> None:
     if not cond:
-        raise ValueError(f"config field '{name}': {message}")
+        raise ConfigError(name, message)
 
 
 @dataclass
@@ -344,3 +358,8 @@ class RunConfig:
             _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
                    f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         _check(self.algorithm.dapo_overlong_buffer >= 0, "algorithm.dapo_overlong_buffer", "must be >= 0")
+        # every method here baselines a rollout against the other rollouts of its prompt: with one
+        # rollout per prompt each advantage is 0 and the run would train on nothing, silently
+        _check(self.rollout.group_size >= 2, "rollout.group_size",
+               f"{self.algorithm.name} compares the rollouts of one prompt with each other, so a group of 1 gives "
+               f"every advantage 0; set rollout.group_size to 2 or more (default 8)")
