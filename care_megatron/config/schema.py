@@ -139,7 +139,11 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _check(self.engine in ("hf", "sglang"), "rollout.engine", f"must be hf or sglang, got {self.engine!r}")
-        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        # every method (ALGORITHMS) scores a rollout against the other rollouts of its prompt: with
+        # one rollout per prompt every advantage is 0 and the run would train on nothing, silently
+        _check(self.group_size >= 2, "rollout.group_size",
+               f"got {self.group_size}; every method here ({', '.join(ALGORITHMS)}) compares the rollouts of one "
+               f"prompt with each other, so a group of 1 gives every advantage 0; set it to 2 or more (default 8)")
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -358,8 +362,3 @@ class RunConfig:
             _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
                    f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         _check(self.algorithm.dapo_overlong_buffer >= 0, "algorithm.dapo_overlong_buffer", "must be >= 0")
-        # every method here baselines a rollout against the other rollouts of its prompt: with one
-        # rollout per prompt each advantage is 0 and the run would train on nothing, silently
-        _check(self.rollout.group_size >= 2, "rollout.group_size",
-               f"{self.algorithm.name} compares the rollouts of one prompt with each other, so a group of 1 gives "
-               f"every advantage 0; set rollout.group_size to 2 or more (default 8)")
