@@ -2,14 +2,24 @@
 
 Every command takes ``--config FILE`` and any number of ``section.field=value`` overrides, e.g.
 ``care-train --config examples/configs/tiny_cpu.yaml algorithm.name=grpo train.steps=50``.
+
+A bad value ends the run with one line on stderr naming the field and the fix, and exit status 2,
+whether it is found while the config loads or later (an unknown task, a missing ``train.init_from``
+or data file, no usable checkpoint for ``--resume``: :class:`ConfigError`). ``--debug`` or
+``CARE_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from care_megatron.config import load_config
+from care_megatron.config import ConfigError, load_config
+
+DEBUG_ENV = "CARE_DEBUG"
+"""Environment variable that, set to anything but empty or 0, keeps the traceback of a bad value
+(as ``--debug`` does): for launchers that pass the same arguments to every command."""
 
 COMMANDS = {
     "train": "RL training (CARE or a baseline) through care_megatron.trainer",
@@ -27,6 +37,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 algorithm.name=grpo")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"on a bad value show the traceback, not one line (also {DEBUG_ENV}=1)")
     if command == "train":
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     if command == "eval":
@@ -41,11 +53,28 @@ def main(command: str, argv: list[str] | None = None) -> int:
     args = _parser(command).parse_intermixed_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, OSError) as exc:
-        print(f"care-{command}: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return _invalid_configuration(command, exc)
+    try:
+        return _run(command, args, config)
+    except ConfigError as exc:  # a bad value found after start-up; anything else keeps its traceback
+        if debug:
+            raise
+        return _invalid_configuration(command, exc)
+
+
+def _invalid_configuration(command: str, exc: Exception) -> int:
+    """One line on stderr (a message's own line breaks folded) and the usage-error exit status."""
+    print(f"care-{command}: invalid configuration: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
+def _run(command: str, args: argparse.Namespace, config) -> int:
     progress = not args.no_progress
     if command == "train":
         from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
@@ -86,8 +115,6 @@ def main(command: str, argv: list[str] | None = None) -> int:
 def print_memory_plan(config) -> None:
     """On GPU, rank 0 prints the per-GPU memory plan of the run (care_megatron.memory_plan) before
     anything is allocated, so a layout that cannot fit is visible in the first lines of the log."""
-    import os
-
     import torch
 
     if not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":

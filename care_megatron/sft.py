@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from care_megatron.config.schema import RunConfig
+from care_megatron.config.schema import ConfigError, RunConfig
 from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.data.packing import pack_sequences
 from care_megatron.data.prompting import IM_END, SYSTEM_PROMPT, build_prompt, build_sequence, resolve_system_prompt
@@ -94,8 +94,8 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
         if report.num_skipped:  # malformed rows are skipped, never fatal: say how many and why
             log.warning("SFT data %s", report.summary())
     if not records:
-        raise ValueError("config field 'data.sft_tasks': no record has a reference rationale (SFT needs the synthetic "
-                         "tasks, easy_vqa or sharegpt:<path> conversations with reasoning)")
+        raise ConfigError("data.sft_tasks", "no record has a reference rationale (SFT needs the synthetic "
+                                            "tasks, easy_vqa or sharegpt:<path> conversations with reasoning)")
     batches = PromptIterator(records, config.train.sft_batch_size, seed=config.train.seed)
     from care_megatron.runtime import is_main_process
 
@@ -106,8 +106,8 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     dp_rank = int(getattr(backend, "data_parallel_rank", 0))
     dp_size = int(getattr(backend, "data_parallel_size", 1))
     if config.train.sft_batch_size % dp_size:
-        raise ValueError(f"config field 'train.sft_batch_size': {config.train.sft_batch_size} is not divisible by "
-                         f"the data-parallel size {dp_size}")
+        raise ConfigError("train.sft_batch_size", f"{config.train.sft_batch_size} is not divisible by "
+                                                  f"the data-parallel size {dp_size}; use a multiple of it")
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     for step in range(config.train.sft_steps):
         batch = next(batches)

@@ -278,11 +278,13 @@ class RLTrainer:
         return ckpt.save_checkpoint(self.out / "checkpoints", step, self.backend, state, self.config.train.keep_last)
 
     def resume(self) -> None:
-        latest = ckpt.latest_checkpoint(self.out / "checkpoints")
-        if latest is None:
+        """Continue from the newest usable checkpoint (an incomplete or damaged newest one is passed
+        over with a warning; none usable is a ConfigError naming ``train.output_dir``)."""
+        found = ckpt.load_latest_checkpoint(self.out / "checkpoints", self.backend)
+        if found is None:
             log.info("--resume: no checkpoint in %s, starting fresh", self.out / "checkpoints")
             return
-        state = ckpt.load_checkpoint(latest, self.backend)
+        latest, state = found
         self.prompts.load_state_dict(state["data"])
         self.bad_steps, self.start_step = state["bad_steps"], state["step"]
         log.info("resumed from %s at step %d", latest, self.start_step)

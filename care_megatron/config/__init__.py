@@ -2,6 +2,7 @@
 from care_megatron.config.loader import config_to_dict, load_config, parse_overrides
 from care_megatron.config.schema import (
     AlgorithmConfig,
+    ConfigError,
     DataConfig,
     ModelConfig,
     ParallelConfig,
@@ -11,6 +12,6 @@ from care_megatron.config.schema import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "DataConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "RunConfig",
+    "AlgorithmConfig", "ConfigError", "DataConfig", "ModelConfig", "ParallelConfig", "RolloutConfig", "RunConfig",
     "TrainConfig", "config_to_dict", "load_config", "parse_overrides",
 ]

@@ -13,9 +13,23 @@ ALGORITHMS = ("care", "grpo", "dapo", "gspo", "dr_grpo", "rloo")
 RGR_MODES = ("repair", "resample", "fresh")
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found at load time or later in the run (an unknown
+    task, a path that does not exist, a checkpoint folder with nothing usable). It carries the field
+    so the command line can end the run with one line naming the field and the fix (exit status 2)
+    instead of a traceback; a ValueError, so callers that catch those keep working."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config field '{field}': {message}")
+        self.field, self.problem = field, message
+
+    def __reduce__(self):  # rebuilt from both arguments when pickled (multiprocessing, collectives)
+        return type(self), (self.field, self.problem)
+
+
 def _check(cond: bool, name: str, message: str) -> None:
     if not cond:
-        raise ValueError(f"config field '{name}': {message}")
+        raise ConfigError(name, message)
 
 
 @dataclass
@@ -125,7 +139,11 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _check(self.engine in ("hf", "sglang"), "rollout.engine", f"must be hf or sglang, got {self.engine!r}")
-        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        # every method (ALGORITHMS) scores a rollout against the other rollouts of its prompt: with
+        # one rollout per prompt every advantage is 0 and the run would train on nothing, silently
+        _check(self.group_size >= 2, "rollout.group_size",
+               f"got {self.group_size}; every method here ({', '.join(ALGORITHMS)}) compares the rollouts of one "
+               f"prompt with each other, so a group of 1 gives every advantage 0; set it to 2 or more (default 8)")
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")

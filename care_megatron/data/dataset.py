@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from care_megatron.config.schema import ConfigError
 from care_megatron.data import synthetic
 from care_megatron.data.schema import LoadReport, Record, read_jsonl
 
@@ -96,11 +97,6 @@ def _easy_vqa_splits(train_n: int, eval_n: int, seed: int) -> tuple[list[Record]
     return train, held_out, [train_report, test_report]
 
 
-def _jsonl_splits(path: str, train_n: int | None, eval_n: int, seed: int) -> tuple[list[Record], list[Record], LoadReport]:
-    records, report = read_jsonl(path)
-    return (*_seeded_split(records, train_n, eval_n, seed), report)
-
-
 def _seeded_split(records: list[Record], train_n: int | None, eval_n: int, seed: int) -> tuple[list[Record], list[Record]]:
     """Shuffle with ``seed``; the first ``eval_n`` are held out, the next ``train_n`` (None: all the rest) train."""
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x150])).permutation(len(records))
@@ -116,16 +112,32 @@ def _task_splits(task: str, train_n: int, eval_n: int, config, field_name: str):
         return (*_synthetic_splits(task, train_n, eval_n, config), [])
     if task == "easy_vqa":
         return _easy_vqa_splits(train_n, eval_n, config.seed)
-    if task.startswith(JSONL_PREFIX):
-        train, held_out, report = _jsonl_splits(task[len(JSONL_PREFIX):], train_n, eval_n, config.seed)
-        return train, held_out, [report]
-    if task.startswith(SHAREGPT_PREFIX):
-        from care_megatron.data.sources import load_sharegpt
-
-        records, report = load_sharegpt(task[len(SHAREGPT_PREFIX):])
+    if task.startswith((JSONL_PREFIX, SHAREGPT_PREFIX)):
+        records, report = _load_task_file(task, field_name)
         return (*_seeded_split(records, train_n, eval_n, config.seed), [report])
     valid = ", ".join([*synthetic.TASKS, "easy_vqa", "jsonl:<path>", "sharegpt:<path>"])
-    raise ValueError(f"config field '{field_name}': unknown task {task!r}; valid: {valid}")
+    raise ConfigError(field_name, f"unknown task {task!r}; valid: {valid}")
+
+
+def _load_task_file(task: str, field_name: str) -> tuple[list[Record], LoadReport]:
+    """Every usable record of a ``jsonl:`` / ``sharegpt:`` task, or a :class:`ConfigError` naming
+    ``field_name`` when the file or folder cannot be read or not one of its records can be used
+    (e.g. every image path points into a missing or unreadable folder): a run must not go on
+    without a source its config asks for."""
+    from care_megatron.data.sources import load_sharegpt
+
+    jsonl = task.startswith(JSONL_PREFIX)
+    path = task[len(JSONL_PREFIX if jsonl else SHAREGPT_PREFIX):]
+    try:
+        records, report = read_jsonl(path) if jsonl else load_sharegpt(path)
+    except OSError as exc:  # missing, a folder where a file was expected, no permission, ...
+        raise ConfigError(field_name, f"task {task!r}: cannot read {path}: {exc.strerror or exc}; "
+                                      f"fix the path (relative paths start at the working directory)") from exc
+    if not records:
+        detail = "; ".join(report.examples[:2]) or "it holds no rows"
+        raise ConfigError(field_name, f"task {task!r}: no usable record in {path} ({report.summary()}: {detail}); "
+                                      f"fix the file or the image paths / folder it points to")
+    return records, report
 
 
 def build_records(config) -> DataSplits:
@@ -141,7 +153,8 @@ def build_records(config) -> DataSplits:
         splits.train.extend(train)
         splits.eval.extend(held_out)
     if not splits.train:
-        raise ValueError("config field 'data.tasks': no training records could be loaded")
+        raise ConfigError("data.tasks", "no training records left once the held-out records are set aside; "
+                                        "lower data.eval_size, set data.eval_tasks or add records")
     if eval_tasks:
         seen = {_fingerprint(r) for r in splits.train}
         for task, eval_n in zip(eval_tasks, share_out(config.eval_size, len(eval_tasks))):

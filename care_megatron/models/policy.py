@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from care_megatron.config.schema import RunConfig
+from care_megatron.config.schema import ConfigError, RunConfig
 
 
 def policy_model_config(config: RunConfig):
@@ -13,6 +13,6 @@ def policy_model_config(config: RunConfig):
     if not init:
         return config.model
     if not Path(init).is_dir():
-        raise FileNotFoundError(f"config field 'train.init_from': {init} does not exist; run care-sft first "
-                                f"(or set train.init_from=null to start from model.name)")
+        raise ConfigError("train.init_from", f"{init} does not exist; run care-sft first "
+                                             f"(or set train.init_from=null to start from model.name)")
     return dataclasses.replace(config.model, name=str(init), tokenizer=str(init))
