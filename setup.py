@@ -30,6 +30,9 @@ EXTRAS = {
         "psutil>=5.9",  # megatron-core's torch_dist writer needs it in its worker processes
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
+        # megatron-core 0.19's GPT model and schedules import triton unguarded
+        # (transformer/moe/ops/paged_stash.py) and its metadata does not list it; triton ships Linux wheels only
+        "triton>=3.3; python_version >= '3.12' and sys_platform == 'linux'",
     ],
     "te": ["transformer-engine[pytorch]>=2.4"],
     # 0.5.23 is the first SGLang on transformers 5 (it pins transformers==5.19.0, torch==2.14.1);

@@ -136,7 +136,7 @@ def save_torch_dist(out_dir: str, rules: list[TensorRule], fetch_hf: Callable[[T
     ``fetch_hf(rule)`` returns the rule's HF tensors (read lazily); each is copied into the template
     and dropped, so peak memory is one model plus one layer. Returns the metadata written.
     """
-    from megatron.core import dist_checkpointing
+    from care_megatron.training.megatron.checkpoint import save_distributed
 
     padded = padded_vocab_size(dims.vocab_size, target_tp)
     layout = ParallelLayout(tp=1, pp=1, padded_vocab=padded)
@@ -161,7 +161,7 @@ def save_torch_dist(out_dir: str, rules: list[TensorRule], fetch_hf: Callable[[T
     checkpoint_dir = os.path.join(out_dir, RELEASE_DIR)
     os.makedirs(checkpoint_dir, exist_ok=True)
     with _cpu_safe_dist_checkpointing():
-        dist_checkpointing.save(sharded, checkpoint_dir)
+        save_distributed(sharded, checkpoint_dir)  # with the common.pt megatron-core < 0.17 reads
     with open(os.path.join(out_dir, "latest_checkpointed_iteration.txt"), "w") as handle:
         handle.write("release")
     return {"format": "torch_dist", "padded_vocab_size": padded, "vision_names": sorted(vision),
@@ -177,6 +177,9 @@ def torch_dist_layout(ckpt_dir: str, language_prefix: str = LANGUAGE_KEY_PREFIX,
     """
     from megatron.core import dist_checkpointing
 
+    from care_megatron.training.megatron.checkpoint import require_loadable
+
+    require_loadable(_release(ckpt_dir))
     with _cpu_safe_dist_checkpointing():
         metadata = dist_checkpointing.load_tensors_metadata(_release(ckpt_dir))
     embedding = metadata.get(language_prefix + "embedding.word_embeddings.weight")
@@ -193,6 +196,9 @@ def load_torch_dist(ckpt_dir: str, dims: LanguageModelDims, padded_vocab: int, v
     """Load a ``torch_dist`` checkpoint into TP = PP = 1 names (the ``(0, 0)`` shard of the mapping)."""
     from megatron.core import dist_checkpointing
 
+    from care_megatron.training.megatron.checkpoint import require_loadable
+
+    require_loadable(_release(ckpt_dir))
     model = build_template_gpt(dims, padded_vocab, dtype, rms_norm_eps)
     sharded = model.sharded_state_dict(prefix=language_prefix)
     vision_names = list(vision_names)

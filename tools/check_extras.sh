@@ -22,20 +22,30 @@ trap '[[ "${1:-}" == "--keep" ]] || rm -rf "$SCRATCH"' EXIT
 
 python3 -m venv "$SCRATCH/venv" >/dev/null
 PIP="$SCRATCH/venv/bin/pip"
-"$PIP" install -q -U pip >/dev/null 2>&1 || true   # --report and PEP 658 metadata need a recent pip
+"$PIP" install -q -U pip packaging >/dev/null 2>&1 || true   # --report and PEP 658 metadata need a recent pip
 PY="$SCRATCH/venv/bin/python"
 
-# setup.py's requirement lists, read without running setup().
+# setup.py's requirement lists, read without running setup(), for a GPU node: pip evaluates the
+# environment markers of the requirements it is given against the interpreter it runs on, not against
+# --python-version, so on a Python 3.11 machine "megatron-core ...; python_version >= '3.12'" would be
+# dropped and 0.16.1 resolved. The markers are evaluated here for CPython 3.12 on Linux x86_64 instead.
 requirements() {  # $1 = comma-separated extras ("" = core only)
   "$PY" - "$1" <<'EOF'
 import ast, sys
+from packaging.requirements import Requirement
 tree = ast.parse(open("setup.py").read())
 values = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
           for t in n.targets if isinstance(t, ast.Name) and t.id in ("CORE", "EXTRAS")}
 reqs = list(values["CORE"])
 for extra in filter(None, sys.argv[1].split(",")):
     reqs += values["EXTRAS"][extra]
-print("\n".join(reqs))
+gpu_node = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+            "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+for req in map(Requirement, reqs):
+    if req.marker is None or req.marker.evaluate(gpu_node):
+        req.marker = None
+        print(req)
 EOF
 }
 
@@ -43,7 +53,7 @@ summary() {  # $1 = report.json -> "torch=... transformers=... (n packages)"
   "$PY" - "$1" <<'EOF'
 import json, sys
 items = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"]}
-keys = ["torch", "transformers", "megatron-core", "sglang", "transformer-engine", "nvidia-dali-cuda130"]
+keys = ["torch", "triton", "transformers", "megatron-core", "sglang", "transformer-engine", "nvidia-dali-cuda130"]
 print(" ".join(f"{k}={items[k]}" for k in keys if k in items) + f" ({len(items)} packages)")
 EOF
 }

@@ -4,7 +4,7 @@
 #
 # The GPU image has Python 3.12, torch, triton and transformers (with their requirements) and no
 # package index. Everything else travels as wheels in the git-ignored .whl/ folder:
-#   bash tools/fetch_gpu_wheels.sh                # once, on a machine with an index (~11 MiB)
+#   bash tools/fetch_gpu_wheels.sh                # once, on a machine with an index (~18 MiB)
 #   bash tools/gpu_check.sh --dry-run             # on CPU: commands, files, imports on the image
 # then run `bash tools/gpu_check.sh` on the GPU with `.whl` carried. Steps run most important first;
 # each writes its log to $OUT/<step>.log while it runs and its result line to $OUT/summary.txt as
@@ -25,6 +25,12 @@ MEGATRON_TESTS=(tests/training/megatron/test_megatron_gpu.py)
 KERNEL_TESTS=(tests/kernels/test_kernels_gpu.py tests/kernels/test_graphs.py tests/kernels/test_fused_loss_in_train_step.py)
 ROLLOUT_TESTS=(tests/rollout/test_hf_engine.py tests/rollout/test_train_rollout_consistency.py)
 PYTEST=("$PYTHON" -m pytest -q -rA -m gpu -p no:cacheprovider)
+# megatron-core as [megatron] resolves it for the image's Python; tools/fetch_gpu_wheels.sh fetches both.
+MEGATRON_CORE_PY312=0.19.2   # Python >= 3.12 (the image)
+MEGATRON_CORE_PY311=0.16.1   # the newest release for Python 3.11
+MEGATRON_CORE=$("$PYTHON" -c "import sys; print('$MEGATRON_CORE_PY312' if sys.version_info >= (3, 12) else '$MEGATRON_CORE_PY311')")
+# every wheel but the other megatron-core (pip refuses a wheel built for another Python)
+shipped_wheels() { ls .whl/*.whl 2>/dev/null | grep -v '/megatron_core-' ; ls .whl/megatron_core-"$MEGATRON_CORE"-*.whl 2>/dev/null; }
 
 # name | time limit (s) | command; most important first
 STEPS=(
@@ -43,7 +49,14 @@ PYTHON_FILES=("${MEGATRON_TESTS[@]}" "${KERNEL_TESTS[@]}" "${ROLLOUT_TESTS[@]}" 
 if [ "$DRY_RUN" = 1 ]; then
   status=0
   total=$STARTUP_ALLOWANCE_S
-  echo "install: $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl"
+  echo "install: $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/site" \
+       ".whl/*.whl less the megatron-core wheel of the other Python"
+  echo "megatron-core: $MEGATRON_CORE_PY312 on Python >= 3.12, $MEGATRON_CORE_PY311 below (this Python: $MEGATRON_CORE)"
+  for version in "$MEGATRON_CORE_PY312" "$MEGATRON_CORE_PY311"; do
+    if ! grep -q "megatron-core==$version\b" tools/fetch_gpu_wheels.sh; then
+      echo "tools/fetch_gpu_wheels.sh does not fetch megatron-core $version"; status=1
+    fi
+  done
   for entry in "${STEPS[@]}"; do
     IFS='|' read -r name limit command <<<"$entry"
     echo "step $name (<= ${limit}s): $command"
@@ -69,14 +82,17 @@ START=$SECONDS
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+if ls .whl/megatron_core-"$MEGATRON_CORE"-*.whl >/dev/null 2>&1; then
+  # shellcheck disable=SC2046  # wheel paths have no spaces
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(shipped_wheels) \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 else
-  echo "no .whl/*.whl: run tools/fetch_gpu_wheels.sh and carry .whl (megatron-core and pytest are not on the image)"
+  echo "no .whl/megatron_core-$MEGATRON_CORE-*.whl: run tools/fetch_gpu_wheels.sh and carry .whl" \
+       "(megatron-core and pytest are not on the image)"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+"$PYTHON" -c "from megatron.core.package_info import __version__; print('megatron-core', __version__)" | tee -a "$OUT/gpu.txt"
 echo "start-up: $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
 
 DEADLINE=$((SECONDS + BUDGET_S))

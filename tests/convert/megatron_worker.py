@@ -5,6 +5,8 @@
     python megatron_worker.py convert [HF_DIR CKPT HF_OUT TP]...         # torch_dist round trips only
     python megatron_worker.py backend_fixture HF_DIR CKPT TP             # the backend tests' tiny model
     python megatron_worker.py to_hf CKPT HF_CONFIG_DIR OUT                # megatron_to_hf CLI, backend-saved ckpt
+    python megatron_worker.py release_019 HF_DIR CKPT HF_OUT REFUSAL_TXT  # saved as megatron-core 0.19 saves,
+                                                                         # read back; then without common.pt
 """
 import json
 import os
@@ -54,6 +56,28 @@ def backend_fixture_checkpoint(hf_dir, ckpt, tp):
     convert_hf_to_megatron(hf_dir, ckpt, tp=int(tp), show_progress=False)
 
 
+def convert_saved_as_release_019(hf_dir, ckpt, hf_out, refusal_txt):
+    """hf_to_megatron with megatron-core 0.19's save (no ``common.pt`` from the release), megatron_to_hf
+    with the installed 0.16.1; then the same read without ``common.pt``, its error written out."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "megatron"))
+    import _megatron_release_019 as release_019
+
+    from checkpoints_convert.hf_to_megatron import convert_hf_to_megatron
+    from checkpoints_convert.megatron_to_hf import convert_megatron_to_hf
+
+    with release_019.saving_like_release_019():
+        convert_hf_to_megatron(hf_dir, ckpt, tp=1, pp=1, show_progress=False)
+    convert_megatron_to_hf(ckpt, hf_out, show_progress=False)
+    os.remove(os.path.join(ckpt, "release", "common.pt"))
+    try:
+        convert_megatron_to_hf(ckpt, hf_out + "_refused", show_progress=False)
+        message = "no error"
+    except RuntimeError as error:
+        message = str(error)
+    with open(refusal_txt, "w") as handle:
+        handle.write(message)
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "names":
@@ -67,6 +91,8 @@ if __name__ == "__main__":
         sys.exit(to_hf_main(["--ckpt", args[0], "--hf-config", args[1], "--out", args[2], "--no-progress"]))
     elif command == "backend_fixture":
         backend_fixture_checkpoint(*args)
+    elif command == "release_019":
+        convert_saved_as_release_019(*args)
     else:
         for i in range(0, len(args), 4):
             convert(*args[i:i + 4])

@@ -112,6 +112,18 @@ def test_mapping_names_match_megatron_gpt_model(megatron_worker_run):
         assert sides["ours"] == sides["megatron"], variant
 
 
+def test_checkpoint_converted_under_release_019_reads_with_0_16_or_is_refused(saved_model_dirs, tmp_path):
+    """hf_to_megatron saving the way megatron-core 0.19 saves (no ``common.pt`` from the release) still
+    writes ``common.pt``, so megatron_to_hf on megatron-core 0.16.1 (Python 3.11) reads it back exactly;
+    without that file the read is refused with a message naming both releases."""
+    source = saved_model_dirs("qwen2_5_vl", False)
+    refusal = tmp_path / "refusal.txt"
+    _run_worker("release_019", source, str(tmp_path / "mg"), str(tmp_path / "hf"), str(refusal))
+    _assert_same_model(source, str(tmp_path / "hf"), "qwen2_5_vl")
+    message = refusal.read_text()
+    assert "common.pt" in message and "0.19" in message and "0.16.1" in message, message
+
+
 def test_torch_dist_round_trip(saved_model_dirs, megatron_worker_run):
     """hf_to_megatron (torch_dist, TP=2 padding) -> megatron_to_hf for every architecture."""
     root = megatron_worker_run

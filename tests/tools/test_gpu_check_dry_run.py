@@ -25,6 +25,41 @@ def test_gpu_check_dry_run_passes():
         assert f"step {step} " in done.stdout
     assert "tests/training/megatron/test_megatron_gpu.py" in done.stdout  # named, not the whole tree
     assert " tests\n" not in done.stdout and not done.stdout.rstrip().endswith(" tests")
+    # the GPU run exercises the megatron-core users get: 0.19.2 on the image's Python 3.12
+    this_python = "0.19.2" if sys.version_info >= (3, 12) else "0.16.1"
+    assert f"megatron-core: 0.19.2 on Python >= 3.12, 0.16.1 below (this Python: {this_python})" in done.stdout
+
+
+def test_gpu_check_dry_run_fails_when_a_megatron_core_wheel_is_not_fetched(tmp_path):
+    """The dry run checks tools/fetch_gpu_wheels.sh against the megatron-core versions it installs."""
+    script = open(os.path.join(REPO, "tools/gpu_check.sh")).read().replace("MEGATRON_CORE_PY312=0.19.2",
+                                                                           "MEGATRON_CORE_PY312=0.18.0")
+    patched = tmp_path / "gpu_check.sh"
+    patched.write_text(script.replace('cd "$(dirname "$0")/.."', f'cd "{REPO}"'))
+    done = _run(["bash", str(patched), "--dry-run"])
+    assert done.returncode == 1 and "does not fetch megatron-core 0.18.0" in done.stdout, done.stdout
+
+
+def test_megatron_extra_brings_triton_where_it_resolves_megatron_core_0_19():
+    """megatron-core 0.19's GPT model imports triton unguarded (transformer/moe/ops/paged_stash.py) and
+    does not require it: [megatron] must, on Linux with Python >= 3.12, and only there."""
+    import ast
+
+    from packaging.requirements import Requirement
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    extras = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "EXTRAS" for t in node.targets))
+
+    def resolved(python, platform="linux"):
+        environment = {"python_version": python, "python_full_version": python + ".0", "sys_platform": platform,
+                       "platform_system": platform.capitalize(), "extra": ""}
+        requirements = [Requirement(r) for r in extras["megatron"]]
+        return {r.name: r.specifier for r in requirements if r.marker is None or r.marker.evaluate(environment)}
+
+    on_312, on_311 = resolved("3.12"), resolved("3.11")
+    assert "0.19.2" in on_312["megatron-core"] and "triton" in on_312
+    assert "0.19.2" not in on_311["megatron-core"] and "triton" not in on_311
 
 
 def test_gpu_check_dry_run_fails_over_budget():

@@ -185,13 +185,17 @@ def transformer_config_from_hf(facts: TextModelFacts, parallel: ParallelConfig, 
     )
 
 
-class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` with Megatron's norm constructor, usable under sequence parallelism.
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with Megatron's norm constructor, in ``config.params_dtype``, usable under
+    sequence parallelism: every norm of the local spec.
 
-    Megatron's ``WrappedTorchNorm`` refuses sequence parallelism because each TP rank then sees only
-    its slice of the tokens, so the norm weight's gradient is partial; this norm marks its weight
-    ``sequence_parallel`` so the gradient is summed over TP (``finalize_model_grads`` on GPU, the
-    CPU path's explicit all-reduce).
+    Megatron's ``WrappedTorchNorm`` (0.16.1 and 0.19.2, ``transformer/torch_norm.py``) builds
+    ``torch.nn.RMSNorm`` without a dtype, so its weight stays fp32 beside bf16 linears (Megatron-LM
+    casts the whole model afterwards in ``Float16Module``; nothing does here), and it refuses sequence
+    parallelism, where each TP rank sees only its slice of the tokens and the weight's gradient is
+    partial. This norm is built in the parameters' dtype and marks its weight ``sequence_parallel``
+    under SP, so the gradient is summed over TP (``finalize_model_grads`` on GPU, the CPU path's
+    explicit all-reduce).
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
@@ -203,16 +207,15 @@ def build_layer_spec(impl: str, qk_layernorm: bool, config=None, vp_stage: int |
     """Layer spec for ``impl`` (``transformer_engine`` | ``local``).
 
     The local spec is Megatron's with its core attention swapped for :class:`TorchCoreAttention`,
-    returned as a whole-block spec whose final norm is a torch RMSNorm: given a bare layer spec,
-    megatron-core picks the final norm at import time (``transformer_block.LayerNormImpl``: TE's
-    norm, else apex's ``FusedLayerNorm``, which asserts LayerNorm and so fails on Qwen's RMSNorm
-    when apex is installed without TE). Under ``config.sequence_parallel`` every norm is
-    :class:`SequenceParallelRMSNorm` (the final one included).
+    returned as a whole-block spec whose norms (input, pre-MLP, QK, final) are :class:`LocalRMSNorm`:
+    given a bare layer spec, megatron-core picks the final norm at import time
+    (``transformer_block.LayerNormImpl``: TE's norm, else apex's ``FusedLayerNorm``, which asserts
+    LayerNorm and so fails on Qwen's RMSNorm when apex is installed without TE), and its own torch
+    norm would stay fp32 in a bf16 model.
     """
     if impl == "transformer_engine":
         return te_module.te_layer_spec(qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from care_megatron.training.megatron.attention import TorchCoreAttention
 
@@ -222,16 +225,13 @@ def build_layer_spec(impl: str, qk_layernorm: bool, config=None, vp_stage: int |
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    final_norm = WrappedTorchNorm  # torch.nn.RMSNorm for config.normalization == "RMSNorm"
-    if config.sequence_parallel:
-        spec.submodules.input_layernorm = SequenceParallelRMSNorm
-        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-        if qk_layernorm:
-            spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
-            spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
-        final_norm = SequenceParallelRMSNorm
+    spec.submodules.input_layernorm = LocalRMSNorm
+    spec.submodules.pre_mlp_layernorm = LocalRMSNorm
+    if qk_layernorm:
+        spec.submodules.self_attention.submodules.q_layernorm = LocalRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = LocalRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=final_norm)
+                                      layer_norm=LocalRMSNorm)
 
 
 class QwenVLMegatronModel(nn.Module):

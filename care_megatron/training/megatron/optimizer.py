@@ -1,9 +1,11 @@
 """Optimizer adapter: one object with ``zero_grad / step -> (ok, grad_norm) / set_lr / state_dict``.
 
 * GPU: Megatron's optimizer from ``get_megatron_optimizer`` (distributed optimizer when
-  ``parallel.use_distributed_optimizer``) over a Megatron-DDP-wrapped model. Megatron itself picks
-  apex's / TE's fused Adam when they import; :func:`fused_adam_provider` reports which (the only
-  place in the package that imports apex).
+  ``parallel.use_distributed_optimizer``) over a Megatron-DDP-wrapped model. megatron-core picks its
+  Adam at import time (Transformer Engine's ``FusedAdam``, else apex's, else torch's ``AdamW``);
+  :func:`adam_implementation` reads the pick off the built optimizer, so the log says what runs.
+  The parameter groups carry no learning-rate schedule (:func:`detach_lr_schedule`): the trainer
+  sets ``lr`` every step, and a checkpoint then resumes under any ``train.lr``.
 * CPU: ``torch.optim.AdamW`` with an explicit data-parallel gradient all-reduce (SUM, per the loss
   contract of ``care_megatron/training/base.py``) and a TP-aware global-norm clip, because Megatron's
   DDP and optimizers allocate CUDA buffers.
@@ -19,17 +21,56 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-def fused_adam_provider() -> str:
-    """Which fused Adam Megatron will use on GPU: ``apex``, ``transformer_engine`` or ``torch``."""
-    try:
-        from apex.optimizers import FusedAdam  # noqa: F401
+def adam_implementation(megatron_optimizer) -> str:
+    """The Adam class megatron-core really built, e.g. ``transformer_engine FusedAdam``.
 
-        return "apex"
-    except Exception:
-        pass
-    from care_megatron.training.megatron.te import transformer_engine_available
+    megatron-core (0.16.1 and 0.19.2 alike, ``megatron/core/optimizer/__init__.py``) binds ``Adam`` at
+    import time to Transformer Engine's ``FusedAdam``, else apex's, else ``torch.optim.AdamW``;
+    guessing from what imports here would name apex whenever it is installed beside TE. So the answer
+    comes from the optimizer objects themselves (one per chained optimizer; a rank without trainable
+    parameters has none)."""
+    picked = set()
+    for optimizer in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is not None:
+            cls = type(inner)
+            picked.add(f"{cls.__module__.split('.')[0]} {cls.__name__}")
+    return " + ".join(sorted(picked)) or "none (no trainable parameters on this rank)"
 
-    return "transformer_engine" if transformer_engine_available() else "torch"
+
+# Keys of Megatron's parameter groups that only its ``OptimizerParamScheduler`` reads (``get_lr``);
+# megatron-core 0.19 also matches saved to current groups on them (``param_group_identifier_keys``).
+LR_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+def detach_lr_schedule(param_groups) -> None:
+    """Set the learning-rate schedule keys of Megatron parameter groups to None, in place.
+
+    ``get_megatron_optimizer`` writes ``max_lr = config.lr`` into every group, and megatron-core 0.19
+    pairs a checkpoint's groups with the current ones by ``max_lr``, ``min_lr``, ``start_wd``,
+    ``end_wd``, ``wd_mult``, ... (``MegatronOptimizer._filter_and_reorder_param_groups``; the
+    distributed optimizer's ``load_state_dict`` likewise): a resume after changing ``train.lr`` finds
+    no match (ValueError, KeyError in the distributed optimizer). This project never builds Megatron's
+    scheduler (the trainer sets each group's ``lr`` before every step), so the keys carry nothing; as
+    None they match across any ``train.lr`` (0.19 treats a missing key and None alike; 0.16.1 does not
+    match on them). Applied to the live groups and to a checkpoint's groups before loading, so
+    checkpoints written before this change load too."""
+    for group in param_groups:
+        for key in LR_SCHEDULE_KEYS:
+            group[key] = None
+
+
+def saved_param_groups(state):
+    """Every ``param_groups`` list in an optimizer state dict as Megatron's optimizers save it
+    (``optimizer.param_groups`` of the mixed-precision and distributed optimizers, ``param_groups`` of
+    the fp32 one, one entry per chained optimizer when there are several)."""
+    if isinstance(state, dict):
+        groups = state.get("param_groups")
+        if isinstance(groups, list):
+            yield groups
+        for key, value in state.items():
+            if key not in ("param_groups", "state", "param_state") and isinstance(value, dict):
+                yield from saved_param_groups(value)
 
 
 def param_is_tp_duplicate(param: torch.nn.Parameter, tp_rank: int) -> bool:
@@ -173,7 +214,9 @@ class MegatronOptimizerAdapter:
                                  use_distributed_optimizer=use_distributed_optimizer)
         chunks = list(ddp_chunks) if isinstance(ddp_chunks, (list, tuple)) else [ddp_chunks]
         self.optimizer = get_megatron_optimizer(config, chunks)
-        self.name = f"megatron {'distributed ' if use_distributed_optimizer else ''}adam (fused kernels: {fused_adam_provider()})"
+        detach_lr_schedule(self.optimizer.param_groups)
+        self.name = (f"megatron {'distributed ' if use_distributed_optimizer else ''}adam "
+                     f"({adam_implementation(self.optimizer)})")
         log.info("optimizer: %s", self.name)
 
     def zero_grad(self) -> None:
@@ -208,7 +251,10 @@ class MegatronOptimizerAdapter:
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Apply what ``dist_checkpointing.load`` returned for :meth:`sharded_state_dict` (moments, fp32
-        masters, step, grad scaler)."""
+        masters, step, grad scaler); the saved groups lose their schedule keys first, as the live ones
+        did (:func:`detach_lr_schedule`), so the load does not depend on ``train.lr``."""
+        for groups in saved_param_groups(state):
+            detach_lr_schedule(groups)
         self.optimizer.load_state_dict(state)
 
     def reload_model_params(self) -> None:

@@ -491,3 +491,93 @@ def resume_worker(rank, world, port, out_dir, tp, ckpt_dir, mode):
     from care_megatron.training.megatron.parallel_state import destroy_parallel
 
     destroy_parallel()
+
+
+def _backend_at_lr(hf, lr):
+    """A TP=1 CPU backend like ``_backend``, at learning rate ``lr``."""
+    from care_megatron.config.schema import ParallelConfig, TrainConfig
+    from care_megatron.training.megatron.backend import MegatronBackend, MegatronBackendOptions
+
+    parallel = ParallelConfig(backend="megatron", transformer_impl="local")
+    return MegatronBackend(hf.config, hf.state_dict(), parallel=parallel, train=TrainConfig(lr=lr, grad_clip=1.0),
+                           dtype=torch.float32, options=MegatronBackendOptions(force_cpu=True, logprob_chunk_tokens=17),
+                           with_reference=False)
+
+
+def release_019_checkpoint_worker(rank, world, port, out_dir, ckpt_dir, lr_saved, lr_resumed):
+    """A checkpoint written the way megatron-core 0.19 writes it (``_megatron_release_019``), read by
+    the installed 0.16.1, and resumed under another ``train.lr``.
+
+    ``straight``: step 1 at ``lr_saved``, checkpoint, step 2 at ``lr_resumed``. ``resumed``: a backend
+    built at ``lr_resumed`` from other weights loads the checkpoint and takes step 2. Then the
+    checkpoint's ``common.pt`` is removed and the load is tried again (the refusal)."""
+    import dataclasses
+
+    from care_megatron.training.megatron.parallel_state import destroy_parallel
+
+    import _megatron_release_019 as release_019
+
+    _setup(rank, world, port)
+    hf = tiny_hf_model(tie=False)
+    batches = standard_batches(hf)
+    normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    result = {}
+    straight = _backend_at_lr(hf, lr_saved)
+    straight.train_step(batches, loss_fn, normalisers)
+    with release_019.saving_like_release_019():
+        straight.save_checkpoint(ckpt_dir)
+    result["common_files"] = sorted(part for part in ("model", "optimizer")
+                                    if os.path.exists(os.path.join(ckpt_dir, part, "common.pt")))
+    # common.pt holds what the 0.19 files hold
+    optimizer_dir = os.path.join(ckpt_dir, "optimizer")
+    inside = release_019.common_state_in_files(optimizer_dir)
+    result["saved_step"] = inside["step"]
+    if result["common_files"]:
+        result["common_equal"] = repr(torch.load(os.path.join(optimizer_dir, "common.pt"))) == repr(inside)
+    straight.train = dataclasses.replace(straight.train, lr=lr_resumed)
+    result["straight_lr"] = straight.train_step(batches, loss_fn, normalisers).learning_rate
+    result["straight_weights"] = _exported_like_parameters(straight, None)
+
+    resumed = _backend_at_lr(tiny_hf_model(tie=False, seed=123), lr_resumed)
+    resumed.load_checkpoint(ckpt_dir)  # the installed megatron-core (0.16.1) reads it
+    result["resumed_step_count"] = resumed.step_count
+    result["resumed_lr"] = resumed.train_step(batches, loss_fn, normalisers).learning_rate
+    result["resumed_weights"] = _exported_like_parameters(resumed, None)
+
+    os.remove(os.path.join(ckpt_dir, "model", "common.pt"))
+    try:
+        _backend_at_lr(hf, lr_resumed).load_checkpoint(ckpt_dir)
+        result["refusal"] = None
+    except Exception as error:  # noqa: BLE001 - the test asserts its type and message
+        result["refusal"] = (type(error).__name__, str(error))
+    torch.save(result, os.path.join(out_dir, "release_019_checkpoint.pt"))
+    destroy_parallel()
+
+
+def param_dtype_worker(rank, world, port, out_dir):
+    """Build the local-spec model in bf16 at TP=``world``, with and without sequence parallelism, for
+    Qwen2.5-VL (QKV bias) and Qwen3-VL (QK norms); record every parameter's dtype, the norm classes
+    and their ``sequence_parallel`` marks."""
+    from care_megatron.config.schema import ParallelConfig
+    from care_megatron.training.megatron import cpu_compat
+    from care_megatron.training.megatron.model_provider import QwenVLMegatronModel, text_facts_from_hf
+    from care_megatron.training.megatron.parallel_state import destroy_parallel, initialize_parallel
+
+    from _megatron_fixtures import tiny_hf_config, tiny_qwen3_vl_config
+
+    _setup(rank, world, port)
+    result = {}
+    for arch, config in (("qwen2_5_vl", tiny_hf_config()), ("qwen3_vl", tiny_qwen3_vl_config())):
+        for sp in (False, True):
+            parallel = ParallelConfig(backend="megatron", tensor_model_parallel_size=world, sequence_parallel=sp,
+                                      transformer_impl="local")
+            initialize_parallel(parallel, force_cpu=True)
+            with cpu_compat.model_construction():
+                model = QwenVLMegatronModel(config, text_facts_from_hf(config, arch), parallel, torch.bfloat16,
+                                            use_cpu_initialization=True)
+            norms = {name: (type(module).__name__, bool(getattr(module.weight, "sequence_parallel", False)))
+                     for name, module in model.named_modules() if name.endswith("layernorm") and hasattr(module, "weight")}
+            result[(arch, sp)] = {"dtypes": {name: p.dtype for name, p in model.named_parameters()}, "norms": norms}
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "param_dtypes.pt"))
+    destroy_parallel()

@@ -138,7 +138,8 @@ def test_context_parallel_layout_meets_the_fp8_gemm_rule(monkeypatch, cp, tp, sp
 def test_local_spec_final_norm_is_torch_rmsnorm_with_apex_installed(tmp_path):
     """With apex importable and TE not, megatron-core's block default final norm is apex's
     ``FusedLayerNorm`` (LayerNorm only). A fresh interpreter with a stand-in ``apex`` module shows the
-    default really is FusedLayerNorm there, and that the local spec's norms build as torch RMSNorm."""
+    default really is FusedLayerNorm there, and that the local spec's norms build as torch RMSNorm
+    (:class:`LocalRMSNorm`, a ``torch.nn.RMSNorm``)."""
     script = textwrap.dedent("""
         import sys, types
         sys.modules["apex"] = types.ModuleType("apex")  # `import apex` succeeds: megatron sets HAVE_APEX
@@ -154,7 +155,7 @@ def test_local_spec_final_norm_is_torch_rmsnorm_with_apex_installed(tmp_path):
         assert te_missing and transformer_block.LayerNormImpl is FusedLayerNorm, transformer_block.LayerNormImpl
         facts = text_facts_from_hf(tiny_hf_config(layers=2), "qwen2_5_vl")
         from care_megatron.training.megatron import cpu_compat
-        from care_megatron.training.megatron.model_provider import QwenVLMegatronModel
+        from care_megatron.training.megatron.model_provider import LocalRMSNorm, QwenVLMegatronModel
         from care_megatron.training.megatron.parallel_state import destroy_parallel, initialize_parallel
 
         parallel = ParallelConfig(backend="megatron", transformer_impl="local")
@@ -164,7 +165,7 @@ def test_local_spec_final_norm_is_torch_rmsnorm_with_apex_installed(tmp_path):
                                         use_cpu_initialization=True)
         decoder = model.language_model.decoder
         final, layer = decoder.final_layernorm, decoder.layers[0].input_layernorm
-        assert type(final) is torch.nn.RMSNorm and type(layer) is torch.nn.RMSNorm, (type(final), type(layer))
+        assert type(final) is LocalRMSNorm and type(layer) is LocalRMSNorm, (type(final), type(layer))
         x = torch.randn(3, 64)
         torch.testing.assert_close(final(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
         destroy_parallel()
