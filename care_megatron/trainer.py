@@ -21,7 +21,7 @@ from care_megatron import checkpoint as ckpt
 from care_megatron.algorithm.advantages import AdvantageInputs, get_advantage_fn
 from care_megatron.algorithm.care import CareConfig
 from care_megatron.algorithm.policy_losses import PolicyLossConfig, get_policy_loss
-from care_megatron.config.schema import RunConfig
+from care_megatron.config.schema import ConfigError, RunConfig
 from care_megatron.data.dataset import PromptIterator, build_records
 from care_megatron.data.images import run_image_pipeline
 from care_megatron.data.packing import MRopeSpec, pack_sequences
@@ -105,12 +105,12 @@ class RLTrainer:
         self.dp_rank = int(getattr(self.backend, "data_parallel_rank", 0))
         self.dp_size = int(getattr(self.backend, "data_parallel_size", 1))
         if cfg.data.prompts_per_step % self.dp_size:
-            raise ValueError(f"config field 'data.prompts_per_step': {cfg.data.prompts_per_step} is not divisible by "
-                             f"the data-parallel size {self.dp_size}")
+            raise ConfigError("data.prompts_per_step", f"{cfg.data.prompts_per_step} is not divisible by the "
+                              f"data-parallel size {self.dp_size}")
         per_update = cfg.train.prompts_per_update or cfg.data.prompts_per_step
         if per_update % self.dp_size:
-            raise ValueError(f"config field 'train.prompts_per_update': {per_update} prompts per update do not split "
-                             f"evenly over the data-parallel size {self.dp_size}")
+            raise ConfigError("train.prompts_per_update", f"{per_update} prompts per update do not split evenly "
+                              f"over the data-parallel size {self.dp_size}")
         self.updates_per_epoch = cfg.data.prompts_per_step // per_update
 
     # ---------------------------------------------------------------- one RL step

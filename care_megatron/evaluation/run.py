@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from care_megatron.config.schema import RunConfig
+from care_megatron.config.schema import ConfigError, RunConfig
 from care_megatron.evaluation.scoring import EvalReport, evaluate
 
 
@@ -66,7 +66,7 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
     engine = get_rollout_engine("hf", model.eval(), tokenizer, batch_size=config.rollout.batch_size)
     records = build_records(config.data).eval
     if not records:
-        raise ValueError("config field 'data.eval_size': the held-out set is empty")
+        raise ConfigError("data.eval_size", "the held-out set is empty")
     sampling = SamplingParams(temperature=0.0 if greedy else config.rollout.temperature,
                               top_p=1.0 if greedy else config.rollout.top_p,
                               max_new_tokens=config.rollout.max_new_tokens, stop_token_ids=engine.stop_token_ids,
@@ -101,7 +101,7 @@ def run_benchmark_evaluation(config: RunConfig, checkpoint: str | None = None, b
 
     benchmarks = dict(benchmarks if benchmarks is not None else config.eval.benchmarks)
     if not benchmarks:
-        raise ValueError("config field 'eval.benchmarks': no benchmark given (NAME=PATH, e.g. mathvista=/data/MathVista)")
+        raise ConfigError("eval.benchmarks", "no benchmark given (NAME=PATH, e.g. mathvista=/data/MathVista)")
     judge, judge_name = load_judge(config.eval.judge) if config.eval.judge else (None, None)
     model, tokenizer, image_processor, model_config, state_path = _load_policy(config, checkpoint)
     if config.rollout.engine == "hf":
