@@ -75,10 +75,12 @@ def _fused_vs_plain_step(device, updates: int):
         old = (out.logprobs.cpu() + 0.4 * torch.randn(mb.num_tokens, generator=g)) * mb.loss_mask
         mb.token_fields["old_logprobs"] = old
         mb.token_fields["ref_logprobs"] = old - 0.1 * torch.rand(mb.num_tokens, generator=g)
-    # fixed signs: four negative sequences with an answer span (negative-advantage answer tokens to clip)
-    advantages = torch.randn(8, generator=g).abs() * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0, -1.0])
+    # fixed signs: four negative sequences with an answer span (negative-advantage answer tokens to clip) and
+    # one without advantage (CARE's N_seq counts the others only)
+    advantages = torch.randn(8, generator=g).abs() * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 0.0, -1.0, -1.0])
     attach_loss_inputs(packed, "care", advantages, advantages > 0, 0.005, max_response_length=16)
     normalisers = [loss_normalisers(run, max_response_length=16) for run in minibatches]
+    assert sum(n["num_advantaged_sequences"] for n in normalisers) == 7 and sum(n["num_sequences"] for n in normalisers) == 8
     config = PolicyLossConfig.for_method("care", kl_coef=0.02, dual_clip=DUAL_CLIP)
     assert all(fused_region_loss_applies("care", config, mb) for mb in packed)
     results = {}
