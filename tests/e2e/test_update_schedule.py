@@ -171,7 +171,8 @@ def test_two_updates_split_the_groups_in_order(two_update_step):
     run = two_update_step
     groups = [r.group for r in run.rollouts]
     assert groups == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [0, 1]  # the RGR rows sit at the end of the list
-    seen = [sorted(row for mb in update.micro_batches for row in mb.sequence_indices.tolist()) for update in run.updates]
+    seen = [sorted(row for mb in update.micro_batches for row in mb.sequence_indices.tolist())
+            for update in run.updates]
     assert seen == [[0, 1, 2, 3, 4, 5, 6, 7, 16, 17], list(range(8, 16))]
     assert run.metrics["ppo/updates"] == 2.0 and run.metrics["ppo/skipped_updates"] == 0.0
     # mini-batch normalisers: update 1 has rows 1, 3, 16 (slot 0) and 4, 6, 7, 17 (slot 1) with a
@@ -238,7 +239,8 @@ def test_second_update_follows_the_closed_forms(two_update_step):
     first = run.updates[0].result.metrics
     assert first["min/ratio"] == first["max/ratio"] == 1.0 and first["count/clipped/all"] == 0
     # the step's report: both updates' counts summed, the ratio range over both
-    assert run.metrics["clip_frac/dual"] == pytest.approx(counts["dual"] / (first["count/tokens/neg_adv"] + counts["neg_tokens"]))
+    negative_tokens = first["count/tokens/neg_adv"] + counts["neg_tokens"]
+    assert run.metrics["clip_frac/dual"] == pytest.approx(counts["dual"] / negative_tokens)
     assert run.metrics["ppo/ratio_max"] == m["max/ratio"] > 1 + eps_high
 
 

@@ -80,7 +80,8 @@ def _fused_vs_plain_step(device, updates: int):
     advantages = torch.randn(8, generator=g).abs() * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 0.0, -1.0, -1.0])
     attach_loss_inputs(packed, "care", advantages, advantages > 0, 0.005, max_response_length=16)
     normalisers = [loss_normalisers(run, max_response_length=16) for run in minibatches]
-    assert sum(n["num_advantaged_sequences"] for n in normalisers) == 7 and sum(n["num_sequences"] for n in normalisers) == 8
+    assert sum(n["num_advantaged_sequences"] for n in normalisers) == 7
+    assert sum(n["num_sequences"] for n in normalisers) == 8
     config = PolicyLossConfig.for_method("care", kl_coef=0.02, dual_clip=DUAL_CLIP)
     assert all(fused_region_loss_applies("care", config, mb) for mb in packed)
     results = {}
@@ -98,8 +99,10 @@ def _fused_vs_plain_step(device, updates: int):
     # AdamW moves an entry whose gradient is about its eps (1e-8) by a fair fraction of lr on summation-order
     # noise alone; the second update compounds it (and starts from weights that differ by the first's noise)
     atol = 1e-6 if updates == 1 else 1e-5
-    for (name, p), (_, q) in zip(backends["plain"].model.named_parameters(), backends["fused"].model.named_parameters()):
-        torch.testing.assert_close(q, p, atol=atol, rtol=1e-5, msg=lambda m: f"{name} after the step: {m}")
+    fused_params = dict(backends["fused"].model.named_parameters())
+    for name, p in backends["plain"].model.named_parameters():
+        torch.testing.assert_close(fused_params[name], p, atol=atol, rtol=1e-5,
+                                   msg=lambda m: f"{name} after the step: {m}")
     merged = {name: merge_update_results(results[name]) for name in ("plain", "fused")}
     fractions = {name: clip_fractions(merged[name].metrics) for name in ("plain", "fused")}
     for key in ("clip_frac/neg_adv_answer", "clip_frac/dual", "clip_frac/all"):
