@@ -62,6 +62,15 @@ def install_preemption_handlers(signals=PREEMPTION_SIGNALS) -> None:
     _preemption["installed"] = True
 
 
+def max_over_ranks(value: float, group=None) -> float:
+    """The largest ``value`` over the ranks of ``group`` (``value`` itself without torch.distributed);
+    a host-side collective run on the group's device, so every rank of ``group`` must call it."""
+    from care_megatron.training.megatron.parallel_state import all_reduce_host_values
+    import torch.distributed as dist
+
+    return float(all_reduce_host_values([value], group, op=dist.ReduceOp.MAX)[0])
+
+
 def check_preemption() -> None:
     """Raise :class:`PreemptionRequested` when this rank, or any rank, received a preemption signal.
 

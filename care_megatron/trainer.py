@@ -35,7 +35,8 @@ from care_megatron.rewards.registry import get_reward_fn
 from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
-from care_megatron.runtime import check_preemption, is_main_process, policy_model_config, seed_everything
+from care_megatron.runtime import (check_preemption, is_main_process, max_over_ranks, policy_model_config,
+                                  seed_everything)
 from care_megatron.training import step_inputs, updates
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,14 @@ class RLTrainer:
             return generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling, self.tokenizer,
                                      self.reward_fn, step, group_offset=group_offset)
 
-        return dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step, cfg.rollout.max_new_tokens,
-                                     cfg.algorithm.dapo_overlong_buffer, cfg.algorithm.dapo_overlong_penalty)
+        kept, extra = dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step // self.dp_size,
+                                            cfg.rollout.max_new_tokens, cfg.algorithm.dapo_overlong_buffer,
+                                            cfg.algorithm.dapo_overlong_penalty)
+        if self.dp_size > 1:  # every rank draws as many batches as the rank that refilled most: streams stay aligned
+            rounds = int(extra["dapo/refill_rounds"])
+            for _ in range(int(max_over_ranks(rounds, self.backend.data_parallel_group)) - rounds):
+                next(self.prompts)
+        return kept, extra
 
     def rollout_phase(self, s: StepSchedule, suffix: str) -> None:
         """Wake the engine's weights, give it the trainer's current weights, then wake its KV cache

@@ -60,7 +60,8 @@ def _worker(rank, world, port, out_dir):
     dist.all_reduce(placed, group=group)
     result["placed"] = placed.tolist()
     # 2. the step's host collectives
-    normalisers = reduce_normalisers({"num_sequences": 3.0 + rank, "num_tokens": 10.0 * (rank + 1),
+    normalisers = reduce_normalisers({"num_sequences": 3.0 + rank, "num_advantaged_sequences": 2.0 + rank,
+                                      "num_tokens": 10.0 * (rank + 1),
                                       "max_response_length": 7.0 + 5 * rank}, group)
     result["normalisers"] = normalisers
     g = torch.Generator().manual_seed(rank)
@@ -105,7 +106,8 @@ def test_step_host_collectives_run_on_the_group_device(tmp_path):
         assert r["placed"] == [2.0, 4.0]
         assert r["violations"] == ["torch.distributed.all_reduce got a host tensor (shape (2,), torch.float64) on a "
                                    "group that is NCCL on GPU: NCCL rejects CPU tensors"], r["violations"]
-        assert r["normalisers"] == {"num_sequences": 7.0, "num_tokens": 30.0, "max_response_length": 12.0}
+        assert r["normalisers"] == {"num_sequences": 7.0, "num_advantaged_sequences": 5.0, "num_tokens": 30.0,
+                                   "max_response_length": 12.0}
         # token-weighted over both ranks: rank r's gap is 0.25 * (r + 1) on each of its tokens
         expected = (0.25 * tokens[0] + 0.5 * tokens[1]) / sum(tokens)
         assert r["mismatch"] == pytest.approx(expected, rel=1e-6)
