@@ -155,9 +155,10 @@ class RLTrainer:
         for seq, lp in zip(sequences, old):
             seq.token_fields["old_logprobs"] = lp.float()
         dp_group = getattr(self.backend, "data_parallel_group", None) if self.dp_size > 1 else None
-        groups = [r.group for r in rollouts]
-        runs = updates.minibatch_sequences(groups, updates.minibatch_count(len(set(groups)), self.updates_per_epoch, dp_group))
-        minibatches = [updates.pack_minibatch(sequences, run, self.pack) for run in runs]
+        groups = [r.group for r in rollouts]  # mini-batches of whole prompt groups, one optimizer update each
+        count = updates.minibatch_count(len(set(groups)), self.updates_per_epoch, dp_group)
+        minibatches = [updates.pack_minibatch(sequences, run, self.pack)
+                       for run in updates.minibatch_sequences(groups, count)]
         packed = [mb for run in minibatches for mb in run]
         positive = torch.tensor([r.correct for r in rollouts])
         _, mismatch = step_inputs.attach_loss_inputs(
@@ -169,8 +170,7 @@ class RLTrainer:
                 for mb, out in zip(packed, self.backend.forward_logprobs(packed, model="reference")):
                     mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
         normalisers = [step_inputs.reduce_normalisers(step_inputs.loss_normalisers(run, cfg.rollout.max_new_tokens),
-                                                      getattr(self.backend, "data_parallel_group", None))
-                       for run in minibatches]
+                                                      dp_group) for run in minibatches]
         with s.phase("train"):
             result = updates.run_updates(self.backend, minibatches, normalisers, self.loss_fn, cfg.train.ppo_epochs)
         with s.phase("sleep_trainer"):
