@@ -376,7 +376,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         per_update = self.train.prompts_per_update
         _check(per_update is None or self.data.prompts_per_step % per_update == 0, "train.prompts_per_update",
-               f"{per_update} does not divide data.prompts_per_step ({self.data.prompts_per_step}) into whole updates")
+               f"{per_update} does not divide data.prompts_per_step ({self.data.prompts_per_step}) into whole "
+               f"updates; set a divisor of it (null: one update per step)")
         if self.algorithm.name == "dapo":
             _check(self.algorithm.dapo_overlong_buffer <= self.rollout.max_new_tokens, "algorithm.dapo_overlong_buffer",
                    f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})")

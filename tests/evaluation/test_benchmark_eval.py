@@ -229,7 +229,8 @@ def test_trainer_logs_benchmark_subset_metrics(tmp_path):
     paths = _fixtures(tmp_path / "data", n_vista=2, n_vision=2)
     root = Path(__file__).resolve().parents[2]
     config = load_config(root / "examples/configs/tiny_cpu.yaml", [
-        "data.train_size=8", "data.eval_size=2", "data.prompts_per_step=2", "rollout.group_size=2",
+        "data.train_size=8", "data.eval_size=2", "data.prompts_per_step=2", "train.prompts_per_update=null",
+        "rollout.group_size=2",
         "rollout.max_new_tokens=8", "train.steps=1", "train.eval_every=1", "train.init_from=null", "train.threads=1",
         "algorithm.rgr=false", f"train.output_dir={tmp_path / 'run'}", "eval.train_subset=2",
         *[f"eval.benchmarks.{k}={v}" for k, v in paths.items()]])

@@ -10,7 +10,8 @@ from care_megatron.trainer import RL_PHASES
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data.eval_size=0",
-         "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.micro_batch_tokens=2048"]
+         "data.prompts_per_step=2", "train.prompts_per_update=1", "rollout.group_size=4", "rollout.max_new_tokens=6",
+         "train.micro_batch_tokens=2048"]
 
 
 @pytest.fixture(scope="module")

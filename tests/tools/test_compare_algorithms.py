@@ -186,7 +186,7 @@ def test_methods_offer_the_baselines_and_select_them(tool):
 
 TINY = ["train.init_from=null", "train.steps=1", "train.eval_every=1", "train.save_every=1",
         "data.tasks=[count_shapes,compare_lengths]", "data.train_size=8", "data.eval_size=4",
-        "data.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6"]
+        "data.prompts_per_step=2", "train.prompts_per_update=1", "rollout.group_size=4", "rollout.max_new_tokens=6"]
 
 
 @pytest.mark.slow
