@@ -118,7 +118,8 @@ def _scripted_torchrun(tmp_path, *overrides: str, env: dict | None = None) -> su
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout,expected,updates", [
-    (["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1", []),
+    # the one-update variants are extended: the two-update ones run the same path, then a second update
+    pytest.param(["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1", [], marks=pytest.mark.extended),
     pytest.param(["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], "TP=1 PP=2 CP=1",
                  [], marks=pytest.mark.extended),
     (["parallel.tensor_model_parallel_size=2"], "TP=2 PP=1 CP=1", ["train.prompts_per_update=2"]),
