@@ -64,7 +64,8 @@ def install_preemption_handlers(signals=PREEMPTION_SIGNALS) -> None:
 
 def max_over_ranks(value: float, group=None) -> float:
     """The largest ``value`` over the ranks of ``group`` (``value`` itself without torch.distributed);
-    a host-side collective run on the group's device, so every rank of ``group`` must call it."""
+    a host-side collective run on the group's device (NCCL refuses CPU tensors), so every rank of
+    ``group`` must call it."""
     from care_megatron.training.megatron.parallel_state import all_reduce_host_values
     import torch.distributed as dist
 
@@ -84,9 +85,6 @@ def check_preemption() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        # on the world group's device, as every host-side collective of a step (NCCL refuses CPU tensors)
-        from care_megatron.training.megatron.parallel_state import all_reduce_host_values
-
-        signum = int(all_reduce_host_values([signum], dist.group.WORLD, op=dist.ReduceOp.MAX)[0])
+        signum = int(max_over_ranks(signum, dist.group.WORLD))
     if signum:
         raise PreemptionRequested(signum)

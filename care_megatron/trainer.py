@@ -161,7 +161,7 @@ class RLTrainer:
                        for run in updates.minibatch_sequences(groups, count)]
         packed = [mb for run in minibatches for mb in run]
         positive = torch.tensor([r.correct for r in rollouts])
-        _, mismatch = step_inputs.attach_loss_inputs(
+        mismatch = step_inputs.attach_loss_inputs(
             packed, self.method, advantages, positive, self.care_config.think_weight_pos,
             cfg.rollout.max_new_tokens, cfg.rollout.tis_cap, group=dp_group,
             think_weight_neg=self.care_config.think_weight_neg)

@@ -35,11 +35,13 @@ def per_sequence_embeddings(packed: list[PackedMicroBatch], outputs: list[Forwar
 def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_advantages: torch.Tensor,
                        positive: torch.Tensor, think_weight_pos: float, max_response_length: int,
                        tis_cap: float | None = None, group=None,
-                       think_weight_neg: float = 0.0) -> tuple[dict[str, float], dict[str, float]]:
-    """Fill ``token_weights`` / ``token_advantages`` on every micro-batch; return ``(normalisers, metrics)``.
+                       think_weight_neg: float = 0.0) -> dict[str, float]:
+    """Fill ``token_weights`` / ``token_advantages`` on every micro-batch; return the rollout-mismatch /
+    TIS metrics. The loss normalisers are per mini-batch: :func:`loss_normalisers` on each update's
+    micro-batches after this call, then :func:`reduce_normalisers`.
 
     ``group``: the data-parallel process group; the mismatch / TIS metrics are then token-weighted
-    over every rank's micro-batches (the normalisers are reduced separately, :func:`reduce_normalisers`).
+    over every rank's micro-batches.
 
     ``sequence_advantages`` [N] and ``positive`` [N] are indexed by the original sequence order.
     With ``tis_cap`` the token advantages are multiplied by truncated importance weights
@@ -76,7 +78,7 @@ def attach_loss_inputs(packed: list[PackedMicroBatch], method: str, sequence_adv
         metrics["rollout/mismatch_abs_mean"] = gap / tokens
     if tis_tokens:
         metrics["rollout/tis_weight_mean"] = tis_sum / tis_tokens
-    return loss_normalisers(packed, max_response_length), metrics
+    return metrics
 
 
 def loss_normalisers(packed: list[PackedMicroBatch], max_response_length: int) -> dict[str, float]:

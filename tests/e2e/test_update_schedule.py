@@ -139,9 +139,10 @@ def test_one_update_per_step_is_the_single_update_path_to_the_bit(tmp_path):
     old.load_state_dict_from_checkpoint(copy.deepcopy(run.backend_state))
     packed = trainer.pack(run.sequences)
     positive = torch.tensor([r.correct for r in run.rollouts])
-    normalisers, _ = step_inputs.attach_loss_inputs(
+    step_inputs.attach_loss_inputs(
         packed, trainer.method, run.advantages, positive, trainer.care_config.think_weight_pos,
         cfg.rollout.max_new_tokens, cfg.rollout.tis_cap, think_weight_neg=trainer.care_config.think_weight_neg)
+    normalisers = step_inputs.loss_normalisers(packed, cfg.rollout.max_new_tokens)
     for mb, out in zip(packed, old.forward_logprobs(packed, model="reference")):
         mb.token_fields["ref_logprobs"] = out.logprobs.detach().cpu()
     normalisers = step_inputs.reduce_normalisers(normalisers, None)

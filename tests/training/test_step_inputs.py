@@ -7,7 +7,8 @@ from care_megatron.data.batch import Sequence
 from care_megatron.data.packing import pack_sequences
 from care_megatron.rewards.regions import Region
 from care_megatron.training.base import ForwardOutputs
-from care_megatron.training.step_inputs import attach_loss_inputs, fused_region_loss_applies, make_loss_fn
+from care_megatron.training.step_inputs import (attach_loss_inputs, fused_region_loss_applies, loss_normalisers,
+                                                 make_loss_fn)
 
 
 def _sequences(n=9, seed=0):
@@ -39,7 +40,8 @@ def test_fused_care_loss_matches_plain_loss_values_and_gradients(kl_coef):
     n = len(seqs)
     advantages = torch.randn(n)
     positive = torch.rand(n) > 0.5
-    normalisers, _ = attach_loss_inputs(packed, "care", advantages, positive, 0.005, max_response_length=16)
+    attach_loss_inputs(packed, "care", advantages, positive, 0.005, max_response_length=16)
+    normalisers = loss_normalisers(packed, max_response_length=16)
     config = PolicyLossConfig.for_method("care", kl_coef=kl_coef)
     plain = make_loss_fn(get_policy_loss("care"), config, "care", 0.005, fused=False)
     fused = make_loss_fn(get_policy_loss("care"), config, "care", 0.005, fused=True)
@@ -89,6 +91,6 @@ def test_mismatch_and_tis_metrics_are_token_weighted_over_micro_batches():
     expected_tis = float(torch.exp(old - rollout).clamp(max=2.0).mean())
     for budget in (40, 400):  # many small micro-batches / one
         packed = pack_sequences(seqs, token_budget=budget, pad_multiple=4)
-        _, metrics = attach_loss_inputs(packed, "grpo", torch.randn(n), torch.rand(n) > 0.5, 0.005, 16, tis_cap=2.0)
+        metrics = attach_loss_inputs(packed, "grpo", torch.randn(n), torch.rand(n) > 0.5, 0.005, 16, tis_cap=2.0)
         assert metrics["rollout/mismatch_abs_mean"] == pytest.approx(expected_gap, rel=1e-5)
         assert metrics["rollout/tis_weight_mean"] == pytest.approx(expected_tis, rel=1e-5)

@@ -76,7 +76,7 @@ def _worker(rank, world, port, out_dir):
                              position_ids=torch.arange(n).expand(3, n).clone(),
                              token_fields={"old_logprobs": old, "rollout_logprobs": old - 0.25 * (rank + 1) * mask}))
     packed = pack_sequences(seqs, token_budget=64)
-    _, metrics = attach_loss_inputs(packed, "grpo", torch.randn(3), torch.ones(3, dtype=torch.bool), 0.005, 16,
+    metrics = attach_loss_inputs(packed, "grpo", torch.randn(3), torch.ones(3, dtype=torch.bool), 0.005, 16,
                                     tis_cap=2.0, group=group)
     result["mismatch"] = metrics["rollout/mismatch_abs_mean"]
     result["tokens"] = int(sum(int(mb.loss_mask.sum()) for mb in packed))
