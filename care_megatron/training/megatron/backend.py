@@ -628,8 +628,9 @@ def _sum_metrics(metric_list: list[dict], dp_group=None) -> dict[str, float]:
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         # every rank reduces the same keys: every rank runs the same loss, whose metric keys do not
         # depend on the data (a micro-batch without response tokens reports min/max as +-inf)
-        for prefix, op in (("min/", dist.ReduceOp.MIN), ("max/", dist.ReduceOp.MAX), ("", dist.ReduceOp.SUM)):
-            keys = sorted(k for k in combined if k.startswith(prefix) and (prefix or not k.startswith(("min/", "max/"))))
+        by_op = {"min/": dist.ReduceOp.MIN, "max/": dist.ReduceOp.MAX}
+        for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX, dist.ReduceOp.SUM):
+            keys = sorted(k for k in combined if by_op.get(k[:4], dist.ReduceOp.SUM) == op)
             if keys:
                 values = all_reduce_host_values([combined[k] for k in keys], dp_group, op=op)  # on the group's device
                 combined.update(zip(keys, values.tolist()))
