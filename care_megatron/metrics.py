@@ -28,14 +28,15 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0, desc: str = "rl",
                  filename: str = "metrics.jsonl", tensorboard: bool = True, progress: bool = True,
-                 resumed: bool = False, enabled: bool = True) -> None:
+                 resumed: bool = False, enabled: bool = True, companions: tuple[str, ...] = ("groups.jsonl",)) -> None:
         self.enabled = enabled
         if not enabled:  # non-zero ranks of a distributed run log nothing
             return
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / filename
-        self._keep_until(start_step if resumed else -1)
+        for name in (filename, *companions):  # per-step files written beside it (the trainer's groups.jsonl)
+            keep_lines_until(self.dir / name, start_step if resumed else -1)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -48,19 +49,6 @@ class MetricsLogger:
         disable = not progress or os.environ.get("CARE_NO_PROGRESS") == "1"
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, disable=disable)
         self._t0 = time.time()
-
-    def _keep_until(self, step: int) -> None:
-        """Keep only lines with step <= ``step`` (-1: none)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", -1) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue
-        self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
         if not self.enabled:
@@ -83,6 +71,20 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def keep_lines_until(path: Path, step: int) -> None:
+    """Keep only the JSONL lines of ``path`` with ``step`` <= ``step`` (-1: none; a cut line is dropped)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(l + "\n" for l in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -111,31 +113,95 @@ _FIELDS = ("reward", "accuracy", "format", "think_length", "answer_length")
 
 
 def diagnostic_payload(rollouts, advantages, info: dict | None) -> dict:
-    """The per-rollout / per-group tensors the step diagnostics read (small; what DP ranks exchange)."""
+    """The per-rollout / per-group tensors the step diagnostics read (small; what DP ranks exchange).
+    ``rows['slot']``: each rollout's group as an index 0..n_groups-1 in ascending group order (the
+    order of ``info['group_ids']``); ``ids``: each rollout's record id."""
     import torch
 
     rows = {name: torch.tensor([float(getattr(r, name)) for r in rollouts], dtype=torch.float64) for name in _FIELDS}
     rows["response_length"] = torch.tensor([float(len(r.completion.token_ids)) for r in rollouts], dtype=torch.float64)
     rows["advantage"] = advantages.detach().double().cpu()
+    rows["reflected"] = torch.tensor([float(r.reflected_from >= 0) for r in rollouts], dtype=torch.float64)
+    groups = torch.tensor([r.group for r in rollouts], dtype=torch.long)
+    rows["slot"] = torch.unique(groups, sorted=True, return_inverse=True)[1].double() if len(rollouts) else groups.double()
     care = None if info is None else {k: info[k].detach().cpu() for k in _GROUP_KEYS + _ROW_KEYS}
-    return {"rows": rows, "info": care}
+    return {"rows": rows, "info": care, "ids": [str(r.record.id) for r in rollouts]}
 
 
 def merge_diagnostic_payloads(payloads: list[dict]) -> dict:
-    """Concatenate the payloads of several data-parallel ranks (groups renumbered: ``group_of`` is
-    offset by the groups of the ranks before). Equal to the payload of all rollouts in one batch."""
+    """Concatenate the payloads of several data-parallel ranks (groups renumbered: ``group_of`` and the
+    ``slot`` row are offset by the groups of the ranks before). Equal to the payload of all rollouts in one batch."""
     import torch
 
-    rows = {k: torch.cat([p["rows"][k] for p in payloads]) for k in payloads[0]["rows"]}
+    slots, offset = [], 0
+    for p in payloads:
+        slots.append(p["rows"]["slot"] + offset)
+        offset += int(p["rows"]["slot"].max()) + 1 if p["rows"]["slot"].numel() else 0
+    rows = {k: torch.cat(slots) if k == "slot" else torch.cat([p["rows"][k] for p in payloads])
+            for k in payloads[0]["rows"]}
+    ids = [i for p in payloads for i in p.get("ids", [])]
     if any(p["info"] is None for p in payloads):
-        return {"rows": rows, "info": None}
+        return {"rows": rows, "info": None, "ids": ids}
     info, offset, group_of = {}, 0, []
     for p in payloads:
         group_of.append(p["info"]["group_of"] + offset)
         offset += int(p["info"]["group_ids"].numel())
     for k in _GROUP_KEYS + _ROW_KEYS:
         info[k] = torch.cat(group_of) if k == "group_of" else torch.cat([p["info"][k] for p in payloads])
-    return {"rows": rows, "info": info}
+    return {"rows": rows, "info": info, "ids": ids}
+
+
+def group_records(payload: dict, step: int, method: str) -> list[dict]:
+    """One record per prompt group of a (merged) payload: the ``groups.jsonl`` lines of a step.
+
+    Every method: ``step``, ``prompt_id``, ``group`` (index in the step), ``method``, ``accuracy`` and
+    ``reward_mean`` (over the group's original rollouts, RGR samples excluded), ``all_negative`` (no
+    original rollout correct), ``decoded_tokens`` (the group's decoded response tokens, its RGR sample's
+    included). CARE (``info`` present) adds ``anchored``, ``rescue``, ``saturated``, ``k_prime``,
+    ``anchor_z`` (the anchor's pre-scaling z-score; None unless anchored), ``neg_z`` (the selected
+    negatives' pre-scaling z-scores, RGR samples excluded; [] unless anchored), ``anchor_advantage``,
+    ``rgr_triggered``, ``rgr_correct`` (None without a sample) and ``rgr_tokens``."""
+    from care_megatron.algorithm.care import SubgroupRole
+
+    rows, info, ids = payload["rows"], payload["info"], payload.get("ids") or []
+    slot = rows["slot"].long()
+    reflected = rows["reflected"].bool()
+    records = []
+    for g in range(int(slot.max()) + 1 if slot.numel() else 0):
+        members = (slot == g).nonzero().flatten()
+        if not members.numel():
+            continue
+        original = members[~reflected[members]]
+        base = original if original.numel() else members
+        accuracy = rows["accuracy"][base]
+        record = {"step": int(step), "prompt_id": ids[int(members[0])] if ids else None, "group": g, "method": method,
+                  "accuracy": float(accuracy.mean()), "reward_mean": float(rows["reward"][base].mean()),
+                  "all_negative": bool((accuracy < 1).all()),
+                  "decoded_tokens": int(rows["response_length"][members].sum())}
+        if info is not None:
+            anchored = bool(info["anchored"][g])
+            role, z = info["role"][members], info["z_scores"][members].double()
+            anchor = members[(role == int(SubgroupRole.ANCHOR))]
+            negatives = (role == int(SubgroupRole.NEGATIVE)) & ~reflected[members]
+            rgr = members[reflected[members]]
+            record.update(
+                anchored=anchored, rescue=bool(info["rescue"][g]), saturated=bool(info["saturated"][g]),
+                k_prime=int(info["num_negatives"][g]),
+                anchor_z=float(z[role == int(SubgroupRole.ANCHOR)][0]) if anchored and anchor.numel() else None,
+                neg_z=[float(v) for v in z[negatives].tolist()] if anchored else [],
+                anchor_advantage=float(rows["advantage"][anchor[0]]) if anchored and anchor.numel() else None,
+                rgr_triggered=bool(rgr.numel()),
+                rgr_correct=bool(rows["accuracy"][rgr[0]] >= 1) if rgr.numel() else None,
+                rgr_tokens=int(rows["response_length"][rgr].sum()))
+        records.append(record)
+    return records
+
+
+def write_group_records(path: str | Path, records: list[dict]) -> None:
+    """Append ``records`` (:func:`group_records`) to ``groups.jsonl`` (one JSON object per line)."""
+    if records:
+        with Path(path).open("a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def ppo_ratio_metrics(update_metrics: dict[str, float]) -> dict[str, float]:
@@ -154,13 +220,15 @@ def ppo_ratio_metrics(update_metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None) -> dict[str, float]:
+def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None,
+                    with_payload: bool = False) -> dict[str, float] | tuple[dict[str, float], dict]:
     """One RL step's metrics: docs/algorithm.md section 9 diagnostics from the rollouts and advantages, plus the
     update's. Loss metrics are globally normalised, so their micro-batch sum is the step value; clip
     fractions are rebuilt from summed counts; per-micro-batch means are averaged.
 
     ``group``: the data-parallel process group; with more than one rank, every rank's rollouts enter
-    the diagnostics (``result`` is already reduced over data parallelism by the backend)."""
+    the diagnostics (``result`` is already reduced over data parallelism by the backend).
+    ``with_payload``: also return the (merged) diagnostic payload, for :func:`group_records`."""
     import numpy as np
     import torch.distributed as dist
 
@@ -183,7 +251,7 @@ def rl_step_metrics(rollouts, advantages, info: dict | None, result, group=None)
     if payload["info"] is not None:
         original = original[~payload["info"]["is_reflected"].bool()]
     metrics["length/response_mean"] = float(np.mean(original.numpy())) if len(original) else float("nan")
-    return metrics
+    return (metrics, payload) if with_payload else metrics
 
 
 def write_samples(path: str | Path, step: int, rollouts, keep: int = 4) -> None:

@@ -30,14 +30,16 @@ from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
 from care_megatron.evaluation.scoring import evaluate
 from care_megatron.experience import (advantage_inputs, dapo_dynamic_sampling, generate_rollouts,
                                      reflect_hard_negatives, to_sequence)
-from care_megatron.metrics import MetricsLogger, rl_step_metrics, write_samples
+from care_megatron.metrics import MetricsLogger, group_records, rl_step_metrics, write_group_records, write_samples
 from care_megatron.rewards.registry import get_reward_fn
 from care_megatron.rewards.verifier import VerifierConfig
 from care_megatron.rollout.base import SamplingParams
 from care_megatron.rollout.colocate import StepSchedule, sync_weights
+from care_megatron.training.megatron.parallel_state import all_reduce_host_values
 from care_megatron.runtime import (check_preemption, is_main_process, max_over_ranks, policy_model_config,
                                   seed_everything)
 from care_megatron.training import step_inputs, updates
+from care_megatron.training.update_norm import snapshot_parameters
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ def derive_seed(run_seed: int, step: int, dp_rank: int, stream: str, base: int =
     what the uninterrupted one did."""
     key = f"{run_seed}/{base}/{step}/{dp_rank}/{stream}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 33
+
+
+def _decoded_tokens(rollouts) -> float:
+    """Response tokens the engine decoded for ``rollouts`` (an RGR sample's re-fed rationale prefix is prompt, not decoded)."""
+    return float(sum(len(r.completion.token_ids) for r in rollouts))
 
 
 class RLTrainer:
@@ -129,6 +136,7 @@ class RLTrainer:
         with s.phase("generate"):
             rollouts = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling,
                                          self.tokenizer, self.reward_fn, step)
+            self.decoded = {"tokens/decoded": _decoded_tokens(rollouts), "tokens/rgr_decoded": 0.0}
             extra: dict[str, float] = {}
             if self.method == "dapo":
                 rollouts, extra = self.dapo_refill(rollouts, sampling, step)
@@ -144,6 +152,8 @@ class RLTrainer:
         if targets:  # RGR (spec section 5): training only, in anchored groups with a hard negative
             rgr_sampling = dataclasses.replace(sampling, seed=derive_seed(cfg.train.seed, step, self.dp_rank, "rgr"))
             reflected = self.rgr_round_trip(s, rollouts, targets, rgr_sampling, step)
+            self.decoded["tokens/rgr_decoded"] = _decoded_tokens(reflected)
+            self.decoded["tokens/decoded"] += self.decoded["tokens/rgr_decoded"]
             new = [to_sequence(r, len(rollouts) + i) for i, r in enumerate(reflected)]
             with s.phase("logprobs_rgr"):
                 packed_new = self.pack(new)
@@ -172,22 +182,32 @@ class RLTrainer:
         normalisers = [step_inputs.reduce_normalisers(step_inputs.loss_normalisers(run, cfg.rollout.max_new_tokens),
                                                       dp_group) for run in minibatches]
         with s.phase("train"):
+            before = snapshot_parameters(self.backend)  # update/param_norm: the step's whole parameter change
             result = updates.run_updates(self.backend, minibatches, normalisers, self.loss_fn, cfg.train.ppo_epochs)
+            update_norm = {} if before is None else {"update/param_norm": before.distance()}
+            del before
         with s.phase("sleep_trainer"):
             self.backend.sleep()
         timings = s.end_step()
         if self.main:
             write_samples(self.out / "samples.jsonl", step, rollouts)
-        metrics = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result, group=dp_group)
-        return {**metrics, **extra, **mismatch, **timings, "data/skipped_records": float(self.skipped_records)}
+        metrics, payload = rl_step_metrics(rollouts, advantages, info if self.method == "care" else None, result,
+                                           group=dp_group, with_payload=True)
+        if self.main:  # per-group records beside metrics.jsonl (numbered like it: this step is step + 1)
+            write_group_records(self.out / "groups.jsonl", group_records(payload, step + 1, self.method))
+        decoded = dict(zip(self.decoded, all_reduce_host_values(list(self.decoded.values()), dp_group).tolist()))
+        return {**metrics, **extra, **mismatch, **timings, **update_norm, **decoded,
+                "data/skipped_records": float(self.skipped_records)}
 
     def dapo_refill(self, rollouts, sampling, step: int):
         cfg = self.config
 
         def more(num_prompts: int, group_offset: int):
             records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size][:num_prompts])
-            return generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling, self.tokenizer,
-                                     self.reward_fn, step, group_offset=group_offset)
+            fresh = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling, self.tokenizer,
+                                      self.reward_fn, step, group_offset=group_offset)
+            self.decoded["tokens/decoded"] += _decoded_tokens(fresh)  # refills count though filtered groups are dropped
+            return fresh
 
         kept, extra = dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step // self.dp_size,
                                             cfg.rollout.max_new_tokens, cfg.algorithm.dapo_overlong_buffer,

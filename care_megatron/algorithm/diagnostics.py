@@ -22,6 +22,8 @@ Definitions chosen where the paper leaves room:
   z_neg * (-sqrt(K')) (the theory-normalised check, 1 for binary rewards); ``signature/pearson`` the
   Pearson correlation of observed z against theory over all those members (omitted when it is
   undefined: fewer than two points or no spread).
+* ``adv/anchor_mean``: mean final advantage of the anchors of anchored groups (the paper's Fig. 5 right
+  axis); omitted when no group is anchored.
 * ``kprime/hist/{K'}``: fraction of the groups in play (anchored or rescued) with that K'.
 * ``adv/neg_var_ratio``: variance of the failures' advantages over the variance of all advantages,
   both over subgroup members for CARE (over all rollouts for baselines); omitted when undefined.
@@ -114,6 +116,7 @@ def advantage_diagnostics(
         out[f"signature/anchor_theory/k{value}"] = math.sqrt(value)
         out[f"signature/neg_theory/k{value}"] = -1.0 / math.sqrt(value)
     if bool(is_anchor.any()):
+        out["adv/anchor_mean"] = _mean(advantages[is_anchor])
         out["signature/anchor_ratio"] = _mean(z[is_anchor] / theory[is_anchor])
     if bool(is_negative.any()):
         out["signature/neg_ratio"] = _mean(z[is_negative] / theory[is_negative])

@@ -90,6 +90,10 @@ class TorchBackend:
             self.optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
         self.steps_taken = 0
 
+    def owned_parameters(self) -> tuple[list[torch.Tensor], None]:
+        """The parameters the optimizer updates (all on this process) for ``update/param_norm``."""
+        return [p for p in self.model.parameters() if p.requires_grad], None
+
     # ------------------------------------------------------------------ forward
     def _language_forward(self, model: torch.nn.Module, mb: PackedMicroBatch) -> torch.Tensor:
         """Final-layer (post-norm) hidden states [T, D] of one packed micro-batch.

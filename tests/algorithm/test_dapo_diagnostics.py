@@ -105,17 +105,19 @@ def test_step_metrics_over_data_parallel_ranks_equal_one_batch():
     gives exactly the metrics of all groups in one batch (what a single-process run reports)."""
     from types import SimpleNamespace
 
-    from care_megatron.metrics import diagnostic_payload, merge_diagnostic_payloads, rl_step_metrics
+    from care_megatron.metrics import diagnostic_payload, group_records, merge_diagnostic_payloads, rl_step_metrics
     from care_megatron.training.base import StepResult
 
     torch.manual_seed(0)
     groups = [_binary(1, 0, extra=2), _binary(2, 1), group([0.0, 0.1, 0.0], [False] * 3, gid=2),
               _binary(4, 3), _binary(3, 4, extra=1), group([1.0, 1.0], [True, True], gid=5)]
 
-    def rollouts_of(batch):
+    def rollouts_of(batch, offset=0):
         return [SimpleNamespace(reward=float(r), accuracy=float(c), format=1.0, think_length=int(t),
-                                answer_length=int(a), completion=SimpleNamespace(token_ids=[0] * (int(t) + int(a))))
-                for r, c, t, a in zip(batch["rewards"], batch["correct"], batch["think_lengths"], batch["answer_lengths"])]
+                                answer_length=int(a), completion=SimpleNamespace(token_ids=[0] * (int(t) + int(a))),
+                                group=int(g), reflected_from=-1, record=SimpleNamespace(id=f"p{int(g) + offset}"))
+                for r, c, t, a, g in zip(batch["rewards"], batch["correct"], batch["think_lengths"],
+                                         batch["answer_lengths"], batch["group_index"])]
 
     config = CareConfig(k=4)
     whole = concat(*groups)
@@ -127,8 +129,17 @@ def test_step_metrics_over_data_parallel_ranks_equal_one_batch():
         renumbered = [dict(g, group_index=g["group_index"] - part[0]["group_index"][0]) for g in part]
         batch = concat(*renumbered)
         a, i = care_advantages(**batch, config=config)
-        payloads.append(diagnostic_payload(rollouts_of(batch), a, i))
+        payloads.append(diagnostic_payload(rollouts_of(batch, offset=int(part[0]["group_index"][0])), a, i))
     merged = merge_diagnostic_payloads(payloads)
+    # the per-group records (groups.jsonl) of the merged ranks are those of the whole batch, prompt ids included
+    whole_records = group_records(diagnostic_payload(rollouts_of(whole), adv, info), 7, "care")
+    assert group_records(merged, 7, "care") == whole_records
+    assert [r["prompt_id"] for r in whole_records] == [f"p{g}" for g in range(6)]
+    assert [r["all_negative"] for r in whole_records] == [False, False, True, False, False, False]
+    baseline = group_records(merge_diagnostic_payloads([dict(p, info=None) for p in payloads]), 7, "grpo")
+    assert [{k: r[k] for k in b if k != "method"} for r, b in zip(whole_records, baseline)] == \
+        [{k: v for k, v in b.items() if k != "method"} for b in baseline]
+    assert "anchor_z" not in baseline[0] and baseline[0]["method"] == "grpo"
     assert merged["info"]["group_of"].tolist() == info["group_of"].tolist()
     rows = merged["rows"]
     got = advantage_diagnostics(rows["reward"], rows["accuracy"], rows["advantage"], rows["format"],

@@ -66,6 +66,12 @@ def test_megatron_data_parallel_dp2_runs_and_resumes(tmp_path):
         assert r["groups/count"] == 2.0, r  # 2 prompts per step = one group per rank, both in the metrics
         rates = [r[k] for k in ("groups/anchored_rate", "groups/saturated_rate", "rescue/rate")]
         assert sum(rates) == pytest.approx(1.0), r  # every group of both ranks is classified exactly once
+    # groups.jsonl (rank 0) holds both ranks' groups once per step, the resumed step not duplicated, and
+    # tokens/decoded sums both ranks' rollouts
+    groups = [json.loads(line) for line in (tmp_path / "groups.jsonl").read_text().splitlines()]
+    assert [(g["step"], g["group"]) for g in groups] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for r in rows:
+        assert r["tokens/decoded"] == sum(g["decoded_tokens"] for g in groups if g["step"] == r["step"]) > 0
 
 
 @pytest.mark.slow
@@ -94,7 +100,8 @@ def test_megatron_sft_matches_torch_backend(tmp_path, layout):
 
 
 SCRIPTED_KEYS = KEYS + ["adv/abs_mean", "rgr/trigger_rate", "rgr/success_rate", "rgr/reward_mean", "rescue/rate",
-                        "groups/anchored_rate", "kprime/mean", "signature/pearson", "clip_frac/all"]
+                        "groups/anchored_rate", "kprime/mean", "signature/pearson", "clip_frac/all", "adv/anchor_mean",
+                        "update/param_norm", "tokens/decoded", "tokens/rgr_decoded"]
 UPDATE_KEYS = ["ppo/updates", "ppo/ratio_mean", "ppo/ratio_min", "ppo/ratio_max", "ppo/approx_kl", "clip_frac/pos_adv",
                "clip_frac/neg_adv", "clip_frac/dual"]
 """With several updates per step the ratios leave 1 and the clips act: these must agree too."""

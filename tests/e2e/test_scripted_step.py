@@ -99,7 +99,12 @@ def run_scripted_step(tmp_path, *extra, steps: int = 1):
 
     def train_step(packed, loss_fn, normalisers):
         captured["packed"].append((packed, normalisers))
-        return real_train_step(packed, loss_fn, normalisers)
+        params = [p for p in trainer.backend.model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        result = real_train_step(packed, loss_fn, normalisers)
+        captured.setdefault("update_norms", []).append(
+            math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in zip(params, before))))
+        return result
 
     def advantages(rollouts, embeddings, care_config=None):
         out = real_advantages(rollouts, embeddings, care_config)
@@ -185,6 +190,43 @@ def test_metrics_cover_the_original_rollouts_and_rgr_apart(scripted_run):
     assert m["rgr/reward_mean"] == pytest.approx((1.0 + 0.1) / 2)
     assert m["rescue/rate"] == 0.25 and m["groups/anchored_rate"] == 0.5 and m["groups/saturated_rate"] == 0.25
     assert m["kprime/mean"] == pytest.approx((2 + 3 + 3) / 3)
+
+
+def test_group_records_decoded_tokens_and_update_norm(scripted_run):
+    """groups.jsonl (one line per group and step), tokens/decoded and update/param_norm, against the script's
+    closed forms and the rollouts / parameters themselves."""
+    import json
+
+    trainer, metrics, captured = scripted_run
+    rollouts, _ = captured["advantages"][1]
+    lines = [json.loads(line) for line in (trainer.out / "groups.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["group"]) for r in lines] == [(s, g) for s in (1, 2) for g in range(4)]
+    first = lines[:4]
+    assert [r["prompt_id"] for r in first] == [rollouts[4 * g].record.id for g in range(4)]
+    assert [r["accuracy"] for r in first] == pytest.approx([0.5, 0.25, 0.0, 1.0])
+    assert [r["all_negative"] for r in first] == [False, False, True, False]
+    assert [(r["anchored"], r["rescue"], r["saturated"], r["k_prime"]) for r in first] == [
+        (True, False, False, 2), (True, False, False, 3), (False, True, False, 3), (False, False, True, 0)]
+    z_pos, z_neg = two_value_z(3, 2, 0.9)  # slot 0 after the successful reflection of row 2
+    z_a, z_n = two_value_z(4, 1, 0.9)      # slot 1
+    assert first[0]["anchor_z"] == pytest.approx(z_pos, rel=1e-5) and first[0]["neg_z"] == pytest.approx([z_neg], rel=1e-5)
+    assert first[1]["anchor_z"] == pytest.approx(z_a, rel=1e-5) and first[1]["neg_z"] == pytest.approx([z_n, z_n], rel=1e-5)
+    assert first[2]["anchor_z"] is None and first[2]["neg_z"] == [] and first[3]["anchor_z"] is None
+    assert first[0]["anchor_advantage"] == pytest.approx(expected_advantages()[1], rel=1e-5)
+    assert first[1]["anchor_advantage"] == pytest.approx(expected_advantages()[4], rel=1e-5)
+    assert [(r["rgr_triggered"], r["rgr_correct"]) for r in first] == [(True, True), (True, False), (False, None),
+                                                                     (False, None)]
+    length = [len(r.completion.token_ids) for r in rollouts]
+    assert [r["rgr_tokens"] for r in first] == [length[16], length[17], 0, 0]
+    assert [r["decoded_tokens"] for r in first] == [sum(length[4 * g:4 * g + 4]) + (length[16 + g] if g < 2 else 0)
+                                                    for g in range(4)]
+    assert metrics[0]["tokens/decoded"] == sum(length) and metrics[0]["tokens/rgr_decoded"] == length[16] + length[17]
+    # one optimizer update per step here: the step's parameter change is that update's
+    assert metrics[0]["update/param_norm"] == pytest.approx(captured["update_norms"][0], rel=1e-6)
+    assert metrics[1]["update/param_norm"] == pytest.approx(captured["update_norms"][1], rel=1e-6)
+    assert metrics[0]["update/param_norm"] > 0
+    assert metrics[0]["adv/anchor_mean"] == pytest.approx((expected_advantages()[1] + expected_advantages()[4]) / 2,
+                                                          rel=1e-5)
 
 
 def test_each_step_draws_fresh_care_and_rgr_seeds(scripted_run):

@@ -180,6 +180,21 @@ class MegatronBackend:
 
         return mps.get_data_parallel_group()
 
+    def owned_parameters(self):
+        """For ``update/param_norm``: this rank's trainable policy parameters, each unique parameter once
+        over model parallelism (a tensor-parallel duplicate such as a norm or the replicated vision tower
+        counts on TP rank 0 only; a shared (tied) embedding copy not at all, as in Megatron's gradient-norm
+        clipping), and the model-parallel group over which their squared changes add up (None without
+        model parallelism)."""
+        from megatron.core import parallel_state as mps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        owned = [p for p in self._policy_parameters() if p.requires_grad and param_is_not_shared(p)
+                 and param_is_not_tensor_parallel_duplicate(p)]
+        model_parallel = self.dist["tp_size"] * self.dist["pp_size"] > 1
+        return owned, mps.get_model_parallel_group() if model_parallel else None
+
     # ------------------------------------------------------------------ construction helpers
     def _build_chunks(self, hf_config) -> list[QwenVLMegatronModel]:
         """This rank's model chunks: one, or one per virtual pipeline stage."""
