@@ -276,3 +276,40 @@ def test_a_run_trained_with_other_overrides_is_not_reused(tool, tmp_path, capsys
     with pytest.raises(SystemExit):
         tool.main(["fig2", "--config", str(TINY_CPU), "--out", str(out), "--seeds", "1", "--no-run", "train.steps=5"])
     assert "was trained with config" in capsys.readouterr().err
+
+
+def test_local_training_commands_without_training(tool, tmp_path, monkeypatch, capsys):
+    """--jobs 2: one `python -m care_megatron.cli train` process per run with train.threads=1, --resume where a
+    checkpoint folder exists; --jobs 1: compare_algorithms.run_locally in this process. Training itself is faked."""
+    out = tmp_path / "out"
+    plan = tool.plan_runs([tool.FIGURES["fig7"]], str(TINY_CPU), ["train.init_from=null"], 1, out, threads_one=True)
+    assert all(r.overrides[-1] == "train.threads=1" for r in plan)
+    (plan[1].directory / "checkpoints").mkdir(parents=True)
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        Done.returncode = 1 if "algorithm.care.rescue=false" in argv else 0
+        return Done()
+
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    failed = tool.train_runs(plan, str(TINY_CPU), jobs=2)
+    assert failed == ["rescue_off.train_size32/seed0"]
+    by_dir = {next(a for a in argv if a.startswith("train.output_dir=")): argv for argv in calls}
+    first = by_dir[f"train.output_dir={plan[0].directory}"]
+    assert first[1:5] == ["-m", "care_megatron.cli", "train", "--config"] and "--resume" not in first
+    assert "--resume" in by_dir[f"train.output_dir={plan[1].directory}"]
+    record = json.loads((plan[0].directory / tool.RUN_RECORD).read_text())
+    assert "train.threads=1" not in record["overrides"] and "data.train_size=32" in record["overrides"]
+    printed = capsys.readouterr().out
+    assert printed.count("start ") == 2 and "FAILED" in printed and "trained 1 of 2 runs" in printed
+
+    local = []
+    monkeypatch.setattr(tool.compare, "run_locally", lambda config, overrides, directory: local.append(directory))
+    assert tool.train_runs(plan, str(TINY_CPU), jobs=1) == [] and local == [r.directory for r in plan]
+    missing = tool.plan_runs([tool.FIGURES["fig2"]], str(TINY_CPU), ["train.init_from=/nonexistent/sft"], 1, out)
+    with pytest.raises(ValueError, match="train.init_from: /nonexistent/sft does not exist"):
+        tool.train_runs(missing, str(TINY_CPU), jobs=1)
