@@ -194,6 +194,36 @@ class PlannedRun:
     init_from: str | None
     figures: set = field(default_factory=set)
     """The figures that draw this run."""
+    uses: set = field(default_factory=set)
+    """(figure, variant) pairs drawn from this run: variants with the same effective config share one run."""
+
+
+def effective_identity(config) -> str:
+    """What a run computes: the whole config with ``algorithm.care`` completed by CareConfig's defaults,
+    without the run directory and thread count. Two variants with the same identity (``neg_scale_0p5``
+    and ``table2_care``: one writes the default out, the other leaves it) are the same experiment."""
+    import dataclasses
+
+    from care_megatron.algorithm.care import CareConfig
+
+    data = dataclasses.asdict(config)
+    data["algorithm"]["care"] = dataclasses.asdict(CareConfig(**(config.algorithm.care or {})))
+    data["train"].pop("output_dir", None)
+    data["train"].pop("threads", None)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def canonical_variants(config_path: str | None, base_overrides: list[str], wanted: list[str]) -> dict[str, str]:
+    """Variant -> the variant whose runs it uses: among ``wanted`` and every variant of the figure catalogue,
+    the first in catalogue order (then ``wanted`` order) with the same effective config, so any figure
+    command picks the same run directory for the same experiment."""
+    catalogue = list(dict.fromkeys([v for f in FIGURES.values() for v in f.variants] + list(wanted)))
+    first: dict[str, str] = {}
+    out = {}
+    for variant in catalogue:
+        identity = effective_identity(load_config(config_path, [*base_overrides, *variant_overrides(variant_file(variant))]))
+        out[variant] = first.setdefault(identity, variant)
+    return {v: out[v] for v in wanted}
 
 
 def plan_runs(figures: list[Figure], config_path: str | None, user_overrides: list[str], seeds: int, out: Path,
@@ -205,7 +235,13 @@ def plan_runs(figures: list[Figure], config_path: str | None, user_overrides: li
     user_keys = _keys(user_overrides)
     for figure in figures:
         extra = small_pool_overrides(base, user_overrides) if figure.small_pool else []
-        for variant in variants or figure.variants:
+        wanted = list(variants or figure.variants)
+        canonical = canonical_variants(config_path, [*extra, *user_overrides], wanted)
+        for drawn in wanted:
+            variant = canonical[drawn]
+            if variant != drawn:
+                print(f"note: {drawn} is the same experiment as {variant} (same effective config): "
+                      f"{figure.name} draws {variant}'s runs for it", file=sys.stderr)
             own = variant_overrides(variant_file(variant))
             clash = sorted(user_keys & _keys(own))
             if clash:
@@ -220,7 +256,9 @@ def plan_runs(figures: list[Figure], config_path: str | None, user_overrides: li
                 if threads_one and "train.threads" not in user_keys:
                     overrides.append("train.threads=1")
                 run = PlannedRun(key, variant, seed, directory, overrides, config.train.steps, config.train.init_from)
-                planned.setdefault((key, seed), run).figures.add(figure.name)
+                kept = planned.setdefault((key, seed), run)
+                kept.figures.add(figure.name)
+                kept.uses.add((figure.name, drawn))
     return list(planned.values())
 
 
@@ -1070,7 +1108,10 @@ def main(argv: list[str] | None = None) -> dict:
                     if name not in run.figures:
                         continue
                     if compare.is_finished(run.directory, run.steps):
-                        keyed.setdefault(run.variant, {})[run.seed] = load_run(run.directory)
+                        loaded = load_run(run.directory)
+                        for figure_name, drawn in sorted(run.uses):
+                            if figure_name == name:
+                                keyed.setdefault(drawn, {})[run.seed] = loaded
                     else:
                         print(f"warning: {run.directory} is not finished; {name} leaves it out", file=sys.stderr)
                 if keyed:

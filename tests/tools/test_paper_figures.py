@@ -265,6 +265,24 @@ def test_config_mode_plans_small_pool_runs_and_prints_sbatch_lines(tool, tmp_pat
     assert all("data.train_size=32" not in r.overrides for r in plan)
 
 
+def test_variants_of_the_same_experiment_share_one_run(tool, tmp_path):
+    """neg_scale_0p5 (writes s = 0.5 out), k4_eq_on (K = 4, Eq on) and reflect_neg_scale_0p25 are CARE's defaults:
+    whichever figure asks first, they draw table2_care's runs; a variant that changes a value does not."""
+    out = tmp_path / "out"
+    plan = tool.plan_runs([tool.FIGURES["fig6"], tool.FIGURES["fig9_10"], tool.FIGURES["fig5"]], str(TINY_CPU), [], 1, out)
+    by_key = {r.key: r for r in plan}
+    assert "neg_scale_0p5" not in by_key and "k4_eq_on" not in by_key
+    assert by_key["table2_care"].uses == {("fig6", "neg_scale_0p5"), ("fig9_10", "k4_eq_on"), ("fig5", "table2_care")}
+    assert by_key["neg_scale_0p25"].uses == {("fig6", "neg_scale_0p25")}
+    assert len(plan) == 3 + 5 + 4  # fig6: 0.25 / 0.75 / 1.0 + shared; fig9_10: five of its own; fig5: four
+    small = tool.plan_runs([tool.FIGURES["fig12"], tool.FIGURES["fig7"]], str(TINY_CPU), [], 1, out)
+    assert sorted(r.key for r in small) == sorted(["table2_care.train_size32", "reflect_neg_scale_0p1.train_size32",
+                                                   "reflect_neg_scale_0p5.train_size32", "reflect_neg_scale_1p0.train_size32",
+                                                   "rescue_off.train_size32"])
+    assert tool.canonical_variants(str(TINY_CPU), [], ["selector_random", "neg_scale_0p5"]) == {
+        "selector_random": "selector_random", "neg_scale_0p5": "table2_care"}
+
+
 def test_a_run_trained_with_other_overrides_is_not_reused(tool, tmp_path, capsys):
     out = tmp_path / "out"
     (run,) = [r for r in tool.plan_runs([tool.FIGURES["fig2"]], str(TINY_CPU), ["train.steps=2"], 1, out)]
