@@ -16,6 +16,7 @@ from care_megatron.data.batch import Sequence
 from care_megatron.data.prompting import PromptInputs, build_sequence
 from care_megatron.rewards.parsing import regions_from_token_ids
 from care_megatron.rewards.regions import Region
+from care_megatron.rewards.registry import reward_tags
 from care_megatron.rollout.base import Completion
 from care_megatron.rollout.base import strip_stop_token as _strip_stop
 
@@ -63,7 +64,7 @@ def make_rollout(group: int, record, prompt: PromptInputs, completion: Completio
     """
     prefix_ids = list(prefix_ids or [])
     body = prefix_ids + _strip_stop(list(completion.token_ids), stop_ids)
-    all_regions, parsed = regions_from_token_ids(body, tokenizer)
+    all_regions, parsed = regions_from_token_ids(body, tokenizer, reward_tags(reward_fn))  # data.think_tag
     text = parsed.text
     regions = all_regions[len(prefix_ids):]
     pad = len(completion.token_ids) - regions.numel()
@@ -130,7 +131,8 @@ def reflect_hard_negatives(engine, rollouts: list[Rollout], targets: list[int], 
     if not targets:
         return []
     requests = [build_rgr_request(prompt_request(rollouts[t].prompt, f"s{step}/rgr{t}"),
-                                  rollouts[t].response_text, tokenizer, mode) for t in targets]
+                                  rollouts[t].response_text, tokenizer, mode, tags=reward_tags(reward_fn))
+                for t in targets]
     completions = engine.generate(requests, sampling)
     stop_ids = set(sampling.stop_token_ids) | set(getattr(engine, "stop_token_ids", []))
     return [make_rollout(rollouts[t].group, rollouts[t].record, rollouts[t].prompt, c, tokenizer, reward_fn,

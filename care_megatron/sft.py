@@ -1,7 +1,8 @@
 """Cold-start SFT: teach the output format on reference rationales before RL (spec section 9).
 
 Each record with a ``rationale`` becomes ``<think>{rationale}</think><answer>{answer}</answer><|im_end|>``
-after its prompt; the loss is the token-mean negative log-likelihood over those response tokens.
+after its prompt (``<reasoning>...</reasoning>`` with ``data.think_tag: reasoning``); the loss is the
+token-mean negative log-likelihood over those response tokens.
 It runs through the same training backend, packing and checkpoint code as RL.
 """
 from __future__ import annotations
@@ -17,27 +18,29 @@ from care_megatron.data.batch import PackedMicroBatch
 from care_megatron.data.packing import pack_sequences
 from care_megatron.data.prompting import IM_END, SYSTEM_PROMPT, build_prompt, build_sequence, resolve_system_prompt
 from care_megatron.metrics import MetricsLogger
-from care_megatron.rewards.parsing import parse_response, token_char_offsets, token_regions
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig, parse_response, token_char_offsets, token_regions
 from care_megatron.training.base import ForwardOutputs
 
 log = logging.getLogger(__name__)
 
 
-def sft_response_text(record) -> str:
+def sft_response_text(record, tags: TagConfig = DEFAULT_TAGS) -> str:
+    """The reference response: the rationale in ``tags``' rationale span, then the answer span."""
     answer = record.answer
     if record.answer_type == "multiple_choice" and record.choices:
         answer = record.answer  # the option letter is the verifiable answer
-    return f"<think>{record.rationale}</think><answer>{answer}</answer>"
+    return f"{tags.think_open}{record.rationale}{tags.think_close}{tags.answer_open}{answer}{tags.answer_close}"
 
 
 def sft_sequence(record, tokenizer, image_processor, index: int, image_pipeline=None,
-                 system_prompt: str | None = SYSTEM_PROMPT):
-    """Prompt + reference response as a training Sequence (loss on the response and its stop token)."""
+                 system_prompt: str | None = SYSTEM_PROMPT, tags: TagConfig = DEFAULT_TAGS):
+    """Prompt + reference response as a training Sequence (loss on the response and its stop token).
+    ``tags``: ``data.think_tag``'s (``config.data.tag_config``); pass the matching ``system_prompt``."""
     prompt = build_prompt(record.question, record.images, tokenizer, image_processor, system_prompt=system_prompt,
                           image_pipeline=image_pipeline)
-    text = sft_response_text(record)
+    text = sft_response_text(record, tags)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    regions = token_regions(token_char_offsets(ids, tokenizer), parse_response(text))
+    regions = token_regions(token_char_offsets(ids, tokenizer), parse_response(text, tags))
     stop = tokenizer.convert_tokens_to_ids(IM_END)
     regions = torch.cat([regions, torch.zeros(1, dtype=torch.long)])
     return build_sequence(prompt, list(ids) + [stop], regions, sequence_id=index)
@@ -88,7 +91,8 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     from care_megatron.data.images import run_image_pipeline
 
     image_pipeline = run_image_pipeline(config.data, image_processor)  # None = PIL in the processor
-    system_prompt = resolve_system_prompt(config.data.system_prompt)
+    tags = config.data.tag_config  # data.think_tag
+    system_prompt = resolve_system_prompt(config.data.system_prompt, tags)
     records, reports = build_sft_records(config.data)
     for report in reports:
         if report.num_skipped:  # malformed rows are skipped, never fatal: say how many and why
@@ -111,7 +115,8 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     for step in range(config.train.sft_steps):
         batch = next(batches)
-        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt) for i, r in enumerate(batch)]
+        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt, tags)
+                for i, r in enumerate(batch)]
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
         micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
                                mrope=MRopeSpec.from_hf_config(model.config))

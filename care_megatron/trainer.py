@@ -78,7 +78,7 @@ class RLTrainer:
         self.model, self.tokenizer, self.image_processor = build_model_and_processor(
             policy_model_config(cfg), min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         self.image_pipeline = run_image_pipeline(cfg.data, self.image_processor)  # None = PIL in the processor
-        self.system_prompt = resolve_system_prompt(cfg.data.system_prompt)
+        self.system_prompt = resolve_system_prompt(cfg.data.system_prompt, cfg.data.tag_config)  # data.think_tag
         self.mrope = MRopeSpec.from_hf_config(self.model.config)
         self.backend = build_backend(cfg, self.model)  # initialises torch.distributed for Megatron
         self.main = is_main_process()
@@ -101,7 +101,8 @@ class RLTrainer:
         self.loss_fn = step_inputs.make_loss_fn(get_policy_loss(algo.name), self.loss_config, algo.name,
                                                 self.care_config.think_weight_pos,
                                                 think_weight_neg=self.care_config.think_weight_neg)
-        self.reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(format_weight=algo.format_weight))
+        self.reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(
+            format_weight=algo.format_weight, tags=cfg.data.tag_config))  # data.think_tag: also the regions' tags
         stops = list(getattr(self.engine, "stop_token_ids", []))
         self.sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                              max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stops)

@@ -87,6 +87,10 @@ def test_yaml_file_numbers_in_scientific_notation(tmp_path):
     ("data.image_backend=opencv", "data.image_backend"),
     ("model.dtype=int8", "model.dtype"),
     (("algorithm.name=dapo", "algorithm.dapo_overlong_buffer=100"), "algorithm.dapo_overlong_buffer"),
+    ("data.think_tag=cot", "data.think_tag"),
+    ("data.think_tag=Think", "data.think_tag"),
+    (("data.think_tag=reasoning", "data.system_prompt=Reason in <think></think>."), "data.system_prompt"),
+    ("data.system_prompt=Reason in <reasoning></reasoning>.", "data.system_prompt"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -116,3 +120,15 @@ def test_cli_accepts_overrides_around_options(monkeypatch):
         steps=config.train.steps, name=config.algorithm.name, resume=resume, progress=progress))
     assert cli.main("train", ["train.steps=3", "--no-progress", "algorithm.name=rloo", "--resume"]) == 0
     assert seen == {"steps": 3, "name": "rloo", "resume": True, "progress": False}
+
+
+def test_think_tag_default_values_and_tag_config():
+    from care_megatron.rewards.parsing import DEFAULT_TAGS, REASONING_TAGS
+
+    default = load_config(None, [])
+    assert default.data.think_tag == "think" and default.data.tag_config is DEFAULT_TAGS
+    reasoning = load_config(None, ["data.think_tag=reasoning"])
+    assert reasoning.data.tag_config is REASONING_TAGS
+    # a custom instruction naming the configured tag is accepted, whatever else it mentions
+    ok = load_config(None, ["data.think_tag=reasoning", "data.system_prompt=Use <reasoning>, never <think>."])
+    assert ok.data.system_prompt == "Use <reasoning>, never <think>."

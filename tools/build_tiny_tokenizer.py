@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from care_megatron.data.prompting import (  # noqa: E402
-    CHAT_TEMPLATE, END_OF_TEXT, IM_END, QWEN_VL_SPECIAL_TOKENS, REASONING_TAGS, SYSTEM_PROMPT, render_chat,
+    CHAT_TEMPLATE, DEFAULT_FORMAT_TAG_TOKENS, END_OF_TEXT, IM_END, QWEN_VL_SPECIAL_TOKENS, SYSTEM_PROMPT, render_chat,
 )
 
 DEFAULT_OUT = ROOT / "care_megatron" / "models" / "assets" / "tiny_tokenizer"
@@ -100,7 +100,7 @@ def build(out: Path, vocab_size: int, seed: int = 0) -> int:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(REASONING_TAGS),
+        vocab_size=vocab_size - len(DEFAULT_FORMAT_TAG_TOKENS),
         min_frequency=1,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in added],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -109,7 +109,7 @@ def build(out: Path, vocab_size: int, seed: int = 0) -> int:
     tokenizer.train_from_iterator(training_corpus(seed), trainer=trainer)
     # The reasoning tags are added tokens but not "special": decoding with skip_special_tokens keeps
     # them, as in Qwen3's tokenizer, because the reward parser needs them in the text.
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TAGS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in DEFAULT_FORMAT_TAG_TOKENS])
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {

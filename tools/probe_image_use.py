@@ -28,13 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def response_scores(model, tokenizer, image_processor, record, images, system_prompt) -> tuple[float, bool]:
-    """(summed NLL of the reference response, whether every response token is the argmax) with ``images``."""
+def response_scores(model, tokenizer, image_processor, record, images, system_prompt, tags=None) -> tuple[float, bool]:
+    """(summed NLL of the reference response, whether every response token is the argmax) with ``images``;
+    ``tags``: the run's (``config.data.tag_config``), None = the default ``<think>`` tags."""
     from care_megatron.data.prompting import build_prompt
     from care_megatron.sft import sft_response_text
 
     prompt = build_prompt(record.question, images, tokenizer, image_processor, system_prompt=system_prompt)
-    ids = tokenizer(sft_response_text(record), add_special_tokens=False)["input_ids"]
+    text = sft_response_text(record) if tags is None else sft_response_text(record, tags)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     full = torch.tensor([list(prompt.prompt_ids) + list(ids)])
     with torch.no_grad():
         logits = model(input_ids=full, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw).logits
@@ -44,7 +46,7 @@ def response_scores(model, tokenizer, image_processor, record, images, system_pr
     return nll, bool((logprobs.argmax(-1) == target).all())
 
 
-def probe(model, tokenizer, image_processor, records, system_prompt, limit: int = 100) -> dict[str, dict]:
+def probe(model, tokenizer, image_processor, records, system_prompt, limit: int = 100, tags=None) -> dict[str, dict]:
     """Per task: records, mean NLL with the true / a swapped image, their difference, greedy-exact shares."""
     by_task: dict[str, list] = {}
     for record in records:
@@ -56,9 +58,9 @@ def probe(model, tokenizer, image_processor, records, system_prompt, limit: int 
         items = items[:limit]
         if len(items) < 2:
             continue
-        true = [response_scores(model, tokenizer, image_processor, r, r.images, system_prompt) for r in items]
-        swapped = [response_scores(model, tokenizer, image_processor, r, items[(i + 1) % len(items)].images, system_prompt)
-                   for i, r in enumerate(items)]
+        true = [response_scores(model, tokenizer, image_processor, r, r.images, system_prompt, tags) for r in items]
+        swapped = [response_scores(model, tokenizer, image_processor, r, items[(i + 1) % len(items)].images,
+                                   system_prompt, tags) for i, r in enumerate(items)]
         n = len(items)
         nll_true, nll_swapped = sum(x for x, _ in true) / n, sum(x for x, _ in swapped) / n
         report[task] = {"records": n, "nll_true_image": nll_true, "nll_swapped_image": nll_swapped,
@@ -86,8 +88,9 @@ def main(argv=None) -> dict:
     model, tokenizer, image_processor = build_model_and_processor(
         config.model, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
     records = build_records(config.data).eval
-    report = probe(model, tokenizer, image_processor, records, resolve_system_prompt(config.data.system_prompt),
-                   args.records)
+    tags = config.data.tag_config  # data.think_tag
+    report = probe(model, tokenizer, image_processor, records, resolve_system_prompt(config.data.system_prompt, tags),
+                   args.records, tags)
     print(f"{'task':<18}{'records':>8}{'NLL true img':>14}{'NLL swapped':>13}{'gain':>8}{'exact true':>12}{'exact swapped':>15}")
     for task, row in report.items():
         print(f"{task:<18}{row['records']:>8}{row['nll_true_image']:>14.3f}{row['nll_swapped_image']:>13.3f}"

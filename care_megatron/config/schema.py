@@ -244,9 +244,15 @@ class DataConfig:
     prompts_per_step: int = 8
     """Prompts per RL step (each sampled G times)."""
     system_prompt: Optional[str] = None
-    """System turn of every SFT / RL / held-out prompt. None: the package's instruction
-    (``care_megatron.data.prompting.SYSTEM_PROMPT``, asks for the ``<think>``/``<answer>`` layout);
-    ``""``: no system turn; any other text: that text."""
+    """System turn of every SFT / RL / held-out prompt. None: the package's instruction for ``think_tag``
+    (``care_megatron.data.prompting.system_prompt_for``: asks for the ``<think>``/``<answer>`` layout,
+    or ``<reasoning>``/``<answer>``); ``""``: no system turn; any other text: that text."""
+    think_tag: str = "think"
+    """Tag of the rationale span: ``think`` (``<think>...</think>``) or ``reasoning``
+    (``<reasoning>...</reasoning>``, what the CARE paper's appendix 8.2 uses for Qwen3-VL-8B). One
+    switch for the whole run: the default system prompt, the SFT targets, the format reward, the
+    token regions (CARE's think weights, think embeddings, ``length/think_mean``), the RGR prefix and
+    the evaluations (``care_megatron.rewards.parsing.tags_for``)."""
     seed: int = 0
     """Data order / generation seed."""
 
@@ -256,6 +262,23 @@ class DataConfig:
         _check(self.image_backend in ("pil", "dali"), "data.image_backend", "must be pil or dali")
         _check(0 < self.min_pixels <= self.max_pixels, "data.min_pixels", "must be > 0 and <= max_pixels")
         _check(self.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+        from care_megatron.rewards.parsing import THINK_TAGS
+
+        _check(self.think_tag in THINK_TAGS, "data.think_tag",
+               f"must be one of {', '.join(THINK_TAGS)}, got {self.think_tag!r}")
+        if self.system_prompt:  # a custom instruction must ask for the tag the run grades
+            other = [f"<{name}>" for name in THINK_TAGS if name != self.think_tag and f"<{name}>" in self.system_prompt]
+            if other and f"<{self.think_tag}>" not in self.system_prompt:
+                raise ConfigError("data.system_prompt", f"asks for {other[0]} but data.think_tag is {self.think_tag!r}: "
+                                  f"the format reward would score every response that follows it 0; write "
+                                  f"<{self.think_tag}> in it or set data.think_tag")
+
+    @property
+    def tag_config(self):
+        """The :class:`~care_megatron.rewards.parsing.TagConfig` of ``think_tag``."""
+        from care_megatron.rewards.parsing import tags_for
+
+        return tags_for(self.think_tag)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The prompt of every rollout is built here, once, so that the rollout engines (HF
 SGLang), the training backends and the SFT loop all see the same token ids:
 
 * :data:`SYSTEM_PROMPT` asks for ``<think>...</think><answer>...</answer>`` (spec section 2, the
-  output format the format reward checks).
+  output format the format reward checks); :func:`system_prompt_for` writes the same instruction for
+  the run's tags (``data.think_tag: reasoning``: ``<reasoning>...</reasoning><answer>...</answer>``).
 * :func:`render_chat` writes the Qwen chat layout (``<|im_start|>role\\n...<|im_end|>\\n``) with one
   ``<|vision_start|><|image_pad|><|vision_end|>`` block per image, in the order the images are given.
 * :func:`build_prompt` runs the image processor (``transformers.Qwen2VLImageProcessorPil``, the PIL
@@ -23,20 +24,30 @@ from typing import Any, Iterable, Sequence as SequenceType
 import torch
 
 from care_megatron.data.batch import Sequence
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig
 from care_megatron.rewards.regions import Region
 
-SYSTEM_PROMPT = (
-    "You are a careful visual reasoner. Look at the image and think about the question step by step "
-    "inside <think> </think> tags, then give only the final answer inside <answer> </answer> tags, "
-    "for example <think>reasoning here</think><answer>final answer here</answer>."
-)
-"""System prompt of every RL / SFT / evaluation prompt: asks for the ``<think>``/``<answer>`` layout."""
+
+def system_prompt_for(tags: TagConfig = DEFAULT_TAGS) -> str:
+    """The package's instruction asking for ``tags``' layout (rationale span, then answer span)."""
+    return (
+        "You are a careful visual reasoner. Look at the image and think about the question step by step "
+        f"inside {tags.think_open} {tags.think_close} tags, then give only the final answer inside "
+        f"{tags.answer_open} {tags.answer_close} tags, for example "
+        f"{tags.think_open}reasoning here{tags.think_close}{tags.answer_open}final answer here{tags.answer_close}."
+    )
 
 
-def resolve_system_prompt(value: str | None) -> str | None:
-    """``data.system_prompt`` as :func:`render_chat` takes it: None -> :data:`SYSTEM_PROMPT`, "" -> no system turn."""
+SYSTEM_PROMPT = system_prompt_for(DEFAULT_TAGS)
+"""System prompt of every RL / SFT / evaluation prompt with the default tags: asks for the
+``<think>``/``<answer>`` layout."""
+
+
+def resolve_system_prompt(value: str | None, tags: TagConfig = DEFAULT_TAGS) -> str | None:
+    """``data.system_prompt`` as :func:`render_chat` takes it: None -> the package's instruction for
+    ``tags`` (``data.think_tag``; :data:`SYSTEM_PROMPT` for the default tags), "" -> no system turn."""
     if value is None:
-        return SYSTEM_PROMPT
+        return system_prompt_for(tags)
     return value or None
 
 IM_START = "<|im_start|>"
@@ -46,13 +57,13 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 QWEN_VL_SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 """Control tokens of the Qwen-VL chat layout (each one token in every supported tokenizer)."""
-REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-"""Output-format tags; single tokens in the tiny tokenizer (plain text pieces in Qwen2.5's vocabulary)."""
+DEFAULT_FORMAT_TAG_TOKENS = DEFAULT_TAGS.all_tags
+"""The default output-format tags ``<think>``, ``</think>``, ``<answer>``, ``</answer>``
+(:data:`care_megatron.rewards.parsing.DEFAULT_TAGS`): single tokens in the tiny tokenizer, plain text
+pieces in Qwen2.5's vocabulary. ``<reasoning>`` (``data.think_tag: reasoning``) is plain text in both."""
 
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 """What one image looks like in the unexpanded prompt text."""

@@ -26,12 +26,12 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from care_megatron.data.prompting import build_prompt
+from care_megatron.data.prompting import build_prompt, system_prompt_for
 from care_megatron.data.schema import Record
 from care_megatron.evaluation.benchmarks import (
     BENCHMARKS, Judge, benchmark_prompt, load_benchmark_with_report, score_benchmark_detail,
 )
-from care_megatron.rewards.parsing import regions_from_token_ids
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig, regions_from_token_ids
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, strip_stop_token
 
 logger = logging.getLogger(__name__)
@@ -95,21 +95,26 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _decoding_record(sampling: SamplingParams, judge_name: Optional[str], model: str) -> dict:
-    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-            "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed, "decodes_per_example": 1,
-            "judge": judge_name, "model": model}
+def _decoding_record(sampling: SamplingParams, judge_name: Optional[str], model: str,
+                     tags: TagConfig = DEFAULT_TAGS) -> dict:
+    record = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+              "max_new_tokens": sampling.max_new_tokens, "seed": sampling.seed, "decodes_per_example": 1,
+              "judge": judge_name, "model": model}
+    if tags != DEFAULT_TAGS:  # only then, so result folders written before data.think_tag existed still resume
+        record["think_tag"] = tags.think_tag
+    return record
 
 
 def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, benchmarks: dict[str, str],
                         output_dir: str | os.PathLike, sampling: SamplingParams, batch_size: int = 16,
                         limit: Optional[int] = None, judge: Optional[Judge] = None, judge_name: Optional[str] = None,
                         model_name: str = "", progress: bool = True, label: str = "ours",
-                        published_base_model: str = "auto") -> "BenchmarkReport":
-    """Decode and score every not-yet-scored example of ``benchmarks`` (name -> path); return the summary."""
+                        published_base_model: str = "auto", tags: TagConfig = DEFAULT_TAGS) -> "BenchmarkReport":
+    """Decode and score every not-yet-scored example of ``benchmarks`` (name -> path); return the summary.
+    ``tags``: the run's tags (``data.think_tag``) for the instruction and the answer span."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    decoding = _decoding_record(sampling, judge_name, model_name)
+    decoding = _decoding_record(sampling, judge_name, model_name, tags)
     decoding_path = out / "decoding.json"
     if decoding_path.exists():
         previous = json.loads(decoding_path.read_text())
@@ -130,7 +135,7 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         lines: dict[str, list[str]] = {}
-        for name, row in decode_and_score(engine, tokenizer, image_processor, chunk, sampling, judge):
+        for name, row in decode_and_score(engine, tokenizer, image_processor, chunk, sampling, judge, tags):
             lines.setdefault(name, []).append(json.dumps(row, ensure_ascii=False))
         for name, rows in lines.items():
             with open(out / f"{name}.jsonl", "a", encoding="utf-8") as handle:
@@ -143,10 +148,13 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, image_processor, bench
 
 
 def decode_and_score(engine: RolloutEngine, tokenizer, image_processor, items: list[tuple[str, Record]],
-                     sampling: SamplingParams, judge: Optional[Judge] = None):
-    """One engine call for ``items`` ((benchmark, record) pairs); yields ``(benchmark, per-example row)`` in order."""
+                     sampling: SamplingParams, judge: Optional[Judge] = None, tags: TagConfig = DEFAULT_TAGS):
+    """One engine call for ``items`` ((benchmark, record) pairs); yields ``(benchmark, per-example row)`` in order.
+    The prompts carry the package's instruction for ``tags`` (``data.think_tag``), which also read the responses."""
     stop_ids = set(sampling.stop_token_ids)
-    prompts = [build_prompt(benchmark_prompt(r), r.images, tokenizer, image_processor) for _, r in items]
+    system_prompt = system_prompt_for(tags)
+    prompts = [build_prompt(benchmark_prompt(r), r.images, tokenizer, image_processor, system_prompt=system_prompt)
+               for _, r in items]
     requests = [GenerationRequest(request_id=r.id, prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
                                   images=p.images, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
                 for (_, r), p in zip(items, prompts)]
@@ -154,8 +162,8 @@ def decode_and_score(engine: RolloutEngine, tokenizer, image_processor, items: l
     for (name, record), prompt, completion in zip(items, prompts, completions):
         # The response text as the trainer reads it (stop token dropped, byte-exact decode).
         body = strip_stop_token(list(completion.token_ids), stop_ids)
-        response = regions_from_token_ids(body, tokenizer)[1].text
-        scored = score_benchmark_detail(name, record, response, judge=judge)
+        response = regions_from_token_ids(body, tokenizer, tags)[1].text
+        scored = score_benchmark_detail(name, record, response, judge=judge, tags=tags)
         yield name, {"id": record.id, "prompt": prompt.prompt_text, "response": response, "key": record.answer,
                      "extracted": scored.extracted, "score": scored.score, "reason": scored.reason,
                      "finish_reason": completion.finish_reason}
@@ -166,8 +174,10 @@ class TrainingBenchmarkSubset:
     each ``eval.benchmarks`` entry, loaded once, decoded greedily at every ``train.eval_every``; nothing written.
     """
 
-    def __init__(self, benchmarks: dict[str, str], per_benchmark: int, batch_size: int = 16):
+    def __init__(self, benchmarks: dict[str, str], per_benchmark: int, batch_size: int = 16,
+                 tags: TagConfig = DEFAULT_TAGS):
         self.batch_size = batch_size
+        self.tags = tags
         self.items = [(name, record) for name, path in benchmarks.items()
                       for record in load_benchmark_with_report(name, path, per_benchmark)[0]]
 
@@ -175,7 +185,7 @@ class TrainingBenchmarkSubset:
     def from_config(cls, config) -> Optional["TrainingBenchmarkSubset"]:
         if not (config.eval.train_subset and config.eval.benchmarks):
             return None
-        return cls(config.eval.benchmarks, config.eval.train_subset, config.rollout.batch_size)
+        return cls(config.eval.benchmarks, config.eval.train_subset, config.rollout.batch_size, config.data.tag_config)
 
     def metrics(self, engine: RolloutEngine, tokenizer, image_processor, sampling: SamplingParams,
                 prefix: str = "bench/") -> dict[str, float]:
@@ -183,7 +193,7 @@ class TrainingBenchmarkSubset:
         scores: dict[str, list[float]] = {}
         for start in range(0, len(self.items), self.batch_size):
             for name, row in decode_and_score(engine, tokenizer, image_processor,
-                                              self.items[start:start + self.batch_size], sampling):
+                                              self.items[start:start + self.batch_size], sampling, tags=self.tags):
                 scores.setdefault(name, []).append(row["score"])
         out = {f"{prefix}{name}": float(np.mean(values)) for name, values in scores.items()}
         if scores:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from care_megatron.data.schema import CHOICE_LETTERS, LoadReport, Record, RecordError, check_image, infer_answer_type
-from care_megatron.rewards.parsing import parse_response
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig, parse_response
 
 logger = logging.getLogger(__name__)
 
@@ -406,15 +406,17 @@ class BenchmarkScore:
     """Why it scored what it did (for the per-example JSONL)."""
 
 
-def score_benchmark(name: str, record: Record, response: str) -> float:
-    """Score ``response``'s ``<answer>`` span for ``record`` by benchmark ``name``'s rules; 0 without a span."""
-    return score_benchmark_detail(name, record, response).score
+def score_benchmark(name: str, record: Record, response: str, tags: TagConfig = DEFAULT_TAGS) -> float:
+    """Score ``response``'s ``<answer>`` span for ``record`` by benchmark ``name``'s rules; 0 without a span.
+    ``tags``: the run's tags (``data.think_tag``), which decide where the rationale ends."""
+    return score_benchmark_detail(name, record, response, tags=tags).score
 
 
-def score_benchmark_detail(name: str, record: Record, response: str, judge: Judge | None = None) -> BenchmarkScore:
+def score_benchmark_detail(name: str, record: Record, response: str, judge: Judge | None = None,
+                           tags: TagConfig = DEFAULT_TAGS) -> BenchmarkScore:
     """:func:`score_benchmark` with the extracted prediction and the reason; ``judge`` grades open-ended answers."""
     _check_name(name)
-    span = parse_response(response if isinstance(response, str) else "").answer
+    span = parse_response(response if isinstance(response, str) else "", tags).answer
     if span is None:
         return BenchmarkScore(0.0, None, "no <answer> span")
     span = span.strip()

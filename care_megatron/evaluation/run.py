@@ -72,7 +72,8 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
                               max_new_tokens=config.rollout.max_new_tokens, stop_token_ids=engine.stop_token_ids,
                               seed=config.train.seed)
     reward_fn = functools.partial(get_reward_fn("verifier"),
-                                  config=VerifierConfig(format_weight=config.algorithm.format_weight))
+                                  config=VerifierConfig(format_weight=config.algorithm.format_weight,
+                                                        tags=config.data.tag_config))
     from care_megatron.data.images import run_image_pipeline
     from care_megatron.data.prompting import resolve_system_prompt
 
@@ -80,7 +81,7 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
     report = evaluate(engine, records, tokenizer, image_processor, reward_fn, sampling,
                       batch_size=config.rollout.batch_size, progress=progress, keep_samples=16,
                       image_pipeline=run_image_pipeline(config.data, image_processor),
-                      system_prompt=resolve_system_prompt(config.data.system_prompt))
+                      system_prompt=resolve_system_prompt(config.data.system_prompt, config.data.tag_config))
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=float))
@@ -121,4 +122,4 @@ def run_benchmark_evaluation(config: RunConfig, checkpoint: str | None = None, b
                                batch_size=config.rollout.batch_size, limit=config.eval.limit, judge=judge,
                                judge_name=judge_name, model_name=str(checkpoint or model_config.name),
                                progress=progress, label=config.eval.label,
-                               published_base_model=config.eval.published_base)
+                               published_base_model=config.eval.published_base, tags=config.data.tag_config)

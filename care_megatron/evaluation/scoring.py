@@ -1,8 +1,9 @@
 """Single-decode evaluation: one response per question, exact match on the answer span, per-source report.
 
 Beside accuracy it reports format validity and the mean number of ``<think>`` tokens, counted as training
-counts them (``Rollout.think_length``: response tokens in ``Region.THINK``), so a policy that keeps its
-accuracy by dropping its rationale shows up in the held-out numbers too."""
+counts them (``Rollout.think_length``: response tokens in ``Region.THINK``, read with the reward function's
+tags, so ``<reasoning>`` under ``data.think_tag: reasoning``), so a policy that keeps its accuracy by
+dropping its rationale shows up in the held-out numbers too."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from care_megatron.data.prompting import SYSTEM_PROMPT, build_prompt
 from care_megatron.rewards.parsing import regions_from_token_ids
 from care_megatron.rewards.regions import Region
+from care_megatron.rewards.registry import reward_tags
 from care_megatron.rollout.base import GenerationRequest, RolloutEngine, SamplingParams, strip_stop_token
 
 
@@ -51,8 +53,10 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
              image_pipeline=None, system_prompt: str | None = SYSTEM_PROMPT) -> EvalReport:
     """Decode once per record with ``engine`` and score the answer span with ``reward_fn``.
 
-    Never used with RGR (spec section 5: reflection is training-only).
+    Never used with RGR (spec section 5: reflection is training-only). The think region is read with
+    ``reward_fn``'s tags (:func:`~care_megatron.rewards.registry.reward_tags`), the ones its format check uses.
     """
+    tags = reward_tags(reward_fn)
     stop_ids = set(sampling.stop_token_ids)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # n, accuracy, format, think tokens
     samples: list[dict] = []
@@ -68,7 +72,8 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
         completions = engine.generate(requests, sampling)
         for record, prompt, completion in zip(chunk, prompts, completions):
             # The response text as the trainer reads it (stop token dropped, byte-exact decode).
-            regions, parsed = regions_from_token_ids(strip_stop_token(list(completion.token_ids), stop_ids), tokenizer)
+            regions, parsed = regions_from_token_ids(strip_stop_token(list(completion.token_ids), stop_ids), tokenizer,
+                                                     tags)
             text = parsed.text
             score = reward_fn(text, record.answer, answer_type=record.answer_type, choices=record.choices)
             t = totals[record.source]

@@ -5,11 +5,13 @@ Spec: CARE_SPEC.md sections 1 (rewards) and 6 (token regions).
 from care_megatron.rewards.parsing import (
     DEFAULT_TAGS,
     REASONING_TAGS,
+    THINK_TAGS,
     ParsedResponse,
     TagConfig,
     parse_response,
     regions_from_token_ids,
     token_char_offsets,
+    tags_for,
     token_regions,
 )
 from care_megatron.rewards.batch_scoring import score_batch
@@ -28,6 +30,7 @@ __all__ = [
     "DEFAULT_TAGS",
     "REASONING_TAGS",
     "REWARD_REGISTRY",
+    "THINK_TAGS",
     "ParsedResponse",
     "Region",
     "RewardScore",
@@ -40,6 +43,7 @@ __all__ = [
     "register_reward",
     "score",
     "score_batch",
+    "tags_for",
     "token_char_offsets",
     "token_regions",
 ]

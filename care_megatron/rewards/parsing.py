@@ -9,6 +9,10 @@ literal alternatives (no nested quantifiers, so no backtracking blow-up), and sp
 by a single pass over the located tags. A 100k-character response parses in milliseconds, also
 when it is made of 14k repeated tags (``tools/bench_verifier.py`` prints the numbers).
 
+The rationale tag is ``<think>`` by default and ``<reasoning>`` for Qwen3-VL-8B (the paper's appendix
+8.2); a run picks it with ``data.think_tag``, turned into a :class:`TagConfig` by :func:`tags_for`. Every
+function here takes that ``tags`` argument; the rules below are written for ``<think>``.
+
 Rules, decided here because the paper is silent:
 
 * Think span: from the first opening think tag to the first closing think tag after it. An
@@ -87,7 +91,23 @@ DEFAULT_TAGS = TagConfig()
 """``<think>`` / ``<answer>``: the tags of the CARE prompt template."""
 
 REASONING_TAGS = TagConfig(think_tag="reasoning")
-"""``<reasoning>`` / ``<answer>``: the Qwen3-VL prompt variant."""
+"""``<reasoning>`` / ``<answer>``: the Qwen3-VL-8B variant (CARE paper, appendix 8.2: "positive <think>
+(note: <reasoning> with Qwen3VL-8B) tokens")."""
+
+THINK_TAGS: dict[str, TagConfig] = {"think": DEFAULT_TAGS, "reasoning": REASONING_TAGS}
+"""The values of the run config's ``data.think_tag`` and the tags each one selects. This is the one place
+the rationale tag of a run is decided: the system prompt, the SFT targets, the format reward, the token
+regions (and so the region weights, the think embeddings and ``length/think_mean``), the RGR prefix and
+the evaluations all read the :class:`TagConfig` returned by :func:`tags_for`."""
+
+
+def tags_for(think_tag: str) -> TagConfig:
+    """The :class:`TagConfig` of ``data.think_tag`` (``think`` or ``reasoning``); ValueError naming the
+    valid values otherwise."""
+    try:
+        return THINK_TAGS[think_tag]
+    except (KeyError, TypeError):
+        raise ValueError(f"think_tag must be one of {', '.join(THINK_TAGS)}, got {think_tag!r}") from None
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from enum import IntEnum
 class Region(IntEnum):
     """Region of one token.
 
-    OTHER covers prompt tokens, chat-template tokens and end-of-sequence tokens; THINK the
-    ``<think>...</think>`` span (tags included); ANSWER the ``<answer>...</answer>`` span (tags
-    included).
+    OTHER covers prompt tokens, chat-template tokens and end-of-sequence tokens; THINK the rationale
+    span, ``<think>...</think>`` or, with ``data.think_tag: reasoning``, ``<reasoning>...</reasoning>``
+    (tags included; :func:`care_megatron.rewards.parsing.tags_for`); ANSWER the ``<answer>...</answer>``
+    span (tags included).
     """
 
     OTHER = 0

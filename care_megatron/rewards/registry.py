@@ -15,6 +15,7 @@ import functools
 import importlib
 from typing import Any, Callable, Optional
 
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig
 from care_megatron.rewards.verifier import ANSWER_TYPES, RewardScore, VerifierConfig, score
 
 RewardFn = Callable[..., RewardScore]
@@ -93,3 +94,22 @@ def get_reward_fn(name: str) -> RewardFn:
     if "." in name or ":" in name:
         return _import_dotted(name)
     raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARD_REGISTRY))}; or give a dotted path 'package.module.function'")
+
+
+def reward_tags(reward_fn: RewardFn) -> TagConfig:
+    """The tags ``reward_fn`` checks the format with, so that whoever reads the token regions of the same
+    responses (rollouts, held-out evaluation) reads them with the same tags and the format reward, the
+    think region and the think length can never disagree.
+
+    ``reward_fn.tags`` when it has that attribute (a TagConfig); else the ``tags`` of the VerifierConfig
+    bound as its ``config`` keyword, as the trainer and ``care-eval`` build it
+    (``functools.partial(get_reward_fn(name), config=VerifierConfig(..., tags=config.data.tag_config))``);
+    else the default ``<think>`` / ``<answer>`` tags.
+    """
+    tags = getattr(reward_fn, "tags", None)
+    if isinstance(tags, TagConfig):
+        return tags
+    config = (getattr(reward_fn, "keywords", None) or {}).get("config")
+    if isinstance(config, VerifierConfig):
+        return config.tags
+    return DEFAULT_TAGS

@@ -13,6 +13,8 @@ Edge cases, decided here because the spec is silent on them:
 * no ``</think>`` before ``<answer>``: the cue is appended at the end of the rationale and no tag
   is closed or opened (h's text is kept verbatim, never repaired);
 * no ``<answer>`` at all: the whole response is the rationale;
+* the tags are the run's (``data.think_tag``; ``tags`` below): with ``reasoning`` read ``</reasoning>``
+  for ``</think>`` throughout. The cue itself names no tag;
 * the prefix is re-tokenised from text (h's token ids cannot be cut at a character position in
   general, since ``<answer>`` may span several tokens). The prefix is context only: it carries no
   loss and needs no behaviour log-prob, so re-tokenisation changes nothing the loss sees.
@@ -26,6 +28,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from care_megatron.rewards.parsing import DEFAULT_TAGS, TagConfig
 from care_megatron.rollout.base import GenerationRequest
 
 REPAIR_CUE = (
@@ -34,21 +37,19 @@ REPAIR_CUE = (
 )
 """The repair cue of docs/algorithm.md section 5, verbatim."""
 
-THINK_CLOSE = "</think>"
-ANSWER_OPEN = "<answer>"
 
-
-def reflection_prefix_text(response_text: str, cue: str = REPAIR_CUE) -> str:
+def reflection_prefix_text(response_text: str, cue: str = REPAIR_CUE, tags: TagConfig = DEFAULT_TAGS) -> str:
     """h's rationale with the cue inserted where its ``</think>`` was (see the module docstring).
 
     >>> reflection_prefix_text("<think>2+2=5</think><answer>5</answer>", cue="FIX")
     '<think>2+2=5\\nFIX\\n'
 
     An empty ``cue`` gives the bare truncated rationale (the ``resample`` control): ``'<think>2+2=5\\n'``.
+    ``tags``: the run's tags (``data.think_tag``), whose answer-open and think-close tags are cut at.
     """
-    answer_at = response_text.find(ANSWER_OPEN)
+    answer_at = response_text.find(tags.answer_open)
     rationale = response_text if answer_at < 0 else response_text[:answer_at]
-    close_at = rationale.rfind(THINK_CLOSE)
+    close_at = rationale.rfind(tags.think_close)
     if close_at >= 0:
         rationale = rationale[:close_at]
     rationale = rationale.rstrip()
@@ -65,6 +66,7 @@ def build_reflection_request(
     *,
     request_id: str | None = None,
     cue: str = REPAIR_CUE,
+    tags: TagConfig = DEFAULT_TAGS,
 ) -> GenerationRequest:
     """The RGR request: ``original``'s prompt (ids, text and images unchanged) with ``prefix_ids`` =
     the tokenised reflection prefix.
@@ -76,10 +78,11 @@ def build_reflection_request(
         tokenizer: the policy tokenizer (``encode(text, add_special_tokens=False)``).
         request_id: id of the new request; default ``original.request_id + "/rgr"``.
         cue: the repair cue (default: the spec's cue; the ablation swaps it).
+        tags: the run's tags (``data.think_tag``).
     """
     if original.prefix_ids:
         raise ValueError(f"build_reflection_request: request {original.request_id!r} already has a prefix")
-    prefix_text = reflection_prefix_text(negative_response_text, cue)
+    prefix_text = reflection_prefix_text(negative_response_text, cue, tags)
     prefix_ids = list(tokenizer.encode(prefix_text, add_special_tokens=False))
     return replace(
         original,
@@ -100,7 +103,7 @@ RGR_MODES = ("repair", "resample", "fresh")
 
 
 def build_rgr_request(original: GenerationRequest, negative_response_text: str, tokenizer: Any, mode: str = "repair",
-                      *, request_id: str | None = None) -> GenerationRequest:
+                      *, request_id: str | None = None, tags: TagConfig = DEFAULT_TAGS) -> GenerationRequest:
     """The request RGR decodes for hard negative h, by ``mode``:
 
     * ``repair``: h's rationale with the repair cue (:func:`build_reflection_request`), the method;
@@ -108,11 +111,13 @@ def build_rgr_request(original: GenerationRequest, negative_response_text: str, 
     * ``fresh``: a new rollout of the prompt, no prefix (does conditioning on h matter at all?).
 
     Whatever the mode, the result takes h's place exactly as a reflection does (docs/algorithm.md section 5).
+    ``tags``: the run's tags (``data.think_tag``), where h's rationale is cut.
     """
     if mode == "repair":
-        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id)
+        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id, tags=tags)
     if mode == "resample":
-        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id, cue="")
+        return build_reflection_request(original, negative_response_text, tokenizer, request_id=request_id, cue="",
+                                        tags=tags)
     if mode == "fresh":
         if original.prefix_ids:
             raise ValueError(f"build_rgr_request: request {original.request_id!r} already has a prefix")

@@ -140,3 +140,31 @@ def test_care_eval_prompts_carry_data_system_prompt(tmp_path, monkeypatch):
                                 "data.system_prompt=Be brief."])
     report = run_evaluation(config, progress=False)
     assert report.num_examples == 2 and seen == ["Be brief.", "Be brief."]
+
+
+def test_care_eval_prompts_and_regions_follow_data_think_tag(tmp_path, monkeypatch):
+    """``care-eval`` with ``data.think_tag=reasoning``: the package instruction asks for <reasoning>, and the
+    responses' regions (held-out think length) and format are read with the reasoning tags."""
+    from care_megatron.config.loader import load_config
+    from care_megatron.evaluation import scoring
+    from care_megatron.evaluation.run import run_evaluation
+    from care_megatron.rewards.parsing import REASONING_TAGS, regions_from_token_ids
+
+    prompts, tags = [], []
+
+    def recording_build_prompt(*args, **kwargs):
+        prompts.append(kwargs.get("system_prompt"))
+        return build_prompt(*args, **kwargs)
+
+    def recording_regions(ids, tokenizer, tag_config):
+        tags.append(tag_config)
+        return regions_from_token_ids(ids, tokenizer, tag_config)
+
+    monkeypatch.setattr(scoring, "build_prompt", recording_build_prompt)
+    monkeypatch.setattr(scoring, "regions_from_token_ids", recording_regions)
+    config = load_config(None, ["data.tasks=[compare_lengths]", "data.train_size=2", "data.eval_size=2",
+                                "rollout.max_new_tokens=2", f"train.output_dir={tmp_path}", "train.init_from=null",
+                                "data.think_tag=reasoning"])
+    assert run_evaluation(config, progress=False).num_examples == 2
+    assert len(prompts) == 2 and all("<reasoning>" in p and "<think>" not in p for p in prompts)
+    assert tags == [REASONING_TAGS, REASONING_TAGS]

@@ -16,6 +16,9 @@ slot   rollouts 0..3                                               RGR continuat
 The wrong rollouts of a group are identical, so their rationale embeddings are identical and the
 spec's tie-break (lower index) names the RGR target: rollout 2 of slot 0, rollout 1 of slot 1.
 
+``tags`` (the run's ``data.think_tag``, ``config.data.tag_config``) names the rationale tag the
+scripted responses use: ``<think>`` by default, ``<reasoning>`` for the Qwen3-VL-8B variant.
+
 It implements the ``RolloutEngine`` protocol (``care_megatron/rollout/base.py``): completions end
 with a stop token like a real engine's; an RGR request (id ``.../rgr<row>/rgr``) is answered with
 the continuation only; ``update_weights`` drains the weight stream (on Megatron the exporter's
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from care_megatron.rewards.parsing import DEFAULT_TAGS
 from care_megatron.rollout.base import Completion
 
 SHORT, LONG, MID = "{a}", "I count them one at a time and get {a}", "so {a}"
@@ -42,19 +46,19 @@ BEHAVIOUR_LOGPROB = -1.0
 it; the script makes the rescue pseudo-anchor unique by reward)."""
 
 
-def rollout_text(kind: str, think: str, answer: str) -> str:
+def rollout_text(kind: str, think: str, answer: str, tags=DEFAULT_TAGS) -> str:
     wrong = str(int(answer) + 1)
     if kind == "malformed":
         return f"the answer is {wrong}"
     if kind == "bare":  # a correct answer that dropped its rationale: accuracy 1, format 0
-        return f"<answer>{answer}</answer>"
+        return f"{tags.answer_open}{answer}{tags.answer_close}"
     value = answer if kind == "ok" else wrong
-    return f"<think>{think.format(a=value, w=value)}</think><answer>{value}</answer>"
+    return f"{tags.think_open}{think.format(a=value, w=value)}{tags.think_close}{tags.answer_open}{value}{tags.answer_close}"
 
 
-def rgr_continuation(slot: int, answer: str) -> str:
+def rgr_continuation(slot: int, answer: str, tags=DEFAULT_TAGS) -> str:
     value = answer if RGR_SUCCEEDS.get(slot, False) else str(int(answer) + 1)
-    return f"recount {value}</think><answer>{value}</answer>"
+    return f"recount {value}{tags.think_close}{tags.answer_open}{value}{tags.answer_close}"
 
 
 def _image_digest(images) -> tuple:
@@ -78,9 +82,10 @@ _RGR_ID = re.compile(r"^s(\d+)/rgr(\d+)(/rgr)?$")
 class ScriptedRolloutEngine:
     """Deterministic ``RolloutEngine`` answering from :data:`ROLLOUT_SCRIPT` (see the module doc)."""
 
-    def __init__(self, tokenizer, records, group_size: int = 4):
+    def __init__(self, tokenizer, records, group_size: int = 4, tags=DEFAULT_TAGS):
         self.tokenizer = tokenizer
         self.group_size = group_size
+        self.tags = tags
         self.answers: dict[tuple, set] = {}
         for r in records:  # a question can repeat across records: the image tells them apart
             self.answers.setdefault(_record_key(r.question, r.images), set()).add(str(r.answer))
@@ -104,11 +109,11 @@ class ScriptedRolloutEngine:
         if rollout:
             group, index = int(rollout.group(2)), int(rollout.group(3))
             kind, think = ROLLOUT_SCRIPT[group % len(ROLLOUT_SCRIPT)][index % len(ROLLOUT_SCRIPT[0])]
-            return rollout_text(kind, think, answer)
+            return rollout_text(kind, think, answer, self.tags)
         rgr = _RGR_ID.match(request.request_id)
         if rgr:
             slot = (int(rgr.group(2)) // self.group_size) % len(ROLLOUT_SCRIPT)
-            return rgr_continuation(slot, answer)
+            return rgr_continuation(slot, answer, self.tags)
         raise ValueError(f"scripted engine: unexpected request id {request.request_id!r}")
 
     def generate(self, requests, sampling):
@@ -144,7 +149,7 @@ def build_scripted_engine(config, model, tokenizer) -> ScriptedRolloutEngine:
     from care_megatron.data.dataset import build_records
 
     data = build_records(config.data)
-    return ScriptedRolloutEngine(tokenizer, data.train + data.eval, config.rollout.group_size)
+    return ScriptedRolloutEngine(tokenizer, data.train + data.eval, config.rollout.group_size, config.data.tag_config)
 
 
 def install() -> None:

@@ -93,7 +93,8 @@ def run_scripted_step(tmp_path, *extra, steps: int = 1):
     from care_megatron.trainer import RLTrainer
 
     trainer = RLTrainer(scripted_config(tmp_path, *extra), progress=False)
-    trainer.engine = scripted_engine.ScriptedRolloutEngine(trainer.tokenizer, trainer.data.train, G)
+    trainer.engine = scripted_engine.ScriptedRolloutEngine(trainer.tokenizer, trainer.data.train, G,
+                                                           trainer.config.data.tag_config)
     captured = {"packed": [], "advantages": [], "seeds": []}
     real_train_step, real_advantages = trainer.backend.train_step, trainer.advantages
 

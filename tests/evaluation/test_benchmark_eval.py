@@ -237,3 +237,47 @@ def test_trainer_logs_benchmark_subset_metrics(tmp_path):
     train(config, progress=False)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "bench/macro" in r]
     assert rows and all(0.0 <= rows[-1][k] <= 1.0 for k in ("bench/mathvista", "bench/mmmu_pro_vision", "bench/macro"))
+
+
+def _reasoning_script(n_vista=6, n_vision=4):
+    """``_script`` written in <reasoning> tags, the rationale mentioning the <answer> tag (only a reader of the
+    reasoning tags sees where it ends: the default tags would take `` tags</reasoning><answer>...`` as the answer)."""
+    return {key: text.replace("<think>", "<reasoning>I put it in <answer> tags: ").replace("</think>", "</reasoning>")
+            for key, text in _script(n_vista, n_vision).items()}
+
+
+def test_reasoning_tags_reach_the_benchmark_prompts_scores_and_decoding_record(tmp_path, tokenizer, image_processor):
+    from care_megatron.rewards.parsing import REASONING_TAGS
+
+    paths = _fixtures(tmp_path)
+    engine = ScriptedEngine(tokenizer, _reasoning_script())
+    sampling = SamplingParams(stop_token_ids=engine.stop_token_ids, **SAMPLING)
+    out = tmp_path / "eval"
+    report = evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, batch_size=4,
+                                 progress=False, tags=REASONING_TAGS)
+    # the same scores as the <think> script
+    assert (report.results["mathvista"].accuracy, report.results["mmmu_pro_vision"].accuracy) == (0.5, 0.25)
+    rows = [json.loads(line) for line in (out / "mmmu_pro_vision.jsonl").read_text().splitlines()]
+    assert rows[0]["extracted"] == "J" and "<reasoning>" in rows[0]["prompt"] and "<think>" not in rows[0]["prompt"]
+    assert json.loads((out / "decoding.json").read_text())["think_tag"] == "reasoning"
+    with pytest.raises(ValueError, match="another eval.output_dir"):  # <think> results must not be mixed in
+        evaluate_benchmarks(engine, tokenizer, image_processor, paths, out, sampling, progress=False)
+    # the default tags leave the record as it was, so result folders written before data.think_tag resume
+    evaluate_benchmarks(ScriptedEngine(tokenizer, _script()), tokenizer, image_processor, paths, tmp_path / "think",
+                        sampling, progress=False)
+    assert "think_tag" not in json.loads((tmp_path / "think" / "decoding.json").read_text())
+
+
+def test_training_subset_reads_the_configured_tags(tmp_path, tokenizer, image_processor):
+    from care_megatron.config import load_config
+    from care_megatron.evaluation.benchmark_eval import TrainingBenchmarkSubset
+
+    paths = _fixtures(tmp_path)
+    overrides = [f"eval.benchmarks.{k}={v}" for k, v in paths.items()] + ["eval.train_subset=3", "rollout.batch_size=4"]
+    sampling = SamplingParams(stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")], **SAMPLING)
+    reasoning = TrainingBenchmarkSubset.from_config(load_config(None, [*overrides, "data.think_tag=reasoning"]))
+    engine = ScriptedEngine(tokenizer, _reasoning_script())
+    expected = {"bench/mathvista": 2 / 3, "bench/mmmu_pro_vision": 1 / 3, "bench/macro": 0.5}
+    assert reasoning.metrics(engine, tokenizer, image_processor, sampling) == pytest.approx(expected)
+    think = TrainingBenchmarkSubset.from_config(load_config(None, overrides))
+    assert think.metrics(engine, tokenizer, image_processor, sampling)["bench/macro"] < 0.5

@@ -60,3 +60,31 @@ def test_eval_think_length_is_the_training_count(tokenizer):
     training = [make_rollout(0, record, None, completion(f"train-{i}", ids), tokenizer, reward_fn, {STOP}).think_length
                 for i, (record, ids) in enumerate(zip(records, responses))]
     assert training == [5, 3, 0, 3]
+
+
+def test_eval_think_length_counts_reasoning_tokens_with_reasoning_tags(tokenizer):
+    """``data.think_tag=reasoning``: the reward function's tags decide the think region of held-out
+    responses too, and <reasoning> is several tokens in the tiny vocabulary."""
+    import functools
+
+    from care_megatron.rewards.parsing import REASONING_TAGS
+    from care_megatron.rewards.verifier import VerifierConfig
+
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    rationale = encode("<reasoning>a b c</reasoning>")
+    assert len(rationale) > 5
+    responses = [rationale + encode("<answer>2</answer>") + [STOP],
+                 encode("<think>a</think><answer>1</answer>") + [STOP],  # the other tag: no rationale, bad format
+                 encode("<answer>1</answer>") + [STOP],
+                 encode("<reasoning>a b")]  # truncated, unclosed
+    records = (generate("compare_lengths", 2, seed=0) + generate("count_shapes", 2, seed=0))
+    processor = build_image_processor("qwen2_5_vl", min_pixels=56 * 56, max_pixels=56 * 56)
+    reward_fn = functools.partial(get_reward_fn("verifier"), config=VerifierConfig(tags=REASONING_TAGS))
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=16, stop_token_ids=[STOP])
+    report = evaluate(FixedEngine(responses), records, tokenizer, processor, reward_fn, sampling, batch_size=3)
+    counts = [len(rationale), 0, 0, len(encode("<reasoning>a b"))]
+    assert report.think_length == pytest.approx(sum(counts) / 4)
+    assert report.format_rate == pytest.approx(0.25)  # only the first
+    training = [make_rollout(0, record, None, completion(f"train-{i}", ids), tokenizer, reward_fn, {STOP}).think_length
+                for i, (record, ids) in enumerate(zip(records, responses))]
+    assert training == counts

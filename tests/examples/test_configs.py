@@ -28,6 +28,19 @@ def test_every_example_config_loads_and_validates(path):
     assert config.train.steps >= 1
 
 
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_qwen3_vl_8b_configs_use_reasoning_tags(path):
+    """The CARE paper's appendix 8.2: ``<reasoning>`` for Qwen3-VL-8B, ``<think>`` for the others."""
+    config = load_config(path)
+    assert config.data.think_tag == ("reasoning" if "Qwen3-VL-8B" in config.model.name else "think")
+
+
+def test_reasoning_tags_reach_both_qwen3_vl_8b_configs_and_their_recipes():
+    reasoning = {str(p.relative_to(CONFIGS)) for p in ALL if load_config(p).data.think_tag == "reasoning"}
+    assert reasoning == {"qwen3_vl_8b.yaml", "qwen3_vl_8b_long_cp.yaml"} | \
+        {f"recipes/qwen3_vl_8b-{method}.yaml" for method in METHODS}
+
+
 def test_one_recipe_per_model_and_method():
     assert {p.stem for p in RECIPES} == {f"{m}-{meth}" for m in MODELS for meth in METHODS}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from care_megatron.data.prompting import QWEN_VL_SPECIAL_TOKENS, REASONING_TAGS, SYSTEM_PROMPT
+from care_megatron.data.prompting import DEFAULT_FORMAT_TAG_TOKENS, QWEN_VL_SPECIAL_TOKENS, SYSTEM_PROMPT
 from care_megatron.models import TINY_TOKENIZER_DIR, load_tokenizer
 
 TEXTS = [
@@ -23,9 +23,9 @@ def tiny():
 
 def test_tiny_vocabulary_and_single_token_specials(tiny):
     assert len(tiny) == 1024
-    ids = [tiny.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS + REASONING_TAGS]
+    ids = [tiny.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS + DEFAULT_FORMAT_TAG_TOKENS]
     assert len(set(ids)) == len(ids) and all(0 <= i < 1024 for i in ids)
-    for token in QWEN_VL_SPECIAL_TOKENS + REASONING_TAGS:
+    for token in QWEN_VL_SPECIAL_TOKENS + DEFAULT_FORMAT_TAG_TOKENS:
         assert tiny(token, add_special_tokens=False)["input_ids"] == [tiny.convert_tokens_to_ids(token)]
     assert tiny.eos_token == "<|im_end|>" and tiny.pad_token == "<|endoftext|>"
 
