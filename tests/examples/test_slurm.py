@@ -220,3 +220,8 @@ def test_submit_creates_the_log_directory_first(slurm_env, tmp_path):
     assert result.returncode == 0, result.stderr
     (call,) = [e for e in _events(log) if "sbatch" in e]
     assert call == {"sbatch": ["examples/slurm/x.sbatch"], "cwd": str(clone), "logs_exist": True}
+    # sbatch options before the script reach sbatch unchanged (RL after its SFT job: --dependency)
+    result = subprocess.run(["bash", str(clone / "examples" / "slurm" / "submit.sh"), "--dependency=afterok:7",
+                             "examples/slurm/y.sbatch"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert [e["sbatch"] for e in _events(log) if "sbatch" in e][-1] == ["--dependency=afterok:7", "examples/slurm/y.sbatch"]
