@@ -75,8 +75,28 @@ def save_backend_policy(backend, hf_model, tokenizer, out: Path) -> None:
         save_policy(hf_model, tokenizer, Path(out))
 
 
+SFT_SUBDIR = "sft"
+"""Folder of ``train.output_dir`` that ``care-sft`` writes its policy (and metrics) to."""
+
+
+def sft_output_dir(config: RunConfig) -> Path:
+    """Where ``care-sft`` with ``config`` saves its policy: ``<train.output_dir>/sft``, the directory an RL
+    run's ``train.init_from`` names to start from it (the recipes' RL configs point at their SFT recipe's)."""
+    return Path(config.train.output_dir) / SFT_SUBDIR
+
+
+def drop_overlong(seqs: list, capacity: int) -> tuple[list, int]:
+    """``(kept, dropped)``: the sequences of at most ``capacity`` tokens, in order, and how many were longer.
+
+    SFT data (long reasoning chains, e.g. Vision-R1-cold) can hold a conversation longer than one packed
+    micro-batch; it is left out of its step (counted in ``sft/skipped_too_long``) rather than truncated,
+    which would cut its ``<answer>``, or ending the run at that step."""
+    kept = [s for s in seqs if len(s) <= capacity]
+    return kept, len(seqs) - len(kept)
+
+
 def run_sft(config: RunConfig, progress: bool = True) -> Path:
-    """Train ``config.train.sft_steps`` steps of SFT; save the policy under ``<output_dir>/sft``; return that path."""
+    """Train ``config.train.sft_steps`` steps of SFT; save the policy under :func:`sft_output_dir`; return that path."""
     from care_megatron.data.dataset import PromptIterator, build_sft_records
     from care_megatron.data.packing import MRopeSpec
     from care_megatron.models import build_model_and_processor
@@ -84,7 +104,7 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     from care_megatron.runtime import seed_everything
 
     seed_everything(config.train.seed, config.train.threads)
-    out = Path(config.train.output_dir) / "sft"
+    out = sft_output_dir(config)
     model, tokenizer, image_processor = build_model_and_processor(
         config.model, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
     backend = build_backend(config, model, lr=config.train.sft_lr, keep_reference=False)
@@ -113,17 +133,27 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
         raise ConfigError("train.sft_batch_size", f"{config.train.sft_batch_size} is not divisible by "
                                                   f"the data-parallel size {dp_size}; use a multiple of it")
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
+    capacity = config.train.micro_batch_tokens - config.train.micro_batch_tokens % pad_multiple
     for step in range(config.train.sft_steps):
         batch = next(batches)
         seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt, tags)
                 for i, r in enumerate(batch)]
+        # the same batch on every rank, so every rank drops the same sequences (and skips the same steps)
+        seqs, too_long = drop_overlong(seqs, capacity)
+        if too_long:
+            log.warning("SFT step %d: %d of %d examples are longer than train.micro_batch_tokens (%d tokens) "
+                        "and are left out", step, too_long, len(batch), capacity)
+        if not seqs:
+            logger.log(step, {"sft/skipped_too_long": too_long, "skipped": 1})
+            continue
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
         micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
                                mrope=MRopeSpec.from_hf_config(model.config))
         result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
         nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
         logger.log(step, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
-                          "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped})
+                          "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped,
+                          "sft/skipped_too_long": too_long})
     logger.close()
     save_backend_policy(backend, model, tokenizer, out)
     if main:

@@ -88,11 +88,13 @@ class CareConfig:
     k: int = 4
     """K: target number of hard negatives per subgroup (paper: G = 8, K = 4)."""
     preselect_m: int = 6
-    """M: nearest failures preselected before the farthest-first pass (reference value 6)."""
+    """M: nearest failures preselected before the farthest-first pass (6: the spec's value; the paper names
+    M without a number)."""
     neg_scale: float = 0.5
     """s: negatives get ``-s * |z|`` (reference value 0.5; keeps negatives from over-sharpening)."""
     reflect_neg_scale: float = 0.25
-    """s_refl: scale of a failed RGR sample, smaller than ``neg_scale`` (paper's best value 0.25)."""
+    """s_refl: scale of a failed RGR sample, smaller than ``neg_scale`` (0.25: the spec's value; the paper
+    adopts one in its appendix 9.3 sweep, but the number was lost in text extraction)."""
     eps: float = 1e-6
     """Added to the subgroup std before dividing (and to the region-weight sum of section 6)."""
     equalize: bool = True
@@ -104,7 +106,8 @@ class CareConfig:
     """All-negative rescue (section 4): a zero-sum pseudo-contrast in groups with no positive."""
     rescue_delta: float = 0.1
     """delta: magnitude of the rescue pseudo-rewards (only the z-scores matter, so any positive value
-    gives the same advantages up to eps; 0.1 as in the paper)."""
+    gives the same advantages up to eps; 0.1 is the spec's value: the paper fixes one, but the number was
+    lost in text extraction)."""
     anchor_rule: str = "max_reward"
     """Anchor among the positives: ``max_reward`` (spec section 2.1, paper Eq. 2: highest r, ties ->
     fewest think tokens, fewest answer tokens, lowest index), ``shortest_think`` (fewest think tokens

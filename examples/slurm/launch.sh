@@ -14,7 +14,13 @@
 #   at the end of their current step and exit; the batch shell then requeues the job
 #   (`scontrol requeue`, allowed by --requeue), and the new run continues with --resume.
 #
-# Environment: CONFIG (required), OVERRIDES (extra section.field=value words), GPUS_PER_NODE (8),
+# * COMMAND=sft (the sft_*.sbatch scripts) runs care-sft instead of care-train: no --resume (care-sft keeps
+#   no checkpoints) and no requeue on a signal (a requeued SFT would start over); the policy lands in
+#   <OUTPUT_ROOT>/<job-name>/sft, which is the RL recipes' train.init_from when the job is named after the
+#   SFT recipe's output directory (<model>-sft) and OUTPUT_ROOT is the default runs/.
+#
+# Environment: CONFIG (required), COMMAND (train or sft; default train), OVERRIDES (extra section.field=value
+# words), GPUS_PER_NODE (8),
 # OUTPUT_ROOT, MASTER_PORT (29500), SHUTDOWN_TIMEOUT (seconds torchrun waits for the checkpoint after
 # forwarding the signal before it kills the trainers; keep it below the --signal lead time).
 
@@ -29,6 +35,12 @@ OUT="$OUTPUT_ROOT/${SLURM_JOB_NAME:-care}"
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-29500}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
+COMMAND=${COMMAND:-train}
+case "$COMMAND" in
+  train) RESUME=--resume ;;
+  sft) RESUME= ;;
+  *) echo "launch.sh: COMMAND must be train or sft, got '$COMMAND'" >&2; exit 2 ;;
+esac
 
 mkdir -p "$OUT" "$SUBMIT_DIR/logs"
 cd "$SUBMIT_DIR"
@@ -48,13 +60,13 @@ forward_preemption() {
 trap 'forward_preemption USR1' USR1
 trap 'forward_preemption TERM' TERM
 
-# shellcheck disable=SC2086  # OVERRIDES is a list of words on purpose
+# shellcheck disable=SC2086  # OVERRIDES is a list of words on purpose, RESUME one word or none
 srun --kill-on-bad-exit=1 --nodes="$NODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" \
   --output="$SUBMIT_DIR/logs/%x-%j-node%n.out" \
   torchrun --nnodes="$NODES" --nproc-per-node="$GPUS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
-    -m care_megatron.cli train --config "$CONFIG" --resume --no-progress train.output_dir="$OUT" ${OVERRIDES:-} &
+    -m care_megatron.cli "$COMMAND" --config "$CONFIG" $RESUME --no-progress train.output_dir="$OUT" ${OVERRIDES:-} &
 SRUN_PID=$!
 STATUS=0
 # `wait` returns early (status > 128) when a trapped signal arrives: wait until srun has really exited
@@ -62,6 +74,10 @@ while :; do
   wait "$SRUN_PID" && STATUS=0 || STATUS=$?
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
+if (( PREEMPTED )) && [[ $COMMAND == sft ]]; then
+  echo "launch.sh: care-sft stopped ($STATUS) by the signal; it keeps no checkpoints, so the job is not requeued: resubmit it"
+  exit "$(( STATUS == 0 ? 1 : STATUS ))"
+fi
 if (( PREEMPTED )); then
   echo "launch.sh: trainers exited ($STATUS); requeueing job $SLURM_JOB_ID to resume from $OUT/checkpoints"
   scontrol requeue "$SLURM_JOB_ID"

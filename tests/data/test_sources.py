@@ -1,6 +1,7 @@
 """Source loaders read tiny copies of each release's layout built here, skipping and counting bad rows."""
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -249,3 +250,70 @@ def test_sft_tasks_config_reads_the_conversations(tmp_path):
                                               "data.eval_size=1"]).data)
     assert len(splits.train) == 2 and len(splits.eval) == 1
     assert not {r.id for r in splits.train} & {r.id for r in splits.eval}
+
+
+# the hardware of a cluster SFT recipe, swapped for the tiny CPU model; everything else stays the recipe's
+TINY_HARDWARE = ["model.name={tiny}", "model.tokenizer=tiny", "model.dtype=float32", "parallel.backend=torch",
+                 "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false", "rollout.engine=hf",
+                 "rollout.tensor_parallel_size=1", "data.image_backend=pil", "data.min_pixels=3136",
+                 "data.max_pixels=3136", "train.threads=1", "train.sft_batch_size=2", "train.sft_steps=2"]
+
+
+@pytest.mark.parametrize("model,tiny", [("qwen2_5_vl_3b", "tiny_qwen2_5_vl"), ("qwen3_vl_8b", "tiny_qwen3_vl")])
+def test_care_sft_runs_the_sft_recipe_on_vision_r1_cold_conversations(tmp_path, model, tiny):
+    """``care-sft --config recipes/<model>-sft.yaml`` (hardware swapped for the tiny CPU model, the data path
+    for a Vision-R1-cold-layout folder) trains 2 steps on the conversations and writes the policy where
+    the model's RL recipes start from (``sft_output_dir``: ``<train.output_dir>/sft``)."""
+    import math
+
+    from care_megatron.cli import main
+    from care_megatron.config import load_config
+    from care_megatron.metrics import read_metrics
+    from care_megatron.sft import sft_output_dir
+
+    root = _vision_r1_cold(tmp_path)
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "configs" / "recipes" / f"{model}-sft.yaml"
+    overrides = [o.format(tiny=tiny) for o in TINY_HARDWARE] + [
+        f"data.sft_tasks=[sharegpt:{root}]", f"train.output_dir={tmp_path / 'run'}"]
+    assert main("sft", ["--config", str(recipe), "--no-progress", *overrides]) == 0
+    config = load_config(recipe, overrides)
+    out = sft_output_dir(config)
+    assert out == tmp_path / "run" / "sft"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 and r["sft/skipped_too_long"] == 0 for r in rows)
+    assert all(r["lr"] == pytest.approx(5e-6 * min(1, (i + 1) / 625)) for i, r in enumerate(rows))  # recipe's warm-up
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+
+
+def test_care_sft_leaves_out_conversations_longer_than_a_micro_batch(tmp_path):
+    """A conversation longer than ``train.micro_batch_tokens`` is left out of its step and counted
+    (``sft/skipped_too_long``) instead of ending the run; a step left with none is logged as skipped."""
+    from care_megatron.cli import main
+    from care_megatron.config import load_config
+    from care_megatron.data.dataset import PromptIterator, build_sft_records
+    from care_megatron.data.prompting import resolve_system_prompt
+    from care_megatron.metrics import read_metrics
+    from care_megatron.models import build_model_and_processor
+    from care_megatron.sft import sft_output_dir, sft_sequence
+
+    root = _vision_r1_cold(tmp_path)
+    overrides = [f"data.sft_tasks=[sharegpt:{root}]", "data.tasks=[count_shapes]", "data.train_size=4",
+                 "data.eval_size=2", "train.sft_steps=4", "train.sft_batch_size=2", "train.threads=1",
+                 f"train.output_dir={tmp_path / 'run'}"]
+    config = load_config(None, overrides)
+    records, _ = build_sft_records(config.data)
+    _, tokenizer, processor = build_model_and_processor(config.model, min_pixels=config.data.min_pixels,
+                                                        max_pixels=config.data.max_pixels)
+    system = resolve_system_prompt(config.data.system_prompt)
+    lengths = {r.id: len(sft_sequence(r, tokenizer, processor, i, None, system)) for i, r in enumerate(records)}
+    budget = min(lengths.values())  # only the shortest of the three conversations fits
+    assert sorted(lengths.values())[1] > budget
+    batches = PromptIterator(records, 2, seed=config.train.seed)
+    expected = [sum(lengths[r.id] > budget for r in next(batches)) for _ in range(4)]
+    assert 2 in expected and 1 in expected  # seed 0 draws both: a step with one left, a step with none
+    assert main("sft", ["--no-progress", *overrides, f"train.micro_batch_tokens={budget}"]) == 0
+    rows = read_metrics(sft_output_dir(config) / "metrics.jsonl")
+    assert [r["sft/skipped_too_long"] for r in rows] == expected
+    assert [r["skipped"] for r in rows] == [int(n == 2) for n in expected]
+    assert all(("loss" in r) == (n < 2) for r, n in zip(rows, expected))

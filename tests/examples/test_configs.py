@@ -1,7 +1,9 @@
-"""Every example config loads and validates; the cluster recipes carry the paper's settings; the
-loader's ``base:`` composition merges in order, resolves relative paths and rejects cycles."""
+"""Every example config loads and validates; the cluster recipes carry the paper's settings, start
+from their model's cold-start SFT recipe and cover the paper's training length; the loader's ``base:``
+composition merges in order, resolves relative paths and rejects cycles."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,12 @@ import pytest
 import care_megatron
 from care_megatron.config import load_config
 from care_megatron.config.loader import read_config_file
+from care_megatron.sft import sft_output_dir
 
 CONFIGS = Path(care_megatron.__file__).resolve().parent.parent / "examples" / "configs"
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "methods")
-RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (CONFIGS / "recipes").glob("*.yaml") if not p.stem.endswith("-sft"))
+SFT_RECIPES = sorted((CONFIGS / "recipes").glob("*-sft.yaml"))
 MODELS = ("qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_8b")
 CHECKPOINTS = {"qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen2.5-VL-7B-Instruct",
                "qwen3_vl_8b": "Qwen3-VL-8B-Instruct"}
@@ -43,6 +47,35 @@ def test_reasoning_tags_reach_both_qwen3_vl_8b_configs_and_their_recipes():
 
 def test_one_recipe_per_model_and_method():
     assert {p.stem for p in RECIPES} == {f"{m}-{meth}" for m in MODELS for meth in METHODS}
+    assert {p.stem for p in SFT_RECIPES} == {f"{m}-sft" for m in MODELS}
+
+
+@pytest.mark.parametrize("path", SFT_RECIPES, ids=lambda p: p.stem)
+def test_sft_recipe_reads_vision_r1_cold_with_vision_r1s_settings(path):
+    model = path.stem.removesuffix("-sft")
+    config = load_config(path)
+    assert Path(config.model.name).name == CHECKPOINTS[model]
+    assert config.data.sft_tasks == ["sharegpt:/data/vision_r1_cold"]
+    assert config.train.output_dir == f"runs/{model}-sft" and config.train.init_from is None
+    # Vision-R1's cold-start train.yaml: lr 5e-6, 32 sequences per step, 2 epochs of ~200K, warm-up ratio 0.05
+    t = config.train
+    assert (t.sft_lr, t.sft_batch_size, t.sft_steps) == (5e-6, 32, 2 * 200_000 // 32)
+    assert t.warmup_steps == 0.05 * t.sft_steps and t.micro_batch_tokens == 16384
+    # care-sft splits each batch over data parallelism: 32 must divide by DP on 1, 2 or 4 nodes
+    p = config.parallel
+    for nodes in (1, 2, 4):
+        assert t.sft_batch_size % (8 * nodes // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)) == 0
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_rl_recipe_starts_from_its_models_sft_policy_and_runs_the_papers_length(path):
+    model = path.stem.split("-")[0]
+    config = load_config(path)
+    assert config.train.init_from == str(sft_output_dir(load_config(CONFIGS / "recipes" / f"{model}-sft.yaml")))
+    # the paper's curves: 6k steps, read as optimizer updates, evaluated every 100 (see the model base config)
+    updates_per_step = config.data.prompts_per_step // config.train.prompts_per_update * config.train.ppo_epochs
+    assert updates_per_step == 4
+    assert config.train.steps * updates_per_step == 6000 and config.train.eval_every * updates_per_step == 100
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -87,3 +120,25 @@ def test_base_errors_name_the_file(tmp_path):
     (tmp_path / "w.yaml").write_text("base: {a: 1}\n")
     with pytest.raises(ValueError, match="'base' must be"):
         load_config(tmp_path / "w.yaml")
+
+
+SOURCES = ("paper", "ref", "spec", "ours", "DAPO paper", "GSPO paper")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_method_hyperparameter_names_its_source(path):
+    """Each value line of a method file (not the section headers, ``name`` or ``base``) carries a comment
+    that opens with where the value comes from (after an optional symbol, ``K: paper (...)``):
+    docs/algorithm.md's markers (paper, ref, spec), the baseline's own paper, or ours."""
+    values = 0
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip().startswith("#") or not rest.strip() or rest.strip().startswith("#") or key.strip() in ("name", "base"):
+            continue
+        values += 1
+        comment = rest.partition("#")[2].strip()
+        symbol = re.match(r"^[\w_]+: ", comment)
+        if symbol and not comment.startswith(SOURCES):
+            comment = comment[symbol.end():]
+        assert comment.startswith(SOURCES), f"{path.name}: {line.strip()!r} names no source"
+    assert values >= 1

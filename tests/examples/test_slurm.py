@@ -1,6 +1,8 @@
 """The sbatch scripts, rendered with a simulated Slurm environment: fake ``srun`` / ``scontrol`` /
 ``sbatch`` on PATH record what the scripts would launch (tasks, cpus, rendezvous, output directory),
-and a simulated preemption checks the USR1 -> trainers -> requeue path."""
+and a simulated preemption checks the USR1 -> trainers -> requeue path (RL) and that a cold-start SFT
+job (``sft_*.sbatch``, care-sft, no checkpoints) is not requeued; an SFT job's output is the RL
+recipes' ``train.init_from``."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,8 @@ from care_megatron.config import load_config
 REPO = Path(care_megatron.__file__).resolve().parent.parent
 SLURM = REPO / "examples" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+SFT_SCRIPTS = [s for s in SCRIPTS if s.name.startswith("sft_")]
+RL_SCRIPTS = [s for s in SCRIPTS if s not in SFT_SCRIPTS]
 NODES = ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04", "gpu-b01", "gpu-b02", "gpu-b03", "gpu-b04"]
 
 FAKE_SRUN = f"""#!{sys.executable}
@@ -91,13 +95,18 @@ def test_scripts_cover_1_2_and_8_nodes():
     assert {int(_directives(s)["nodes"]) for s in SCRIPTS} >= {1, 2, 8}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_sbatch_launch_line(script, slurm_env):
+def test_every_model_has_an_sft_script():
+    assert sorted(s.name for s in SFT_SCRIPTS) == ["sft_qwen2_5_vl_3b.sbatch", "sft_qwen2_5_vl_7b.sbatch",
+                                                   "sft_qwen3_vl_8b.sbatch"]
+
+
+def _launch(script, slurm_env):
+    """Run ``script`` under the fake Slurm tools: ``(directives, nodes, srun argv, care_megatron.cli argv)``
+    after the checks every script shares (one task per node, cpus, rendezvous, logs)."""
     env, submit, log = slurm_env
     job_env, d, nodes = _job_env(env, script)
-    assert d["ntasks-per-node"] == "1" and d["gpus-per-node"] == "8" and "requeue" in d
+    assert d["ntasks-per-node"] == "1" and d["gpus-per-node"] == "8"
     assert d["output"].startswith("logs/")
-    lead = int(re.fullmatch(r"B:USR1@(\d+)", d["signal"]).group(1))
     result = subprocess.run(["bash", str(script)], env=job_env, cwd=submit, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     (srun,) = [e["srun"] for e in _events(log) if "srun" in e]
@@ -111,16 +120,47 @@ def test_sbatch_launch_line(script, slurm_env):
     assert "--rdzv-id=4242" in torchrun
     handled = next(a for a in torchrun if a.startswith("--signals-to-handle=")).split("=")[1].split(",")
     assert "SIGUSR1" in handled and "SIGTERM" in handled
-    shutdown = int(next(a for a in torchrun if a.startswith("--shutdown-timeout=")).split("=")[1])
-    assert 0 < shutdown < lead  # the checkpoint finishes before Slurm's time limit
     cli = torchrun[torchrun.index("-m"):]
-    assert cli[:3] == ["-m", "care_megatron.cli", "train"] and "--resume" in cli
     out = submit / "runs" / d["job-name"]
     assert f"train.output_dir={out}" in cli and out.is_dir() and (submit / "logs").is_dir()
-    config = cli[cli.index("--config") + 1]
-    load_config(submit / config)  # the recipe the script names exists and validates
     # the job's own stdout file and the per-node logs land in logs/ (created before srun starts)
     assert next(a for a in argv if a.startswith("--output=")).startswith(f"--output={submit}/logs/")
+    return d, torchrun, cli
+
+
+@pytest.mark.parametrize("script", RL_SCRIPTS, ids=lambda p: p.name)
+def test_sbatch_launch_line(script, slurm_env):
+    d, torchrun, cli = _launch(script, slurm_env)
+    assert "requeue" in d
+    lead = int(re.fullmatch(r"B:USR1@(\d+)", d["signal"]).group(1))
+    shutdown = int(next(a for a in torchrun if a.startswith("--shutdown-timeout=")).split("=")[1])
+    assert 0 < shutdown < lead  # the checkpoint finishes before Slurm's time limit
+    assert cli[:3] == ["-m", "care_megatron.cli", "train"] and "--resume" in cli
+    config = cli[cli.index("--config") + 1]
+    load_config(slurm_env[1] / config)  # the recipe the script names exists and validates
+
+
+@pytest.mark.parametrize("script", SFT_SCRIPTS, ids=lambda p: p.name)
+def test_sft_sbatch_writes_the_policy_the_rl_recipes_start_from(script, slurm_env):
+    d, _, cli = _launch(script, slurm_env)
+    assert "requeue" not in d and "signal" not in d  # care-sft keeps no checkpoints to resume from
+    assert cli[:3] == ["-m", "care_megatron.cli", "sft"] and "--resume" not in cli
+    config = cli[cli.index("--config") + 1]
+    model = Path(config).stem.removesuffix("-sft")
+    assert config == f"examples/configs/recipes/{model}-sft.yaml" and d["job-name"] == f"{model}-sft"
+    submit = slurm_env[1]
+    sft = load_config(submit / config)
+    assert sft.data.sft_tasks and sft.data.sft_tasks[0].startswith("sharegpt:")
+    # care-sft writes <train.output_dir>/sft; the job's output_dir is runs/<job-name> in the submit directory,
+    # and every RL recipe of the model (run from the same directory) starts from there
+    policy = submit / "runs" / d["job-name"] / "sft"
+    rl_recipes = sorted((REPO / "examples" / "configs" / "recipes").glob(f"{model}-*.yaml"))
+    rl_recipes = [r for r in rl_recipes if not r.stem.endswith("-sft")]
+    assert len(rl_recipes) == 5
+    for recipe in rl_recipes:
+        assert submit / load_config(recipe).train.init_from == policy, recipe.name
+    # and the SFT recipe's own output_dir (a run without Slurm) gives the same relative path
+    assert Path(sft.train.output_dir) / "sft" == policy.relative_to(submit)
 
 
 def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
@@ -148,6 +188,28 @@ def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
     assert "requeueing job 4242" in stdout
 
 
+def test_preempted_sft_job_is_not_requeued(slurm_env):
+    env, submit, log = slurm_env
+    job_env, _, _ = _job_env(env, SLURM / "sft_qwen2_5_vl_7b.sbatch")
+    job = subprocess.Popen(["bash", str(SLURM / "sft_qwen2_5_vl_7b.sbatch")], env={**job_env, "FAKE_SRUN_WAIT": "1"},
+                           cwd=submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("srun" in e for e in _events(log)):
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.3)  # the fake srun installs its handler right after logging
+        job.send_signal(signal.SIGTERM)  # what Slurm sends the batch shell at preemption
+        stdout, stderr = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    events = _events(log)
+    assert {"srun_signal": signal.SIGUSR1} in events
+    assert not any(e.get("scontrol", [None])[0] == "requeue" for e in events)
+    assert job.returncode == 128 + signal.SIGUSR1 and "not requeued" in stdout
+
+
 def test_submit_creates_the_log_directory_first(slurm_env, tmp_path):
     env, _, log = slurm_env
     clone = tmp_path / "clone"
@@ -158,3 +220,8 @@ def test_submit_creates_the_log_directory_first(slurm_env, tmp_path):
     assert result.returncode == 0, result.stderr
     (call,) = [e for e in _events(log) if "sbatch" in e]
     assert call == {"sbatch": ["examples/slurm/x.sbatch"], "cwd": str(clone), "logs_exist": True}
+    # sbatch options before the script reach sbatch unchanged (RL after its SFT job: --dependency)
+    result = subprocess.run(["bash", str(clone / "examples" / "slurm" / "submit.sh"), "--dependency=afterok:7",
+                             "examples/slurm/y.sbatch"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert [e["sbatch"] for e in _events(log) if "sbatch" in e][-1] == ["--dependency=afterok:7", "examples/slurm/y.sbatch"]

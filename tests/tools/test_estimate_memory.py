@@ -15,6 +15,8 @@ from care_megatron.memory_plan import GIB, KNOWN_SHAPES, ModelShape, plan_memory
 
 REPO = Path(care_megatron.__file__).resolve().parent.parent
 CONFIGS = REPO / "examples" / "configs"
+# recipes/*-sft.yaml included: their plan is the RL phases' of the same layout, an upper bound for care-sft
+# (no rollout engine, no reference model), so their micro_batch_tokens is checked to fit too
 CLUSTER_CONFIGS = sorted((CONFIGS / "recipes").glob("*.yaml")) + sorted(CONFIGS.glob("qwen*.yaml"))
 
 SMALL = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=100,
