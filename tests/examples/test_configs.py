@@ -42,7 +42,7 @@ def test_qwen3_vl_8b_configs_use_reasoning_tags(path):
 def test_reasoning_tags_reach_both_qwen3_vl_8b_configs_and_their_recipes():
     reasoning = {str(p.relative_to(CONFIGS)) for p in ALL if load_config(p).data.think_tag == "reasoning"}
     assert reasoning == {"qwen3_vl_8b.yaml", "qwen3_vl_8b_long_cp.yaml"} | \
-        {f"recipes/qwen3_vl_8b-{method}.yaml" for method in METHODS}
+        {f"recipes/qwen3_vl_8b-{method}.yaml" for method in [*METHODS, "sft"]}  # SFT targets in the same tags
 
 
 def test_one_recipe_per_model_and_method():
