@@ -29,7 +29,8 @@ Outputs in ``<out>/``:
   the sampled one), ``kl.png``: KL to the reference per step;
 * ``summary.json``: all of it, with the curves' numbers.
 
-Decoded tokens of a step are rebuilt from what the trainer logs (``care_megatron.metrics``):
+Decoded tokens of a step are the trainer's exact ``tokens/decoded`` (every rollout, DAPO refill and RGR
+continuation decoded). For runs from before that key, they are rebuilt from what the trainer logs (``care_megatron.metrics``):
 ``length/response_mean`` times the number of responses decoded that step, with the number of groups
 from ``groups/count`` (else ``data.prompts_per_step``; DAPO: kept + dropped groups of
 ``dapo/*_groups``) times ``rollout.group_size``, plus ``rgr/trigger_rate`` x groups reflected
@@ -130,7 +131,11 @@ def sbatch_line(sbatch: str, config_path: str | None, overrides: list[str], job_
 
 # ------------------------------------------------------------------------------------ aggregation
 def decoded_tokens(row: dict, prompts_per_step: int, group_size: int) -> float:
-    """Tokens decoded in one logged step (see the module docstring for what is read)."""
+    """Tokens decoded in one logged step: the trainer's exact ``tokens/decoded`` when the run logged it, else
+    the estimate described in the module docstring."""
+    exact = row.get("tokens/decoded")
+    if isinstance(exact, (int, float)) and math.isfinite(exact):
+        return float(exact)
     response_mean = row.get("length/response_mean")
     if not isinstance(response_mean, (int, float)) or not math.isfinite(response_mean):
         return 0.0

@@ -99,6 +99,8 @@ def test_decoded_tokens_from_logged_metrics(tool):
     assert tool.decoded_tokens(row, 4, 8) == 4 * 8 * 10 + 2 * 20
     # DAPO decodes the dropped groups too
     assert tool.decoded_tokens({"length/response_mean": 2.0, "dapo/kept_groups": 2.0, "dapo/dropped_groups": 1.0}, 2, 4) == 24.0
+    # the trainer's exact count wins over the estimate when logged
+    assert tool.decoded_tokens({"length/response_mean": 2.0, "groups/count": 4.0, "tokens/decoded": 123.0}, 4, 8) == 123.0
 
 
 def test_band_interpolates_onto_a_shared_grid(tool):
