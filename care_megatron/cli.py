@@ -24,7 +24,8 @@ DEBUG_ENV = "CARE_DEBUG"
 COMMANDS = {
     "train": "RL training (CARE or a baseline) through care_megatron.trainer",
     "sft": "cold-start supervised fine-tuning on reference rationales",
-    "eval": "held-out / benchmark evaluation of a policy (single greedy decode, exact match on the answer span)",
+    "eval": "held-out / benchmark evaluation of a policy (eval.protocol: one greedy decode, or the paper's "
+            "seeded sampled decodes; exact match on the answer span)",
 }
 
 
@@ -46,6 +47,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="greedy decoding (default)")
         p.add_argument("--benchmarks", help="NAME=PATH[,NAME=PATH...] of the paper's benchmarks (mathvista, mathverse, "
                                             "mathvision, mmmu, mmmu_pro_standard, mmmu_pro_vision); overrides eval.benchmarks")
+        p.add_argument("--protocol", help="greedy (one greedy decode per example) or paper (eval.seeds decodes at the "
+                                          "rollout's sampling settings, mean over seeds with a t-interval); "
+                                          "overrides eval.protocol")
+        p.add_argument("--seeds", help="decodes per example under the paper protocol; overrides eval.seeds")
     return p
 
 
@@ -95,6 +100,7 @@ def _run(command: str, args: argparse.Namespace, config) -> int:
     else:
         from care_megatron.evaluation.run import run_benchmark_evaluation, run_evaluation
 
+        config = _eval_flags(args, config)
         if args.benchmarks or config.eval.benchmarks:
             from care_megatron.evaluation.benchmark_eval import parse_benchmark_paths
 
@@ -110,6 +116,22 @@ def _run(command: str, args: argparse.Namespace, config) -> int:
         report = run_evaluation(config, checkpoint=args.checkpoint, greedy=args.greedy, progress=progress)
         print(report.to_table())
     return 0
+
+
+def _eval_flags(args: argparse.Namespace, config):
+    """``--protocol`` / ``--seeds`` written into ``config.eval`` (validated there: a bad value is a
+    ConfigError naming ``eval.protocol`` / ``eval.seeds``)."""
+    import dataclasses
+
+    changes = {}
+    if args.protocol is not None:
+        changes["protocol"] = args.protocol
+    if args.seeds is not None:
+        try:
+            changes["seeds"] = int(args.seeds)
+        except ValueError:
+            raise ConfigError("eval.seeds", f"--seeds {args.seeds!r} is not an integer") from None
+    return dataclasses.replace(config, eval=dataclasses.replace(config.eval, **changes)) if changes else config
 
 
 def print_memory_plan(config) -> None:

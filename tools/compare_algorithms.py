@@ -29,6 +29,27 @@ Outputs in ``<out>/``:
   the sampled one), ``kl.png``: KL to the reference per step;
 * ``summary.json``: all of it, with the curves' numbers.
 
+With ``--benchmarks NAME=PATH,...`` (the paper's benchmarks, spelled as for ``care-eval``), every
+finished run's final policy (``<run>/final``) is also scored on them through ``care-eval``'s code
+(``care_megatron.evaluation.run.run_benchmark_evaluation``) under the base config's ``eval.protocol``
+(``greedy``, or ``paper``: ``eval.seeds`` seeded decodes per example at the rollout's sampling
+settings), into ``<out>/bench/<protocol>/<method>/seed<k>/`` (per-example JSONL, ``summary.json``,
+``table.md``): right after a run trains here, and for every finished run at each call (``--no-run``
+included; after ``--slurm`` this is where scoring happens). A folder whose ``summary.json`` covers the
+requested benchmarks under the same protocol and seed count is not redone; a partial one resumes from
+its JSONL files; one of another protocol or decoding is refused by ``care-eval``'s check (the folder
+name carries the protocol, so the same runs can be scored under both). Then:
+
+* ``table1.md`` (and ``table1`` in ``summary.json``): the paper's Table 1 layout, per benchmark and the
+  macro average, each method's mean and 95% t-interval over the training seeds of its runs' accuracies,
+  below the paper's published rows for the same base model (matched from ``model.name`` /
+  ``train.init_from`` as ``care-eval`` does, or ``eval.published_base``);
+* ``table2.md`` (``table2``): the paper's Table 2 layout for GRPO / CARE without RGR / CARE (the methods
+  ``grpo``, ``care_no_rgr``, ``care`` that were run), per benchmark and the macro average, with the
+  macro's difference to GRPO paired by seed ("vs GRPO", mean ± half-width of its t-interval), and the
+  per-benchmark paired differences below;
+* copies of both under ``<out>/bench/<protocol>/``, so the tables of both protocols survive.
+
 Decoded tokens of a step are the trainer's exact ``tokens/decoded`` (every rollout, DAPO refill and RGR
 continuation decoded). For runs from before that key, they are rebuilt from what the trainer logs (``care_megatron.metrics``):
 ``length/response_mean`` times the number of responses decoded that step, with the number of groups
@@ -49,6 +70,8 @@ Usage::
         --seeds 3 train.steps=40 train.lr=1e-3 data.train_size=8
     python tools/compare_algorithms.py --config examples/configs/qwen2_5_vl_7b.yaml --out runs/table2 \\
         --slurm --sbatch examples/slurm/care_qwen2_5_vl_7b.sbatch
+    python tools/compare_algorithms.py --config examples/configs/qwen2_5_vl_7b.yaml --out runs/table2 --no-run \\
+        --benchmarks mathvista=/data/MathVista,mmmu=/data/MMMU eval.protocol=paper eval.seeds=5
 """
 from __future__ import annotations
 
@@ -62,6 +85,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from care_megatron.evaluation.benchmarks import BENCHMARKS  # noqa: E402
 from care_megatron.metrics import read_run_metrics  # noqa: E402
 from care_megatron.stats import mean_interval  # noqa: E402
 
@@ -127,6 +151,133 @@ def sbatch_line(sbatch: str, config_path: str | None, overrides: list[str], job_
     env = f"--export=ALL,CONFIG={config_path}" if config_path else "--export=ALL"
     return " ".join(["sbatch", f"--job-name={job_name}", env, f"--output={directory}/slurm-%j.out",
                      shlex.quote(sbatch), *map(shlex.quote, overrides), "--resume"])
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+TABLE2_METHODS = {"grpo": ("GRPO (Baseline)", False, False), "care_no_rgr": ("CARE w/o RGR", True, False),
+                  "care": ("CARE", True, True)}
+"""Rows of the paper's Table 2: method -> (row name, Anchor, RGR)."""
+
+
+def bench_dir(out: Path, protocol: str, method: str, seed: int) -> Path:
+    return out / "bench" / protocol / method / f"seed{seed}"
+
+
+def bench_finished(directory: Path, benchmarks: dict[str, str], protocol: str, seeds: int) -> bool:
+    """``summary.json`` written for every benchmark in ``benchmarks`` under ``protocol`` (and, for ``paper``,
+    ``seeds`` decodes per example). Anything else is (re)run: resumed from the JSONL files, or refused by
+    ``care-eval`` when the folder holds another protocol or decoding."""
+    path = directory / "summary.json"
+    if not path.exists():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return False
+    decoding = summary.get("decoding", {})
+    if decoding.get("protocol", "greedy") != protocol or (protocol == "paper" and decoding.get("seeds") != seeds):
+        return False
+    results = summary.get("results", {})
+    return all(name in results for name in benchmarks)
+
+
+def score_run(config_path: str | None, overrides: list[str], directory: Path, output_dir: Path,
+              benchmarks: dict[str, str], label: str, published_base: str = "auto") -> dict:
+    """``care-eval --benchmarks`` of the run's final policy, into ``output_dir``: its summary."""
+    import dataclasses
+
+    from care_megatron.config.loader import load_config
+    from care_megatron.evaluation.run import run_benchmark_evaluation
+
+    config = load_config(config_path, overrides)
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, output_dir=str(output_dir), label=label,
+                                                                  published_base=published_base))
+    return run_benchmark_evaluation(config, checkpoint=str(directory / "final"), benchmarks=benchmarks,
+                                    progress=False).to_dict()
+
+
+def read_bench(directory: Path) -> dict:
+    """A run's benchmark numbers from its ``summary.json``: ``per_task`` (benchmark -> accuracy), ``macro``,
+    ``macro_over`` and the ``decoding`` record (the shape ``heldout_table`` reads)."""
+    summary = json.loads((directory / "summary.json").read_text())
+    macro = summary.get("macro_accuracy")
+    return {"per_task": {name: r["accuracy"] for name, r in summary["results"].items() if r.get("n")},
+            "macro": macro if isinstance(macro, (int, float)) and math.isfinite(macro) else None,
+            "macro_over": summary.get("macro_over", []), "decoding": summary.get("decoding", {})}
+
+
+def benchmark_tables(bench: dict[str, dict[int, dict]], names: list[str]) -> dict:
+    """Table 1 / Table 2 numbers from ``{method: {seed: read_bench(...)}}``: per method and column (each
+    benchmark of ``names``, ``macro``), mean and t-interval over seeds, and the paired-by-seed delta to GRPO."""
+    table = heldout_table(bench, names)
+    decoding = next((r["decoding"] for runs in bench.values() for r in runs.values()), {})
+    over = sorted({len(r["macro_over"]) for runs in bench.values() for r in runs.values()})
+    return {"benchmarks": names, "protocol": decoding.get("protocol", "greedy"), "decoding": decoding,
+            "macro_over": over, "table": table,
+            "table2_methods": [m for m in TABLE2_METHODS if m in table],
+            "runs": {m: {str(s): r for s, r in runs.items()} for m, runs in bench.items()}}
+
+
+def _percent(stat: dict | None, digits: int = 1, delta: bool = False) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    text = f"{round(100 * stat['mean'], digits) + 0.0:{'+' if delta else ''}.{digits}f}"  # + 0.0: no "-0.0"
+    return text + (f" ± {100 * stat['half_width']:.{digits}f}" if stat.get("half_width") is not None else "")
+
+
+def _protocol_note(result: dict, seeds: int) -> str:
+    from care_megatron.evaluation.benchmark_eval import protocol_sentence
+
+    return (f"Ours: mean ± half-width of the 95% t-interval over the {seeds} training seed(s) of a method "
+            "(n - 1 dof) of each run's accuracy, in percent; each run's accuracy from its own evaluation. "
+            "Each run's evaluation: " + protocol_sentence(result["decoding"], intervals=False)
+            + f" (Its own intervals: bench/{result['protocol']}/<method>/seed<k>/table.md.)")
+
+
+def table1_markdown(result: dict, model_name: str, base_model: str = "auto") -> str:
+    """The paper's Table 1 layout: the paper's rows for the base model, then one row per method."""
+    from care_megatron.evaluation.benchmark_eval import published_rows, table_header
+
+    paper_rows, paper_note = published_rows(model_name, base_model)
+    lines = [table_header(), *paper_rows]
+    macro_over = "" if result["macro_over"] in ([], [len(BENCHMARKS)]) else \
+        f" (over {'/'.join(map(str, result['macro_over']))})"
+    for method, row in result["table"].items():
+        cells = [_percent(row.get(n)) for n in BENCHMARKS]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_percent(row['macro'])}{macro_over} |")
+    seeds = max((row["macro"].get("n", 0) for row in result["table"].values()), default=0)
+    return "\n".join(lines) + "\n\n" + "\n".join([_protocol_note(result, seeds), paper_note]) + "\n"
+
+
+def table2_markdown(result: dict) -> str:
+    """The paper's Table 2 layout for the methods of ``TABLE2_METHODS`` that were run, with "vs GRPO"."""
+    from care_megatron.evaluation.benchmark_eval import COLUMN_TITLES
+
+    methods = result["table2_methods"]
+    titles = [COLUMN_TITLES[n] for n in BENCHMARKS]
+    lines = ["| Method | Anchor | RGR | " + " | ".join(titles) + " | Avg. | vs GRPO |",
+             "|---" * (len(titles) + 5) + "|"]
+    for method in methods:
+        name, anchor, rgr = TABLE2_METHODS[method]
+        row = result["table"][method]
+        cells = [_percent(row.get(n)) for n in BENCHMARKS]
+        vs = "—" if method == "grpo" else _percent(row["macro"].get("delta_vs_grpo"), 2, delta=True)
+        lines.append(f"| {name} | {'✓' if anchor else '✗'} | {'✓' if rgr else '✗'} | " + " | ".join(cells)
+                     + f" | {_percent(row['macro'], 2)} | {vs} |")
+    deltas = [m for m in methods if m != "grpo" and "delta_vs_grpo" in result["table"][m]["macro"]]
+    if deltas:
+        lines += ["", "| Δ vs GRPO (paired by seed) | " + " | ".join(titles) + " | Avg. |", "|---" * (len(titles) + 2) + "|"]
+        for method in deltas:
+            row = result["table"][method]
+            lines.append(f"| {TABLE2_METHODS[method][0]} | "
+                         + " | ".join(_percent(row[n].get("delta_vs_grpo"), delta=True) if n in row else "—"
+                                      for n in BENCHMARKS)
+                         + f" | {_percent(row['macro'].get('delta_vs_grpo'), 2, delta=True)} |")
+    seeds = max((result["table"][m]["macro"].get("n", 0) for m in methods), default=0)
+    notes = [_protocol_note(result, seeds),
+             "vs GRPO / Δ: the difference to GRPO paired by seed (run k of every method shares train.seed k), mean ± "
+             "half-width of the 95% t-interval over the per-seed differences, in points."]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 # ------------------------------------------------------------------------------------ aggregation
@@ -363,14 +514,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method")
     parser.add_argument("--out", required=True, help="output directory (runs, table, JSON, PNGs)")
-    parser.add_argument("--no-run", action="store_true", help="only aggregate finished runs")
+    parser.add_argument("--no-run", action="store_true",
+                        help="never train here: only aggregate finished runs (and score them on --benchmarks)")
     parser.add_argument("--slurm", action="store_true", help="print one sbatch line per unfinished run and stop")
     parser.add_argument("--submit", action="store_true", help="with --slurm: submit them")
     parser.add_argument("--sbatch", default="examples/slurm/care_qwen2_5_vl_7b.sbatch",
                         help="sbatch script taking CONFIG from the environment and overrides as arguments")
-    args = parser.parse_args(argv)
+    parser.add_argument("--benchmarks", default=None,
+                        help="NAME=PATH[,NAME=PATH...]: score every finished run's final policy on the paper's "
+                             "benchmarks under eval.protocol and write table1.md / table2.md")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    benchmarks = None
+    if args.benchmarks:
+        from care_megatron.evaluation.benchmark_eval import parse_benchmark_paths
+
+        try:
+            benchmarks = parse_benchmark_paths(args.benchmarks)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if not benchmarks:
+            parser.error("--benchmarks: no NAME=PATH given")
 
     from care_megatron.config.loader import load_config
 
@@ -392,13 +557,37 @@ def main(argv=None) -> dict:
             if args.submit:
                 directory.mkdir(parents=True, exist_ok=True)
                 subprocess.run(shlex.split(line), check=True)
+        if benchmarks:
+            print("note: --benchmarks: the runs are scored by the aggregate call (without --slurm) once they finish",
+                  file=sys.stderr)
         return {"sbatch": len(unfinished)}
+    protocol = base.eval.protocol
+    from care_megatron.evaluation.benchmark_eval import load_published, published_base
+
+    model_name = " ".join(filter(None, (base.model.name, base.train.init_from)))
+    matched = base.eval.published_base if base.eval.published_base != "auto" else \
+        (published_base(model_name, load_published()) or "auto")
+    scored: list[str] = []
+
+    def score(method: str, seed: int) -> None:
+        directory, target = run_dir(out, method, seed), bench_dir(out, protocol, method, seed)
+        if not benchmarks or not is_finished(directory, steps) or \
+                bench_finished(target, benchmarks, protocol, base.eval.seeds):
+            return
+        print(f"scoring {method} seed {seed} on {', '.join(benchmarks)} ({protocol}) -> {target}", flush=True)
+        score_run(args.config, run_overrides(args.overrides, method, seed, directory), directory, target, benchmarks,
+                  f"{method} seed{seed}", matched)
+        scored.append(f"{method}/seed{seed}")
+
     if not args.no_run:
         for method, seed in unfinished:
             directory = run_dir(out, method, seed)
             print(f"running {method} seed {seed} -> {directory}", flush=True)
             run_locally(args.config, run_overrides(args.overrides, method, seed, directory), directory)
             executed.append(f"{method}/seed{seed}")
+            score(method, seed)
+    for method, seed in plan:  # finished elsewhere (earlier calls, --slurm jobs): scored here
+        score(method, seed)
     summaries: dict[str, dict[int, dict]] = {}
     for method, seed in plan:
         directory = run_dir(out, method, seed)
@@ -417,6 +606,24 @@ def main(argv=None) -> dict:
                   executed=executed, runs={m: {str(s): r for s, r in runs.items()} for m, runs in summaries.items()})
     table = markdown_table(result)
     (out / "table.md").write_text(table + "\n")
+    if benchmarks:
+        bench: dict[str, dict[int, dict]] = {}
+        for method, seed in plan:
+            target = bench_dir(out, protocol, method, seed)
+            if bench_finished(target, benchmarks, protocol, base.eval.seeds):
+                bench.setdefault(method, {})[seed] = read_bench(target)
+        names = [n for n in BENCHMARKS if n in benchmarks]
+        result["table1"] = benchmark_tables(bench, names)
+        result["table2"] = {m: result["table1"]["table"][m] for m in result["table1"]["table2_methods"]}
+        result["scored"] = scored
+        tables = {"table1.md": table1_markdown(result["table1"], model_name, matched)}
+        if result["table1"]["table2_methods"]:
+            tables["table2.md"] = table2_markdown(result["table1"])
+        for name, text in tables.items():
+            for folder in (out, out / "bench" / protocol):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_text(text)
+        table += "\n\n" + "\n\n".join(tables.values())
     result["pngs"] = [str(p) for p in plot_curves(result, out)]
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     print(table)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 ALGORITHMS = ("care", "grpo", "dapo", "gspo", "dr_grpo", "rloo")
 RGR_MODES = ("repair", "resample", "fresh")
+EVAL_PROTOCOLS = ("greedy", "paper")
 
 
 class ConfigError(ValueError):
@@ -358,7 +359,7 @@ class EvalConfig:
     output_dir: Optional[str] = None
     """Per-example JSONL, summary, table and chart (None = ``<train.output_dir>/eval``); re-runs resume here."""
     max_new_tokens: Optional[int] = None
-    """Response budget of the single greedy decode (None = ``rollout.max_new_tokens``)."""
+    """Response budget of each benchmark decode (None = ``rollout.max_new_tokens``)."""
     judge: Optional[str] = None
     """``package.module:function(question, key, extracted) -> score`` grading open-ended answers (off by default)."""
     published_base: str = "auto"
@@ -373,6 +374,14 @@ class EvalConfig:
     question at the rollout's temperature / top-p / top-k with a fixed seed and report their mean
     accuracy as ``eval_sampled/*`` (mean@N, the accuracy of the policy RL samples from; the same seed at
     every evaluation, so two evaluations differ by the policy, not the draw). 0 = greedy only."""
+    protocol: str = "greedy"
+    """How ``care-eval`` decodes: ``greedy`` (one greedy decode per example) or ``paper`` (the paper's
+    reporting: ``eval.seeds`` decodes per example at the rollout's temperature / top-p / top-k, each seed
+    index with its own sampling seed derived from ``train.seed``; accuracy is the mean over seeds, with a
+    95% Student-t interval over the per-seed accuracies beside the bootstrap interval over examples). The
+    training-time evaluations (``eval/*``, ``eval_sampled/*``, ``bench/*``) are not affected."""
+    seeds: int = 5
+    """Decodes per example under ``eval.protocol: paper`` (the paper reports five seeds); unused by ``greedy``."""
 
     def __post_init__(self) -> None:
         if self.benchmarks:
@@ -384,6 +393,10 @@ class EvalConfig:
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
         _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
+        _check(self.protocol in EVAL_PROTOCOLS, "eval.protocol",
+               f"must be {' or '.join(EVAL_PROTOCOLS)}, got {self.protocol!r}")
+        _check(isinstance(self.seeds, int) and not isinstance(self.seeds, bool) and self.seeds >= 1, "eval.seeds",
+               f"must be an integer >= 1, got {self.seeds!r}")
 
 
 @dataclass

@@ -31,6 +31,11 @@ class EvalReport:
     think_length: float
     """Mean number of response tokens in the ``<think>`` span (tags included), over all examples."""
     samples: list[dict] = field(default_factory=list)
+    protocol: str = "greedy"
+    """``greedy``: one decode per question; ``paper``: the numbers above are means over ``per_seed_accuracy``'s seeds."""
+    per_seed_accuracy: list[float] = field(default_factory=list)
+    per_seed_macro_accuracy: list[float] = field(default_factory=list)
+    """Under ``paper``: accuracy / macro accuracy of each seed index."""
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}accuracy": self.accuracy, f"{prefix}format": self.format_rate,
@@ -45,6 +50,16 @@ class EvalReport:
             rows.append(f"{source:<20} {int(s['n']):>6} {s['accuracy']:>9.3f} {s['format']:>7.3f} {s['think_length']:>7.1f}")
         rows.append(f"{'all':<20} {self.num_examples:>6} {self.accuracy:>9.3f} {self.format_rate:>7.3f} {self.think_length:>7.1f}")
         rows.append(f"{'macro average':<20} {'':>6} {self.macro_accuracy:>9.3f}")
+        if self.protocol == "paper":
+            from care_megatron.stats import mean_interval
+
+            def cell(values):
+                stat = mean_interval(values)
+                return f"{stat['mean']:.3f}" + (f" ± {stat['half_width']:.3f}" if stat["half_width"] is not None else "")
+
+            rows.append(f"protocol paper: means over {len(self.per_seed_accuracy)} seeded decodes per question; "
+                        f"accuracy {cell(self.per_seed_accuracy)}, macro {cell(self.per_seed_macro_accuracy)} "
+                        "(± half-width of the 95% t-interval over seeds)")
         return "\n".join(rows)
 
 
@@ -95,3 +110,23 @@ def evaluate(engine: RolloutEngine, records: list, tokenizer, image_processor, r
     macro = sum(s["accuracy"] for s in per_source.values()) / max(len(per_source), 1)
     return EvalReport(accuracy=acc, format_rate=fmt, macro_accuracy=macro, per_source=per_source,
                       num_examples=int(n), think_length=think, samples=samples)
+
+
+def combine_seed_reports(reports: list[EvalReport]) -> EvalReport:
+    """One report of the paper protocol from one :func:`evaluate` report per seed index (same records, in the
+    same order): every number the mean over the seeds, the per-seed accuracies kept, samples of the first seed."""
+    if not reports:
+        raise ValueError("combine_seed_reports: no report")
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
+    per_source = {source: {key: mean(r.per_source[source][key] for r in reports) for key in stats}
+                  for source, stats in reports[0].per_source.items()}
+    return EvalReport(accuracy=mean(r.accuracy for r in reports), format_rate=mean(r.format_rate for r in reports),
+                      macro_accuracy=mean(r.macro_accuracy for r in reports), per_source=per_source,
+                      num_examples=reports[0].num_examples, think_length=mean(r.think_length for r in reports),
+                      samples=reports[0].samples, protocol="paper",
+                      per_seed_accuracy=[r.accuracy for r in reports],
+                      per_seed_macro_accuracy=[r.macro_accuracy for r in reports])
