@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from _benchmark_rows import MATHVISTA, MMMU_PRO_VISION, cell, png, write
 
-from care_megatron.data.prompting import build_image_processor
 from care_megatron.evaluation.benchmark_eval import (
     bootstrap_interval, evaluate_benchmarks, load_judge, load_published, parse_benchmark_paths, published_base,
 )
-from care_megatron.models import load_tokenizer
 from care_megatron.rollout.base import Completion, SamplingParams
 
 
@@ -59,16 +57,6 @@ def _script(n_vista=6, n_vision=4):
     script["mmmu_pro_vision/v0"] = "<think>look</think><answer>(J)</answer>"
     script["mmmu_pro_vision/v1"] = "J"
     return script
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
-def image_processor():
-    return build_image_processor("qwen2_5_vl", min_pixels=56 * 56, max_pixels=56 * 56)
 
 
 SAMPLING = dict(temperature=0.0, top_p=1.0, max_new_tokens=16, seed=0)

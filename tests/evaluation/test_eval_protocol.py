@@ -12,10 +12,8 @@ import pytest
 from _benchmark_rows import MATHVISTA, MMMU_PRO_VISION, cell, png, write
 
 from care_megatron.config import ConfigError, load_config
-from care_megatron.data.prompting import build_image_processor
 from care_megatron.evaluation.benchmark_eval import decode_seed, evaluate_benchmarks, protocol_sentence
 from care_megatron.evaluation.scoring import EvalReport, combine_seed_reports
-from care_megatron.models import load_tokenizer
 from care_megatron.rollout.base import Completion, SamplingParams
 
 T_975_DOF2 = 4.302652729749464  # the 0.975 quantile of Student's t with 2 degrees of freedom
@@ -73,16 +71,6 @@ class SeedScriptedEngine:
 
     def update_weights(self, named_tensors):
         raise AssertionError("evaluation never updates weights")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
-def image_processor():
-    return build_image_processor("qwen2_5_vl", min_pixels=56 * 56, max_pixels=56 * 56)
 
 
 def _paper(engine, tokenizer, image_processor, paths, out, seeds=SEEDS, batch_size=4):

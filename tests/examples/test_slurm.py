@@ -163,9 +163,10 @@ def test_sft_sbatch_writes_the_policy_the_rl_recipes_start_from(script, slurm_en
     assert Path(sft.train.output_dir) / "sft" == policy.relative_to(submit)
 
 
-def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
+def _signal_running_job(slurm_env, script: Path, sig: int) -> tuple[subprocess.Popen, str, str]:
+    """Run ``script`` as the batch shell with a fake srun that waits; once srun started, send ``sig`` to the
+    shell; the finished job and its output."""
     env, submit, log = slurm_env
-    script = SLURM / "care_qwen2_5_vl_7b.sbatch"
     job_env, _, _ = _job_env(env, script)
     job = subprocess.Popen(["bash", str(script)], env={**job_env, "FAKE_SRUN_WAIT": "1"}, cwd=submit,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -175,11 +176,18 @@ def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
             assert job.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         time.sleep(0.3)  # the fake srun installs its handler right after logging
-        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@... delivers to the batch shell
+        job.send_signal(sig)
         stdout, stderr = job.communicate(timeout=30)
     finally:
         if job.poll() is None:
             job.kill()
+    return job, stdout, stderr
+
+
+def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
+    _, _, log = slurm_env
+    # SIGUSR1: what --signal=B:USR1@... delivers to the batch shell
+    job, stdout, stderr = _signal_running_job(slurm_env, SLURM / "care_qwen2_5_vl_7b.sbatch", signal.SIGUSR1)
     assert job.returncode == 0, stderr
     events = _events(log)
     assert {"srun_signal": signal.SIGUSR1} in events
@@ -189,21 +197,9 @@ def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
 
 
 def test_preempted_sft_job_is_not_requeued(slurm_env):
-    env, submit, log = slurm_env
-    job_env, _, _ = _job_env(env, SLURM / "sft_qwen2_5_vl_7b.sbatch")
-    job = subprocess.Popen(["bash", str(SLURM / "sft_qwen2_5_vl_7b.sbatch")], env={**job_env, "FAKE_SRUN_WAIT": "1"},
-                           cwd=submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not any("srun" in e for e in _events(log)):
-            assert job.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        time.sleep(0.3)  # the fake srun installs its handler right after logging
-        job.send_signal(signal.SIGTERM)  # what Slurm sends the batch shell at preemption
-        stdout, stderr = job.communicate(timeout=30)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    _, _, log = slurm_env
+    # SIGTERM: what Slurm sends the batch shell at preemption
+    job, stdout, stderr = _signal_running_job(slurm_env, SLURM / "sft_qwen2_5_vl_7b.sbatch", signal.SIGTERM)
     events = _events(log)
     assert {"srun_signal": signal.SIGUSR1} in events
     assert not any(e.get("scontrol", [None])[0] == "requeue" for e in events)
