@@ -48,3 +48,22 @@ MMMU = {**_MMMU_COMMON, "question_type": pa.string(), "subfield": pa.string()}
 MMMU_PRO_STANDARD = {**_MMMU_COMMON, "subject": pa.string()}
 MMMU_PRO_VISION = {"id": pa.string(), "image": IMAGE, "options": pa.string(), "answer": pa.string(),
                    "subject": pa.string()}
+
+
+def two_benchmarks(root: Path, n_vista: int, n_vision: int, corrupt_row: bool = False) -> dict[str, str]:
+    """MathVista (free-form integers, pid i answers i, image colour by i) and MMMU-Pro vision (ten options,
+    answer J) folders under ``root`` in their release layouts; ``corrupt_row`` adds a MathVista row whose
+    image does not decode. Returns the ``--benchmarks`` mapping."""
+    vista = root / "MathVista"
+    rows = [dict(pid=str(i), question=f"How many? {i}", image="x.png", decoded_image=cell(png((i * 30, 0, 0))),
+                 choices=None, unit=None, precision=None, answer=str(i), question_type="free_form",
+                 answer_type="integer", metadata={"category": "c", "source": "s"}, query="") for i in range(n_vista)]
+    if corrupt_row:
+        rows.append(dict(rows[0], pid="bad", decoded_image=cell(b"corrupt")))
+    write(vista / "data" / "testmini-00000-of-00001.parquet", rows, MATHVISTA)
+    pro = root / "MMMU_Pro"
+    ten = str([f"option {k}" for k in range(10)])
+    write(pro / "vision" / "test-00000-of-00001.parquet",
+          [dict(id=f"v{i}", image=cell(png((0, 0, 40 * i), size=84)), options=ten, answer="J", subject="Art")
+           for i in range(n_vision)], MMMU_PRO_VISION)
+    return {"mathvista": str(vista), "mmmu_pro_vision": str(pro)}

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from _benchmark_rows import MATHVISTA, MMMU_PRO_VISION, cell, png, write
+from _benchmark_rows import two_benchmarks
 
 from care_megatron.evaluation.benchmark_eval import (
     bootstrap_interval, evaluate_benchmarks, load_judge, load_published, parse_benchmark_paths, published_base,
@@ -36,18 +36,7 @@ class ScriptedEngine:
 
 
 def _fixtures(tmp_path, n_vista=6, n_vision=4):
-    vista = tmp_path / "MathVista"
-    rows = [dict(pid=str(i), question=f"How many? {i}", image="x.png", decoded_image=cell(png((i * 30, 0, 0))), choices=None,
-                 unit=None, precision=None, answer=str(i), question_type="free_form", answer_type="integer",
-                 metadata={"category": "c", "source": "s"}, query="") for i in range(n_vista)]
-    rows.append(dict(rows[0], pid="bad", decoded_image=cell(b"corrupt")))
-    write(vista / "data" / "testmini-00000-of-00001.parquet", rows, MATHVISTA)
-    pro = tmp_path / "MMMU_Pro"
-    ten = str([f"option {k}" for k in range(10)])
-    write(pro / "vision" / "test-00000-of-00001.parquet",
-          [dict(id=f"v{i}", image=cell(png((0, 0, 40 * i), size=84)), options=ten, answer="J", subject="Art")
-           for i in range(n_vision)], MMMU_PRO_VISION)
-    return {"mathvista": str(vista), "mmmu_pro_vision": str(pro)}
+    return two_benchmarks(tmp_path, n_vista, n_vision, corrupt_row=True)
 
 
 def _script(n_vista=6, n_vision=4):

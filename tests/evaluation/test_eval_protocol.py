@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from _benchmark_rows import MATHVISTA, MMMU_PRO_VISION, cell, png, write
+from _benchmark_rows import two_benchmarks
 
 from care_megatron.config import ConfigError, load_config
 from care_megatron.evaluation.benchmark_eval import decode_seed, evaluate_benchmarks, protocol_sentence
@@ -24,17 +24,7 @@ ROLLOUT = dict(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=16, seed=BASE
 
 
 def _fixtures(tmp_path):
-    vista = tmp_path / "MathVista"
-    rows = [dict(pid=str(i), question=f"How many? {i}", image="x.png", decoded_image=cell(png((i * 30, 0, 0))),
-                 choices=None, unit=None, precision=None, answer=str(i), question_type="free_form",
-                 answer_type="integer", metadata={"category": "c", "source": "s"}, query="") for i in range(N_VISTA)]
-    write(vista / "data" / "testmini-00000-of-00001.parquet", rows, MATHVISTA)
-    pro = tmp_path / "MMMU_Pro"
-    ten = str([f"option {k}" for k in range(10)])
-    write(pro / "vision" / "test-00000-of-00001.parquet",
-          [dict(id=f"v{i}", image=cell(png((0, 0, 40 * i), size=84)), options=ten, answer="J", subject="Art")
-           for i in range(N_VISION)], MMMU_PRO_VISION)
-    return {"mathvista": str(vista), "mmmu_pro_vision": str(pro)}
+    return two_benchmarks(tmp_path, N_VISTA, N_VISION)
 
 
 def right(benchmark: str, index: int, k: int) -> bool:
