@@ -548,7 +548,8 @@ def run_shape(run: RunData, fallback_config=None) -> tuple[int, int]:
 
 def cumulative_tokens(run: RunData, fallback_config=None) -> tuple[dict[int, float], str]:
     """step -> decoded tokens up to and including that step (step 0: 0), and the source: ``exact`` when every
-    training step logged ``tokens/decoded``, else ``estimate`` (``compare_algorithms.decoded_tokens``)."""
+    training step logged ``tokens/decoded``, else ``estimate`` (``compare_algorithms.decoded_tokens``: the
+    exact count of the steps that logged it, the estimate from mean lengths for the others)."""
     train_rows = {}
     for row in run.rows:
         if isinstance(row.get("step"), int) and row["step"] >= 1 and ("loss" in row or "reward/mean" in row

@@ -153,14 +153,15 @@ def test_cumulative_tokens_exact_or_estimated(tool, tmp_path):
     _write_jsonl(tmp_path / "a" / "metrics.jsonl", rows)
     tokens, source = tool.cumulative_tokens(tool.load_run(tmp_path / "a"))
     assert (tokens, source) == ({0: 0.0, 1: 100.0, 2: 150.0}, "exact")
-    # one step without tokens/decoded: the whole run falls back to the estimate (groups/count x G x mean length)
+    # one step without tokens/decoded: the run is marked an estimate; that step is estimated (groups/count x G x
+    # mean length), the step that logged the exact count keeps it
     del rows[2]["tokens/decoded"]
     for row in rows[1:]:
         row["groups/count"] = 2.0
     _write_jsonl(tmp_path / "b" / "metrics.jsonl", rows)
     (tmp_path / "b" / "config.yaml").write_text("data:\n  prompts_per_step: 2\nrollout:\n  group_size: 4\n")
     tokens, source = tool.cumulative_tokens(tool.load_run(tmp_path / "b"))
-    assert (tokens, source) == ({0: 0.0, 1: 8.0, 2: 16.0}, "estimate")
+    assert (tokens, source) == ({0: 0.0, 1: 100.0, 2: 108.0}, "estimate")
 
 
 # ------------------------------------------------------------------------------------ whole figures from fake runs
