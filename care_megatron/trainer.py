@@ -140,7 +140,8 @@ class RLTrainer:
             self.decoded = {"tokens/decoded": _decoded_tokens(rollouts), "tokens/rgr_decoded": 0.0}
             extra: dict[str, float] = {}
             if self.method == "dapo":
-                rollouts, extra = self.dapo_refill(rollouts, sampling, step)
+                rollouts, extra, refilled = self.dapo_refill(rollouts, sampling, step)
+                self.decoded["tokens/decoded"] += refilled  # refills count though filtered groups are dropped
         self.trainer_phase(s, "")
         sequences = [to_sequence(r, i) for i, r in enumerate(rollouts)]
         with s.phase("logprobs"):
@@ -201,13 +202,16 @@ class RLTrainer:
                 "data/skipped_records": float(self.skipped_records)}
 
     def dapo_refill(self, rollouts, sampling, step: int):
+        """DAPO's dynamic sampling with this rank's refills: the kept rollouts, the ``dapo/*`` metrics and the
+        tokens the refills decoded."""
         cfg = self.config
+        refilled = [0.0]
 
         def more(num_prompts: int, group_offset: int):
             records, prompts = self.build_prompts(next(self.prompts)[self.dp_rank::self.dp_size][:num_prompts])
             fresh = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling, self.tokenizer,
                                       self.reward_fn, step, group_offset=group_offset)
-            self.decoded["tokens/decoded"] += _decoded_tokens(fresh)  # refills count though filtered groups are dropped
+            refilled[0] += _decoded_tokens(fresh)
             return fresh
 
         kept, extra = dapo_dynamic_sampling(rollouts, more, cfg.data.prompts_per_step // self.dp_size,
@@ -217,7 +221,7 @@ class RLTrainer:
             rounds = int(extra["dapo/refill_rounds"])
             for _ in range(int(max_over_ranks(rounds, self.backend.data_parallel_group)) - rounds):
                 next(self.prompts)
-        return kept, extra
+        return kept, extra, refilled[0]
 
     def rollout_phase(self, s: StepSchedule, suffix: str) -> None:
         """Wake the engine's weights, give it the trainer's current weights, then wake its KV cache

@@ -31,7 +31,8 @@ def _refill_worker(rank, world, port, out_dir):
         return rollouts, {"dapo/refill_rounds": float(rounds)}
 
     trainer_module.dapo_dynamic_sampling = fake_sampling
-    trainer_module.generate_rollouts = lambda *args, **kwargs: []
+    # each refill decodes one rollout of 3 tokens
+    trainer_module.generate_rollouts = lambda *args, **kwargs: [SimpleNamespace(completion=SimpleNamespace(token_ids=[1, 2, 3]))]
     prompts = PromptIterator(list(range(40)), prompts_per_step=8, seed=3)
     fake = SimpleNamespace(
         config=SimpleNamespace(data=SimpleNamespace(prompts_per_step=8),
@@ -40,8 +41,9 @@ def _refill_worker(rank, world, port, out_dir):
         prompts=prompts, dp_rank=rank, dp_size=world, engine=None, tokenizer=None, reward_fn=None,
         build_prompts=lambda records: (records, records),
         backend=SimpleNamespace(data_parallel_group=dist.group.WORLD))
-    trainer_module.RLTrainer.dapo_refill(fake, [], None, step=0)
-    torch.save({"target": seen["target"], "next": next(prompts)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    _, _, refilled = trainer_module.RLTrainer.dapo_refill(fake, [], None, step=0)
+    torch.save({"target": seen["target"], "next": next(prompts), "refilled": refilled},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -53,6 +55,7 @@ def test_dapo_refill_targets_the_rank_share_and_keeps_prompt_streams_aligned(tmp
     mp.start_processes(_refill_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
     assert r0["target"] == r1["target"] == 4  # 8 prompts per step over 2 ranks
+    assert (r0["refilled"], r1["refilled"]) == (0.0, 6.0)  # the tokens each rank's own refills decoded
     # rank 0 drew the two batches rank 1's refills drew: the next global batch is the same on both
     assert r0["next"] == r1["next"]
     reference = PromptIterator(list(range(40)), prompts_per_step=8, seed=3)
