@@ -191,7 +191,15 @@ def gpu_bf16_worker(rank, world, port, out_dir):
         "optimizer": backend.optimizer.name,
     }
     normalisers = {"tokens": float(sum(int(mb.loss_mask.sum()) for mb in batches))}
+    from care_megatron.training.update_norm import snapshot_parameters
+
+    # update/param_norm on CUDA parameters: the snapshot's distance against the exported weights' change
+    snapshot = snapshot_parameters(backend)
+    exported_before = {n: t.detach().double().cpu() for bucket in backend.export_weights() for n, t in bucket}
     steps = [backend.train_step(batches, loss_fn, normalisers) for _ in range(3)]
+    result["update_norm"] = snapshot.distance()
+    result["exported_update_norm"] = sum(float((t.detach().double().cpu() - exported_before[n]).square().sum())
+                                         for bucket in backend.export_weights() for n, t in bucket) ** 0.5
     hf_loss, _ = hf_loss_and_grads(hf32, batches, normalisers)
     result["first_loss_err"] = abs(steps[0].loss - hf_loss)
     result["losses"] = [s.loss for s in steps]

@@ -95,6 +95,8 @@ def test_megatron_backend_bf16_parity_and_train_step(tmp_path):
     assert r["first_loss_err"] < 5e-2, r  # bf16 model vs fp32 transformers objective
     assert not any(r["skipped"]) and all(n == n and n < 1e4 for n in r["grad_norms"]), r
     assert r["losses"][-1] < r["losses"][0], r
+    # every parameter counted once: the norm of the change equals that of the HF-layout weights' change
+    assert r["update_norm"] > 0 and abs(r["update_norm"] - r["exported_update_norm"]) <= 1e-6 * r["exported_update_norm"], r
 
 
 def fp16_worker(rank, world, port, out_dir):
