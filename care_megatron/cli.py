@@ -42,6 +42,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help=f"on a bad value show the traceback, not one line (also {DEBUG_ENV}=1)")
     if command == "train":
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    if command == "sft":
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the newest SFT checkpoint in <train.output_dir>/sft_checkpoints")
     if command == "eval":
         p.add_argument("--checkpoint", help="policy directory (HF format) or RL checkpoint step_* directory to evaluate")
         p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="greedy decoding (default)")
@@ -94,9 +97,16 @@ def _run(command: str, args: argparse.Namespace, config) -> int:
                   f"continue with --resume", file=sys.stderr)
             return 128 + exc.signum  # the shell's convention for "ended by this signal"
     elif command == "sft":
-        from care_megatron.sft import run_sft
+        from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
+        from care_megatron.sft import run_sft, sft_checkpoint_dir
 
-        run_sft(config, progress=progress)
+        install_preemption_handlers()
+        try:
+            run_sft(config, progress=progress, resume=args.resume)
+        except PreemptionRequested as exc:
+            print(f"care-sft: {exc}; checkpoint written under {sft_checkpoint_dir(config)}, continue with --resume",
+                  file=sys.stderr)
+            return 128 + exc.signum
     else:
         from care_megatron.evaluation.run import run_benchmark_evaluation, run_evaluation
 

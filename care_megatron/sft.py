@@ -95,10 +95,21 @@ def drop_overlong(seqs: list, capacity: int) -> tuple[list, int]:
     return kept, len(seqs) - len(kept)
 
 
-def run_sft(config: RunConfig, progress: bool = True) -> Path:
-    """Train ``config.train.sft_steps`` steps of SFT; save the policy under :func:`sft_output_dir`; return that path."""
+def sft_checkpoint_dir(config: RunConfig) -> Path:
+    """Where care-sft keeps its checkpoints: ``<train.output_dir>/sft_checkpoints`` (beside the policy in ``sft/``)."""
+    return Path(config.train.output_dir) / "sft_checkpoints"
+
+
+def run_sft(config: RunConfig, progress: bool = True, resume: bool = False) -> Path:
+    """Train ``config.train.sft_steps`` steps of SFT; save the policy under :func:`sft_output_dir`; return that path.
+
+    A checkpoint (model, optimizer, data order, every rank's RNG) is written to :func:`sft_checkpoint_dir`
+    every ``train.sft_save_every`` steps (0: none) and when the run is interrupted (Ctrl-C, or a preemption
+    signal caught at a step boundary); ``resume`` continues from the newest usable one, so the resumed run
+    trains what the uninterrupted one would have. Metrics are logged by finished-step count (1, 2, ...)."""
+    from care_megatron import checkpoint as ckpt
+    from care_megatron.runtime import check_preemption
     from care_megatron.data.dataset import PromptIterator, build_sft_records
-    from care_megatron.data.packing import MRopeSpec
     from care_megatron.models import build_model_and_processor
     from care_megatron.training.registry import build_backend
     from care_megatron.runtime import seed_everything
@@ -124,7 +135,23 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
     from care_megatron.runtime import is_main_process
 
     main = is_main_process()
-    logger = MetricsLogger(out, total_steps=config.train.sft_steps, desc="sft", progress=progress and main, enabled=main)
+    start = 0
+    if resume:
+        found = ckpt.load_latest_checkpoint(sft_checkpoint_dir(config), backend)
+        if found is None:
+            log.info("--resume: no SFT checkpoint in %s, starting fresh", sft_checkpoint_dir(config))
+        else:
+            path, state = found
+            batches.load_state_dict(state["data"])
+            start = int(state["step"])
+            log.info("resumed SFT from %s at step %d", path, start)
+
+    def save(done: int) -> None:
+        ckpt.save_checkpoint(sft_checkpoint_dir(config), done, backend, {"data": batches.state_dict()},
+                             config.train.keep_last)
+
+    logger = MetricsLogger(out, total_steps=config.train.sft_steps, start_step=start, desc="sft",
+                           progress=progress and main, enabled=main, resumed=start > 0)
     # data parallelism: every rank draws the same batch and trains on its slice; the normaliser is
     # the whole batch's token count, so the gradients summed over DP are the full batch's
     dp_rank = int(getattr(backend, "data_parallel_rank", 0))
@@ -134,7 +161,35 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
                                                   f"the data-parallel size {dp_size}; use a multiple of it")
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     capacity = config.train.micro_batch_tokens - config.train.micro_batch_tokens % pad_multiple
-    for step in range(config.train.sft_steps):
+    sft_step = _sft_step_fn(config, backend, model, tokenizer, image_processor, image_pipeline, system_prompt, tags,
+                            batches, logger, dp_rank, dp_size, pad_multiple, capacity)
+    step = start
+    try:
+        for step in range(start, config.train.sft_steps):
+            check_preemption()  # a scheduler's warning signal: checkpoint (below) at this step boundary and exit
+            sft_step(step)
+            done = step + 1
+            if config.train.sft_save_every and done % config.train.sft_save_every == 0 and done < config.train.sft_steps:
+                save(done)
+    except KeyboardInterrupt:
+        log.warning("interrupted: writing an SFT checkpoint at step %d before exiting", step)
+        save(step)
+        raise
+    finally:
+        logger.close()
+    save_backend_policy(backend, model, tokenizer, out)
+    if main:
+        log.info("SFT done: policy saved to %s", out)
+    return out
+
+
+def _sft_step_fn(config, backend, model, tokenizer, image_processor, image_pipeline, system_prompt, tags, batches,
+                 logger, dp_rank: int, dp_size: int, pad_multiple: int, capacity: int):
+    """One SFT step (draw the batch, build it, drop over-long examples, pack this rank's share, train), logged as
+    step ``step + 1``."""
+    from care_megatron.data.packing import MRopeSpec
+
+    def sft_step(step: int) -> None:
         batch = next(batches)
         seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt, tags)
                 for i, r in enumerate(batch)]
@@ -142,20 +197,17 @@ def run_sft(config: RunConfig, progress: bool = True) -> Path:
         seqs, too_long = drop_overlong(seqs, capacity)
         if too_long:
             log.warning("SFT step %d: %d of %d examples are longer than train.micro_batch_tokens (%d tokens) "
-                        "and are left out", step, too_long, len(batch), capacity)
+                        "and are left out", step + 1, too_long, len(batch), capacity)
         if not seqs:
-            logger.log(step, {"sft/skipped_too_long": too_long, "skipped": 1})
-            continue
+            logger.log(step + 1, {"sft/skipped_too_long": too_long, "skipped": 1})
+            return
         num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
         micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
                                mrope=MRopeSpec.from_hf_config(model.config))
         result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
         nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
-        logger.log(step, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
-                          "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped,
-                          "sft/skipped_too_long": too_long})
-    logger.close()
-    save_backend_policy(backend, model, tokenizer, out)
-    if main:
-        log.info("SFT done: policy saved to %s", out)
-    return out
+        logger.log(step + 1, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
+                              "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped,
+                              "sft/skipped_too_long": too_long})
+
+    return sft_step

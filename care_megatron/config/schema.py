@@ -320,6 +320,9 @@ class TrainConfig:
     """SFT learning rate."""
     sft_batch_size: int = 16
     """SFT examples per step."""
+    sft_save_every: int = 0
+    """care-sft checkpoint every N steps into ``<output_dir>/sft_checkpoints`` (0 = only when interrupted);
+    ``care-sft --resume`` continues from the newest. ``keep_last`` of them are kept."""
     output_dir: str = "runs/tiny_cpu"
     """Where metrics, TensorBoard events, plots, samples and checkpoints go."""
     init_from: Optional[str] = None
@@ -343,6 +346,7 @@ class TrainConfig:
         _check(self.micro_batch_tokens >= 16, "train.micro_batch_tokens", "must be >= 16")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 1, "train.save_every", "must be >= 1")
+        _check(self.sft_save_every >= 0, "train.sft_save_every", "must be >= 0 (0 = only when interrupted)")
         _check(self.max_consecutive_bad_steps >= 1, "train.max_consecutive_bad_steps", "must be >= 1")
         _check(self.prompts_per_update is None or self.prompts_per_update >= 1, "train.prompts_per_update",
                "must be >= 1 or null")

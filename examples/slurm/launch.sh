@@ -14,10 +14,11 @@
 #   at the end of their current step and exit; the batch shell then requeues the job
 #   (`scontrol requeue`, allowed by --requeue), and the new run continues with --resume.
 #
-# * COMMAND=sft (the sft_*.sbatch scripts) runs care-sft instead of care-train: no --resume (care-sft keeps
-#   no checkpoints) and no requeue on a signal (a requeued SFT would start over); the policy lands in
-#   <OUTPUT_ROOT>/<job-name>/sft, which is the RL recipes' train.init_from when the job is named after the
-#   SFT recipe's output directory (<model>-sft) and OUTPUT_ROOT is the default runs/.
+# * COMMAND=sft (the sft_*.sbatch scripts) runs care-sft instead of care-train, with the same --resume and
+#   requeue: care-sft checkpoints into <OUT>/sft_checkpoints (every train.sft_save_every steps and at the
+#   signal); the policy lands in <OUTPUT_ROOT>/<job-name>/sft, which is the RL recipes' train.init_from
+#   when the job is named after the SFT recipe's output directory (<model>-sft) and OUTPUT_ROOT is the
+#   default runs/.
 #
 # Environment: CONFIG (required), COMMAND (train or sft; default train), OVERRIDES (extra section.field=value
 # words), GPUS_PER_NODE (8),
@@ -37,8 +38,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
 COMMAND=${COMMAND:-train}
 case "$COMMAND" in
-  train) RESUME=--resume ;;
-  sft) RESUME= ;;
+  train) RESUME=--resume; CHECKPOINTS=$OUT/checkpoints ;;
+  sft) RESUME=--resume; CHECKPOINTS=$OUT/sft_checkpoints ;;
   *) echo "launch.sh: COMMAND must be train or sft, got '$COMMAND'" >&2; exit 2 ;;
 esac
 
@@ -74,12 +75,8 @@ while :; do
   wait "$SRUN_PID" && STATUS=0 || STATUS=$?
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
-if (( PREEMPTED )) && [[ $COMMAND == sft ]]; then
-  echo "launch.sh: care-sft stopped ($STATUS) by the signal; it keeps no checkpoints, so the job is not requeued: resubmit it"
-  exit "$(( STATUS == 0 ? 1 : STATUS ))"
-fi
 if (( PREEMPTED )); then
-  echo "launch.sh: trainers exited ($STATUS); requeueing job $SLURM_JOB_ID to resume from $OUT/checkpoints"
+  echo "launch.sh: trainers exited ($STATUS); requeueing job $SLURM_JOB_ID to resume from $CHECKPOINTS"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi

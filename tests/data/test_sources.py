@@ -280,7 +280,7 @@ def test_care_sft_runs_the_sft_recipe_on_vision_r1_cold_conversations(tmp_path, 
     out = sft_output_dir(config)
     assert out == tmp_path / "run" / "sft"
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["step"] for r in rows] == [1, 2]  # finished-step count, as RL logs it
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 and r["sft/skipped_too_long"] == 0 for r in rows)
     assert all(r["lr"] == pytest.approx(5e-6 * min(1, (i + 1) / 625)) for i, r in enumerate(rows))  # recipe's warm-up
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()

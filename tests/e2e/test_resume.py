@@ -99,3 +99,49 @@ def test_dp2_resume_restores_each_ranks_rng_state(tmp_path):
 
     _dp2_run(rank0_everywhere, "train.steps=3", "--resume")
     assert _rl_rows(rank0_everywhere / "metrics.jsonl") != expected
+
+
+def test_care_sft_preempted_then_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """care-sft, 6 steps straight vs preempted before step 4 (a checkpoint at step 3, then exit 128 + signal)
+    and ``care-sft --resume``: the same per-step metrics and bit-identical final weights. A periodic
+    checkpoint (``train.sft_save_every``) is written and pruned to ``train.keep_last``."""
+    from safetensors.torch import load_file
+
+    from care_megatron import runtime
+    from care_megatron.cli import main
+    from care_megatron.metrics import read_metrics
+    from care_megatron.sft import run_sft
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_sft(small_config(full, "train.sft_save_every=2", "train.keep_last=2"), progress=False)
+    assert sorted(p.name for p in (full / "sft_checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+    calls = {"n": 0}
+
+    def preempt_before_step_4():
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise runtime.PreemptionRequested(signal.SIGUSR1)
+
+    args = ["--config", str(ROOT / "examples/configs/tiny_cpu_shapes.yaml"), *SMALL, f"train.output_dir={part}",
+            "--no-progress"]
+    monkeypatch.setattr(runtime, "_preemption", {"installed": False, "signal": 0})  # main() installs handlers
+    previous = {sig: signal.getsignal(sig) for sig in runtime.PREEMPTION_SIGNALS}
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(runtime, "check_preemption", preempt_before_step_4)
+            assert main("sft", args) == 128 + signal.SIGUSR1
+        assert sorted(p.name for p in (part / "sft_checkpoints").iterdir()) == ["step_000003"]
+        assert not (part / "sft" / "model.safetensors").exists()
+        assert main("sft", [*args, "--resume"]) == 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    expected = read_metrics(full / "sft" / "metrics.jsonl")
+    got = read_metrics(part / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    drop = ("time",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in expected]
+    a, b = load_file(full / "sft" / "model.safetensors"), load_file(part / "sft" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

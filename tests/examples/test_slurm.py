@@ -1,7 +1,7 @@
 """The sbatch scripts, rendered with a simulated Slurm environment: fake ``srun`` / ``scontrol`` /
 ``sbatch`` on PATH record what the scripts would launch (tasks, cpus, rendezvous, output directory),
-and a simulated preemption checks the USR1 -> trainers -> requeue path (RL) and that a cold-start SFT
-job (``sft_*.sbatch``, care-sft, no checkpoints) is not requeued; an SFT job's output is the RL
+and a simulated preemption checks the USR1 -> trainers -> requeue path (RL, and cold-start SFT jobs,
+``sft_*.sbatch``, whose care-sft checkpoints and resumes the same way); an SFT job's output is the RL
 recipes' ``train.init_from``."""
 from __future__ import annotations
 
@@ -143,8 +143,8 @@ def test_sbatch_launch_line(script, slurm_env):
 @pytest.mark.parametrize("script", SFT_SCRIPTS, ids=lambda p: p.name)
 def test_sft_sbatch_writes_the_policy_the_rl_recipes_start_from(script, slurm_env):
     d, _, cli = _launch(script, slurm_env)
-    assert "requeue" not in d and "signal" not in d  # care-sft keeps no checkpoints to resume from
-    assert cli[:3] == ["-m", "care_megatron.cli", "sft"] and "--resume" not in cli
+    assert "requeue" in d and d["signal"].startswith("B:USR1@")  # care-sft checkpoints at the signal, like RL
+    assert cli[:3] == ["-m", "care_megatron.cli", "sft"] and "--resume" in cli
     config = cli[cli.index("--config") + 1]
     model = Path(config).stem.removesuffix("-sft")
     assert config == f"examples/configs/recipes/{model}-sft.yaml" and d["job-name"] == f"{model}-sft"
@@ -196,14 +196,15 @@ def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
     assert "requeueing job 4242" in stdout
 
 
-def test_preempted_sft_job_is_not_requeued(slurm_env):
+def test_preempted_sft_job_is_requeued_to_resume(slurm_env):
     _, _, log = slurm_env
-    # SIGTERM: what Slurm sends the batch shell at preemption
+    # SIGTERM: what Slurm sends the batch shell at preemption; care-sft checkpoints and --resume continues
     job, stdout, stderr = _signal_running_job(slurm_env, SLURM / "sft_qwen2_5_vl_7b.sbatch", signal.SIGTERM)
+    assert job.returncode == 0, stderr
     events = _events(log)
     assert {"srun_signal": signal.SIGUSR1} in events
-    assert not any(e.get("scontrol", [None])[0] == "requeue" for e in events)
-    assert job.returncode == 128 + signal.SIGUSR1 and "not requeued" in stdout
+    assert events.index({"srun_signal": signal.SIGUSR1}) < events.index({"scontrol": ["requeue", "4242"]})
+    assert "requeueing job 4242" in stdout and "sft_checkpoints" in stdout
 
 
 def test_submit_creates_the_log_directory_first(slurm_env, tmp_path):
