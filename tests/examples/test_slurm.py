@@ -184,27 +184,21 @@ def _signal_running_job(slurm_env, script: Path, sig: int) -> tuple[subprocess.P
     return job, stdout, stderr
 
 
-def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env):
+@pytest.mark.parametrize("script,sig,checkpoints", [
+    ("care_qwen2_5_vl_7b.sbatch", signal.SIGUSR1, "/checkpoints"),   # what --signal=B:USR1@... delivers
+    ("sft_qwen2_5_vl_7b.sbatch", signal.SIGTERM, "/sft_checkpoints"),  # what Slurm sends at preemption
+], ids=["rl_usr1", "sft_term"])
+def test_preemption_signal_reaches_the_trainers_and_requeues(slurm_env, script, sig, checkpoints):
+    """The batch shell forwards the signal to the trainers as USR1 (they checkpoint at the step boundary),
+    then requeues the job, which continues with --resume from the command's own checkpoints (RL and SFT)."""
     _, _, log = slurm_env
-    # SIGUSR1: what --signal=B:USR1@... delivers to the batch shell
-    job, stdout, stderr = _signal_running_job(slurm_env, SLURM / "care_qwen2_5_vl_7b.sbatch", signal.SIGUSR1)
+    job, stdout, stderr = _signal_running_job(slurm_env, SLURM / script, sig)
     assert job.returncode == 0, stderr
     events = _events(log)
     assert {"srun_signal": signal.SIGUSR1} in events
     assert {"scontrol": ["requeue", "4242"]} in events
     assert events.index({"srun_signal": signal.SIGUSR1}) < events.index({"scontrol": ["requeue", "4242"]})
-    assert "requeueing job 4242" in stdout
-
-
-def test_preempted_sft_job_is_requeued_to_resume(slurm_env):
-    _, _, log = slurm_env
-    # SIGTERM: what Slurm sends the batch shell at preemption; care-sft checkpoints and --resume continues
-    job, stdout, stderr = _signal_running_job(slurm_env, SLURM / "sft_qwen2_5_vl_7b.sbatch", signal.SIGTERM)
-    assert job.returncode == 0, stderr
-    events = _events(log)
-    assert {"srun_signal": signal.SIGUSR1} in events
-    assert events.index({"srun_signal": signal.SIGUSR1}) < events.index({"scontrol": ["requeue", "4242"]})
-    assert "requeueing job 4242" in stdout and "sft_checkpoints" in stdout
+    assert "requeueing job 4242" in stdout and f"{checkpoints}\n" in stdout
 
 
 def test_submit_creates_the_log_directory_first(slurm_env, tmp_path):
