@@ -84,29 +84,25 @@ def _invalid_configuration(command: str, exc: Exception) -> int:
 
 def _run(command: str, args: argparse.Namespace, config) -> int:
     progress = not args.no_progress
-    if command == "train":
+    if command in ("train", "sft"):
         from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
-        from care_megatron.trainer import train
 
         install_preemption_handlers()
-        print_memory_plan(config)
-        try:
-            train(config, resume=args.resume, progress=progress)
-        except PreemptionRequested as exc:
-            print(f"care-train: {exc}; checkpoint written under {config.train.output_dir}/checkpoints, "
-                  f"continue with --resume", file=sys.stderr)
-            return 128 + exc.signum  # the shell's convention for "ended by this signal"
-    elif command == "sft":
-        from care_megatron.runtime import PreemptionRequested, install_preemption_handlers
-        from care_megatron.sft import run_sft, sft_checkpoint_dir
+        if command == "train":
+            from care_megatron.trainer import train as run
 
-        install_preemption_handlers()
+            print_memory_plan(config)
+            checkpoints = f"{config.train.output_dir}/checkpoints"
+        else:
+            from care_megatron.sft import run_sft as run, sft_checkpoint_dir
+
+            checkpoints = sft_checkpoint_dir(config)
         try:
-            run_sft(config, progress=progress, resume=args.resume)
+            run(config, resume=args.resume, progress=progress)
         except PreemptionRequested as exc:
-            print(f"care-sft: {exc}; checkpoint written under {sft_checkpoint_dir(config)}, continue with --resume",
+            print(f"care-{command}: {exc}; checkpoint written under {checkpoints}, continue with --resume",
                   file=sys.stderr)
-            return 128 + exc.signum
+            return 128 + exc.signum  # the shell's convention for "ended by this signal"
     else:
         from care_megatron.evaluation.run import run_benchmark_evaluation, run_evaluation
 

@@ -168,9 +168,7 @@ def group_records(payload: dict, step: int, method: str) -> list[dict]:
     reflected = rows["reflected"].bool()
     records = []
     for g in range(int(slot.max()) + 1 if slot.numel() else 0):
-        members = (slot == g).nonzero().flatten()
-        if not members.numel():
-            continue
+        members = (slot == g).nonzero().flatten()  # slots are 0..n_groups-1: never empty
         original = members[~reflected[members]]
         base = original if original.numel() else members
         accuracy = rows["accuracy"][base]
@@ -181,15 +179,16 @@ def group_records(payload: dict, step: int, method: str) -> list[dict]:
         if info is not None:
             anchored = bool(info["anchored"][g])
             role, z = info["role"][members], info["z_scores"][members].double()
-            anchor = members[(role == int(SubgroupRole.ANCHOR))]
+            is_anchor = role == int(SubgroupRole.ANCHOR)
+            has_anchor = anchored and bool(is_anchor.any())
             negatives = (role == int(SubgroupRole.NEGATIVE)) & ~reflected[members]
             rgr = members[reflected[members]]
             record.update(
                 anchored=anchored, rescue=bool(info["rescue"][g]), saturated=bool(info["saturated"][g]),
                 k_prime=int(info["num_negatives"][g]),
-                anchor_z=float(z[role == int(SubgroupRole.ANCHOR)][0]) if anchored and anchor.numel() else None,
+                anchor_z=float(z[is_anchor][0]) if has_anchor else None,
                 neg_z=[float(v) for v in z[negatives].tolist()] if anchored else [],
-                anchor_advantage=float(rows["advantage"][anchor[0]]) if anchored and anchor.numel() else None,
+                anchor_advantage=float(rows["advantage"][members[is_anchor][0]]) if has_anchor else None,
                 rgr_triggered=bool(rgr.numel()),
                 rgr_correct=bool(rows["accuracy"][rgr[0]] >= 1) if rgr.numel() else None,
                 rgr_tokens=int(rows["response_length"][rgr].sum()))

@@ -137,11 +137,11 @@ class RLTrainer:
         with s.phase("generate"):
             rollouts = generate_rollouts(self.engine, records, prompts, cfg.rollout.group_size, sampling,
                                          self.tokenizer, self.reward_fn, step)
-            self.decoded = {"tokens/decoded": _decoded_tokens(rollouts), "tokens/rgr_decoded": 0.0}
+            decoded = {"tokens/decoded": _decoded_tokens(rollouts), "tokens/rgr_decoded": 0.0}
             extra: dict[str, float] = {}
             if self.method == "dapo":
                 rollouts, extra, refilled = self.dapo_refill(rollouts, sampling, step)
-                self.decoded["tokens/decoded"] += refilled  # refills count though filtered groups are dropped
+                decoded["tokens/decoded"] += refilled  # refills count though filtered groups are dropped
         self.trainer_phase(s, "")
         sequences = [to_sequence(r, i) for i, r in enumerate(rollouts)]
         with s.phase("logprobs"):
@@ -154,8 +154,8 @@ class RLTrainer:
         if targets:  # RGR (spec section 5): training only, in anchored groups with a hard negative
             rgr_sampling = dataclasses.replace(sampling, seed=derive_seed(cfg.train.seed, step, self.dp_rank, "rgr"))
             reflected = self.rgr_round_trip(s, rollouts, targets, rgr_sampling, step)
-            self.decoded["tokens/rgr_decoded"] = _decoded_tokens(reflected)
-            self.decoded["tokens/decoded"] += self.decoded["tokens/rgr_decoded"]
+            decoded["tokens/rgr_decoded"] = _decoded_tokens(reflected)
+            decoded["tokens/decoded"] += decoded["tokens/rgr_decoded"]
             new = [to_sequence(r, len(rollouts) + i) for i, r in enumerate(reflected)]
             with s.phase("logprobs_rgr"):
                 packed_new = self.pack(new)
@@ -197,7 +197,7 @@ class RLTrainer:
                                            group=dp_group, with_payload=True)
         if self.main:  # per-group records beside metrics.jsonl (numbered like it: this step is step + 1)
             write_group_records(self.out / "groups.jsonl", group_records(payload, step + 1, self.method))
-        decoded = dict(zip(self.decoded, all_reduce_host_values(list(self.decoded.values()), dp_group).tolist()))
+        decoded = dict(zip(decoded, all_reduce_host_values(list(decoded.values()), dp_group).tolist()))
         return {**metrics, **extra, **mismatch, **timings, **update_norm, **decoded,
                 "data/skipped_records": float(self.skipped_records)}
 

@@ -5,8 +5,9 @@ norm is taken over the whole step (all its optimizer updates and PPO epochs), so
 whatever the update schedule.
 
 Cost: one host copy of this rank's trainable parameters before the step (in their own dtype) and one
-pass after it that brings each tensor back to its device one at a time, so GPU memory grows by one
-parameter tensor at most. Each unique parameter is counted once across model parallelism: a backend
+pass after it that brings each tensor back to its device one at a time, so GPU memory grows by a few
+fp32 copies of the largest parameter tensor at most (the difference of two bf16 / fp32 values is taken
+in fp32, its squares summed in fp64). Each unique parameter is counted once across model parallelism: a backend
 names the parameters it owns (:meth:`owned_parameters`) and the group over which the partial sums of
 squares add up (Megatron: tensor-parallel duplicates, e.g. the replicated vision tower and the norms,
 count on TP rank 0 only, as in Megatron's gradient-norm clipping; the sum is over the model-parallel
@@ -32,8 +33,8 @@ class ParameterSnapshot:
     def distance(self) -> float:
         total = torch.zeros((), dtype=torch.float64)
         for param, before in zip(self.parameters, self.copies):
-            delta = param.detach().double() - before.to(param.device, non_blocking=False).double()
-            total += float(torch.sum(delta * delta))
+            delta = param.detach().float() - before.to(param.device).float()
+            total += float(delta.square().sum(dtype=torch.float64))
         if self.group is not None:
             from care_megatron.training.megatron.parallel_state import all_reduce_host_values
 
