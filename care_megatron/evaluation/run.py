@@ -108,11 +108,13 @@ def run_evaluation(config: RunConfig, checkpoint: str | None = None, greedy: boo
     from care_megatron.data.prompting import resolve_system_prompt
 
     # the same prompts the policy was trained and evaluated on during training (data.system_prompt)
+    image_pipeline = run_image_pipeline(config.data, image_processor)
+    system_prompt = resolve_system_prompt(config.data.system_prompt, config.data.tag_config)
+
     def once(seeded: SamplingParams) -> EvalReport:
         return evaluate(engine, records, tokenizer, image_processor, reward_fn, seeded,
                         batch_size=config.rollout.batch_size, progress=progress, keep_samples=16,
-                        image_pipeline=run_image_pipeline(config.data, image_processor),
-                        system_prompt=resolve_system_prompt(config.data.system_prompt, config.data.tag_config))
+                        image_pipeline=image_pipeline, system_prompt=system_prompt)
 
     if paper:
         from care_megatron.evaluation.benchmark_eval import decode_seed
