@@ -110,6 +110,7 @@ def run_sft(config: RunConfig, progress: bool = True, resume: bool = False) -> P
     from care_megatron import checkpoint as ckpt
     from care_megatron.runtime import check_preemption
     from care_megatron.data.dataset import PromptIterator, build_sft_records
+    from care_megatron.data.packing import MRopeSpec
     from care_megatron.models import build_model_and_processor
     from care_megatron.training.registry import build_backend
     from care_megatron.runtime import seed_everything
@@ -161,16 +162,33 @@ def run_sft(config: RunConfig, progress: bool = True, resume: bool = False) -> P
                                                   f"the data-parallel size {dp_size}; use a multiple of it")
     pad_multiple = int(getattr(backend, "pack_multiple", 1))
     capacity = config.train.micro_batch_tokens - config.train.micro_batch_tokens % pad_multiple
-    sft_step = _sft_step_fn(config, backend, model, tokenizer, image_processor, image_pipeline, system_prompt, tags,
-                            batches, logger, dp_rank, dp_size, pad_multiple, capacity)
+    mrope = MRopeSpec.from_hf_config(model.config)
     step = start
     try:
         for step in range(start, config.train.sft_steps):
             check_preemption()  # a scheduler's warning signal: checkpoint (below) at this step boundary and exit
-            sft_step(step)
-            done = step + 1
-            if config.train.sft_save_every and done % config.train.sft_save_every == 0 and done < config.train.sft_steps:
-                save(done)
+            done = step + 1  # metrics are numbered by finished steps, as in RL
+            if config.train.sft_save_every and step > start and step % config.train.sft_save_every == 0:
+                save(step)  # every sft_save_every finished steps (the last one needs none: the policy is saved)
+            batch = next(batches)
+            seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt, tags)
+                    for i, r in enumerate(batch)]
+            # the same batch on every rank, so every rank drops the same sequences (and skips the same steps)
+            seqs, too_long = drop_overlong(seqs, capacity)
+            if too_long:
+                log.warning("SFT step %d: %d of %d examples are longer than train.micro_batch_tokens (%d tokens) "
+                            "and are left out", done, too_long, len(batch), capacity)
+            if not seqs:
+                logger.log(done, {"sft/skipped_too_long": too_long, "skipped": 1})
+                continue
+            num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
+            micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
+                                   mrope=mrope)
+            result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
+            nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
+            logger.log(done, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
+                              "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped,
+                              "sft/skipped_too_long": too_long})
     except KeyboardInterrupt:
         log.warning("interrupted: writing an SFT checkpoint at step %d before exiting", step)
         save(step)
@@ -181,33 +199,3 @@ def run_sft(config: RunConfig, progress: bool = True, resume: bool = False) -> P
     if main:
         log.info("SFT done: policy saved to %s", out)
     return out
-
-
-def _sft_step_fn(config, backend, model, tokenizer, image_processor, image_pipeline, system_prompt, tags, batches,
-                 logger, dp_rank: int, dp_size: int, pad_multiple: int, capacity: int):
-    """One SFT step (draw the batch, build it, drop over-long examples, pack this rank's share, train), logged as
-    step ``step + 1``."""
-    from care_megatron.data.packing import MRopeSpec
-
-    def sft_step(step: int) -> None:
-        batch = next(batches)
-        seqs = [sft_sequence(r, tokenizer, image_processor, i, image_pipeline, system_prompt, tags)
-                for i, r in enumerate(batch)]
-        # the same batch on every rank, so every rank drops the same sequences (and skips the same steps)
-        seqs, too_long = drop_overlong(seqs, capacity)
-        if too_long:
-            log.warning("SFT step %d: %d of %d examples are longer than train.micro_batch_tokens (%d tokens) "
-                        "and are left out", step + 1, too_long, len(batch), capacity)
-        if not seqs:
-            logger.log(step + 1, {"sft/skipped_too_long": too_long, "skipped": 1})
-            return
-        num_tokens = sum(int(s.loss_mask.sum()) for s in seqs)
-        micro = pack_sequences(seqs[dp_rank::dp_size], config.train.micro_batch_tokens, pad_multiple=pad_multiple,
-                               mrope=MRopeSpec.from_hf_config(model.config))
-        result = backend.train_step(micro, nll_loss_fn, {"num_tokens": num_tokens})
-        nll = result.metrics.get("sft/nll_sum", float("nan")) / max(num_tokens, 1)
-        logger.log(step + 1, {"loss": result.loss, "sft/token_nll": nll, "sft/perplexity": math.exp(min(nll, 50)),
-                              "grad_norm": result.grad_norm, "lr": result.learning_rate, "skipped": result.skipped,
-                              "sft/skipped_too_long": too_long})
-
-    return sft_step
